@@ -1,0 +1,115 @@
+"""Python API of the labeler: a lazy Ray Dataset of predictions, or a finished job."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from labeler.images import DEFAULT_MAX_PIXELS
+from labeler.model import ModelSpec, load_spec
+from labeler.predict import Predictor, decode_batch
+from labeler.storage import filesystem_for, write_bytes
+
+
+@dataclass
+class LabelOptions:
+    """Execution options; the defaults suit a laptop and scale up by setting them."""
+
+    batch_size: int = 256
+    num_actors: int = 1
+    max_actors: int | None = None
+    num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    temperature: float = 1.0
+    hard: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    wait_for_actors_s: float = 600.0
+
+
+def _resolve_spec(checkpoint: str, spec: ModelSpec | None) -> ModelSpec:
+    return spec if spec is not None else load_spec(checkpoint)
+
+
+def label_images(
+    source: str, checkpoint: str, options: LabelOptions | None = None, spec: ModelSpec | None = None
+) -> ray.data.Dataset:
+    """Lazily label every file under ``source`` (a folder tree, local or s3://).
+
+    Every input file yields exactly one row: a prediction, or a rejection with a
+    ``reject_reason`` (label -1). Nothing runs until the dataset is consumed.
+    """
+    opts = options or LabelOptions()
+    spec = _resolve_spec(checkpoint, spec)
+    fs, root = filesystem_for(source)
+    ds = ray.data.read_binary_files(root, include_paths=True, filesystem=fs)
+    ds = ds.map_batches(
+        decode_batch,
+        batch_size=64,
+        batch_format="numpy",
+        fn_kwargs={
+            "root": root,
+            "image_size": spec.image_size,
+            "crop_pct": spec.crop_pct,
+            "in_chans": spec.in_chans,
+            "max_pixels": opts.max_pixels,
+        },
+    )
+    gpus = opts.num_gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = opts.wait_for_actors_s
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "spec": dataclasses.asdict(spec),
+            "temperature": opts.temperature,
+            "hard": opts.hard,
+        },
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=opts.num_actors, max_size=opts.max_actors or opts.num_actors),
+        num_gpus=gpus,
+        num_cpus=opts.cpus_per_actor,
+    )
+
+
+def run_labeling(
+    source: str, checkpoint: str, out: str, options: LabelOptions | None = None, spec: ModelSpec | None = None
+) -> dict:
+    """Label ``source`` into Parquet shards under ``out`` and write ``out/manifest.json``."""
+    start = time.time()
+    label_images(source, checkpoint, options, spec).write_parquet(out.rstrip("/") + "/predictions")
+    manifest = summarize_predictions(out.rstrip("/") + "/predictions")
+    manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(time.time() - start, 2)})
+    manifest["images_per_s"] = round(manifest["rows"] / max(manifest["seconds"], 1e-9), 1)
+    write_bytes(out.rstrip("/") + "/manifest.json", json.dumps(manifest, indent=2).encode())
+    print(
+        f"labeled {manifest['labeled']} images, rejected {manifest['rejected']} "
+        f"({manifest['reject_reasons']}) in {manifest['seconds']} s: {manifest['images_per_s']} images/s"
+    )
+    return manifest
+
+
+def summarize_predictions(predictions: str) -> dict:
+    """Counts from the written predictions (reads only two small columns)."""
+    fs, path = filesystem_for(predictions)
+    table = pq.read_table(path, filesystem=fs, columns=["reject_reason", "label"])
+    reasons = table.column("reject_reason")
+    rejected = pc.sum(pc.is_valid(reasons)).as_py() or 0
+    counts = pc.value_counts(pc.drop_null(reasons)).to_pylist()
+    labels = pc.value_counts(pc.filter(table.column("label"), pc.is_null(reasons))).to_pylist()
+    return {
+        "rows": table.num_rows,
+        "labeled": table.num_rows - rejected,
+        "rejected": rejected,
+        "reject_reasons": {c["values"]: c["counts"] for c in counts},
+        "per_class": {int(c["values"]): c["counts"] for c in sorted(labels, key=lambda c: c["values"])},
+    }

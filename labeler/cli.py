@@ -1,0 +1,65 @@
+"""``labeler`` / ``python -m labeler``: label an image corpus with a teacher checkpoint.
+
+Examples::
+
+    labeler --input s3://bucket/images/ --checkpoint s3://bucket/teacher/ --output s3://bucket/labels/
+    labeler --input ./photos --checkpoint resnet50.safetensors --arch resnet50 \\
+            --num-classes 1000 --image-size 224 --output ./labels
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from labeler.api import LabelOptions, run_labeling
+from labeler.model import ModelSpec
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="labeler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--input", required=True, help="image folder tree (local path or s3:// URI)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir with model.json, or a .safetensors/.pth file")
+    p.add_argument("--output", required=True, help="output folder: predictions/ (Parquet) and manifest.json")
+    p.add_argument("--arch", help="timm architecture (bare state-dict files only)")
+    p.add_argument("--num-classes", type=int, help="number of classes (bare state-dict files only)")
+    p.add_argument("--image-size", type=int, default=224, help="eval input size (bare state-dict files only)")
+    p.add_argument("--crop-pct", type=float, default=0.875, help="eval centre-crop fraction (bare files only)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-actors", type=int, default=1, help="inference actors (min of the pool)")
+    p.add_argument("--max-actors", type=int, help="max inference actors (autoscaling pool)")
+    p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    p.add_argument("--temperature", type=float, default=1.0, help="soft labels are softmax(logits / T)")
+    p.add_argument("--hard", action="store_true", help="one-hot labels instead of soft")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import ray
+
+    spec = None
+    if args.checkpoint.endswith((".safetensors", ".pth", ".pt")):
+        if not (args.arch and args.num_classes):
+            print("labeler: error: a bare state-dict file needs --arch and --num-classes", file=sys.stderr)
+            return 2
+        spec = ModelSpec(args.arch, [str(i) for i in range(args.num_classes)], args.image_size, crop_pct=args.crop_pct)
+    opts = LabelOptions(
+        batch_size=args.batch_size, num_actors=args.num_actors, max_actors=args.max_actors,
+        num_gpus_per_actor=args.gpus_per_actor, temperature=args.temperature, hard=args.hard,
+    )  # fmt: skip
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    try:
+        run_labeling(args.input, args.checkpoint, args.output, opts, spec)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"labeler: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

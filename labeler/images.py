@@ -1,0 +1,94 @@
+"""Decoding image bytes and the eval preprocessing, with per-image errors.
+
+One bad file must never fail a job: :func:`decode_image` raises :class:`RejectedImage`
+with a short machine-readable reason, and callers record it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+
+
+class RejectedImage(Exception):
+    """An image that cannot be used; ``reason`` is one of the documented reject reasons."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _to_mode(img: Image.Image, in_chans: int) -> Image.Image:
+    """Convert odd modes (CMYK, 16-bit, palette, LA, ...) rather than reject them."""
+    target = "L" if in_chans == 1 else "RGB"
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) or 1.0
+        img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray((np.asarray(img) * 255.0).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode in ("P", "PA") or "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert(target)
+
+
+def decode_image(data: bytes, in_chans: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes into a PIL image in ``L`` or ``RGB`` mode, or raise RejectedImage."""
+    if not data:
+        raise RejectedImage("empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise RejectedImage("too_large", f"{img.width}x{img.height} > {max_pixels} pixels")
+            img.load()
+    except RejectedImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise RejectedImage("too_large", str(err)) from err
+    except UnidentifiedImageError as err:
+        raise RejectedImage("not_an_image", str(err)) from err
+    except OSError as err:
+        reason = "truncated" if "truncated" in str(err) else "undecodable"
+        raise RejectedImage(reason, str(err)) from err
+    except Exception as err:  # any decoder bug is still one bad file, not a failed job
+        raise RejectedImage("undecodable", f"{type(err).__name__}: {err}") from err
+    try:
+        return _to_mode(img, in_chans)
+    except Exception as err:
+        raise RejectedImage("unsupported_mode", f"{img.mode}: {err}") from err
+
+
+def resize_center_crop(img: Image.Image, image_size: int, crop_pct: float = 1.0) -> np.ndarray:
+    """Eval geometry: shorter side to ``image_size / crop_pct``, then a centre crop.
+
+    Returns uint8 HxWxC (C = 1 or 3); normalisation happens next to the model.
+    """
+    scale_size = int(round(image_size / crop_pct))
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = scale_size, max(scale_size, int(round(h * scale_size / w)))
+    else:
+        new_w, new_h = max(scale_size, int(round(w * scale_size / h))), scale_size
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]):
+    """uint8 NHWC numpy -> float32 NCHW torch tensor, normalised."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(batch_hwc)).permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,175 @@
+"""The model contract: how a checkpoint becomes a predicting model.
+
+A checkpoint is a directory with two files:
+
+* ``model.safetensors``: the timm model's state dict (tensors only, loads without
+  executing code);
+* ``model.json``: a :class:`ModelSpec` naming the timm architecture, the classes and
+  the eval preprocessing.
+
+Users can also bring a bare state dict (``.safetensors`` or ``.pth`` loaded with
+``weights_only=True``) plus a timm architecture name; see :func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+WEIGHTS_FILE = "model.safetensors"
+SPEC_FILE = "model.json"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model and feed it like it was evaluated."""
+
+    arch: str
+    classes: list[str]
+    image_size: int
+    in_chans: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 1.0
+    model_id: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"model.json has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+        if data.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(
+                f"model.json format_version {data['format_version']} is newer than this labeler "
+                f"understands ({FORMAT_VERSION}); upgrade the noisy-student package."
+            )
+        data["mean"] = tuple(data.get("mean", IMAGENET_MEAN))
+        data["std"] = tuple(data.get("std", IMAGENET_STD))
+        return cls(**data)
+
+
+def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
+    """The one way to build a model in this project (timm's factory, no pretrained weights)."""
+    import timm
+
+    kwargs = {"num_classes": spec.num_classes, "in_chans": spec.in_chans, "drop_rate": drop_rate}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    try:
+        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(
+                f"unknown timm architecture {spec.arch!r}; list valid names with "
+                "`python -c 'import timm; print(timm.list_models())'`"
+            ) from err
+        raise
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _read_bytes(uri: str) -> bytes:
+    from labeler.storage import read_bytes
+
+    return read_bytes(uri)
+
+
+def _write_bytes(uri: str, data: bytes) -> None:
+    from labeler.storage import write_bytes
+
+    write_bytes(uri, data)
+
+
+def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, directory: str) -> ModelSpec:
+    """Write ``model.safetensors`` + ``model.json`` into ``directory`` (local or s3://).
+
+    The spec's ``model_id`` is set to a content hash of the weights so predictions can
+    name the exact model that made them.
+    """
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save(state)
+    spec = dataclasses.replace(spec, model_id=f"{spec.arch}-{hashlib.sha256(blob).hexdigest()[:12]}")
+    _write_bytes(_join(directory, WEIGHTS_FILE), blob)
+    _write_bytes(_join(directory, SPEC_FILE), spec.to_json().encode())
+    return spec
+
+
+def _join(directory: str, name: str) -> str:
+    return directory.rstrip("/") + "/" + name
+
+
+def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    blob = _read_bytes(uri)
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        return load(blob)
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{uri} does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+def load_spec(directory: str) -> ModelSpec:
+    return ModelSpec.from_json(_read_bytes(_join(directory, SPEC_FILE)).decode())
+
+
+def load_checkpoint(
+    path: str, spec: ModelSpec | None = None, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ModelSpec]:
+    """Load a model for inference (eval mode, no noise).
+
+    ``path`` is either a checkpoint directory (with model.json), or a state-dict file
+    (``.safetensors`` / ``.pth``) in which case ``spec`` must say the architecture,
+    classes and preprocessing.
+    """
+    is_file = path.endswith((".safetensors", ".pth", ".pt"))
+    if is_file:
+        if spec is None:
+            raise ValueError(
+                f"{path} is a bare state dict; pass the timm architecture, the classes and the "
+                "image size too (CLI: --arch ARCH --num-classes N --image-size S)."
+            )
+        state = _load_state_dict(path)
+        if not spec.model_id:
+            spec = dataclasses.replace(spec, model_id=f"{spec.arch}-{os.path.basename(path)}")
+    else:
+        spec = spec or load_spec(path)
+        state = _load_state_dict(_join(path, WEIGHTS_FILE))
+    model = create_model(spec)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        missing, unexpected = [str(err).splitlines()[-1].strip()], []
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {path} do not match timm architecture {spec.arch!r} with "
+            f"{spec.num_classes} classes: missing/mismatched {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.to(device).eval(), spec

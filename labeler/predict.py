@@ -1,0 +1,114 @@
+"""Ray Data UDFs: decode + eval transform (CPU tasks) and the teacher (actor pool)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import pyarrow as pa
+
+from labeler.images import RejectedImage, decode_image, normalize, resize_center_crop
+from labeler.model import ModelSpec, load_checkpoint
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("label", pa.int64()),
+        ("confidence", pa.float32()),
+        ("probs", pa.list_(pa.float32())),
+        ("reject_reason", pa.string()),
+        ("model_id", pa.string()),
+    ]
+)
+
+
+def relative_id(path: str, root: str) -> str:
+    """Stable image id: the path relative to the corpus root (or the key for S3)."""
+    root = root.rstrip("/") + "/"
+    return path[len(root) :] if path.startswith(root) else path
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], root: str, image_size: int, crop_pct: float, in_chans: int, max_pixels: int
+) -> dict[str, np.ndarray]:
+    """bytes -> fixed-size uint8 images; a bad image becomes a row with a reject reason."""
+    n = len(batch["path"])
+    images = np.zeros((n, image_size, image_size, in_chans), dtype=np.uint8)
+    reasons = np.full(n, "", dtype=object)
+    for i, data in enumerate(batch["bytes"]):
+        try:
+            img = decode_image(bytes(data) if data is not None else b"", in_chans, max_pixels)
+            images[i] = resize_center_crop(img, image_size, crop_pct)
+        except RejectedImage as err:
+            reasons[i] = err.reason
+    ids = np.array([relative_id(str(p), root) for p in batch["path"]], dtype=object)
+    return {"id": ids, "path": batch["path"], "image": images, "reject_reason": reasons}
+
+
+def soften(logits, temperature: float):
+    """Soft labels: softmax(logits / T), i.e. the paper's probs ** (1/T) renormalised."""
+    return (logits.float() / temperature).softmax(dim=-1)
+
+
+class Predictor:
+    """Callable class for ``map_batches``: the un-noised teacher in eval mode.
+
+    ``confidence`` is the top probability at T=1 (what the threshold applies to); ``probs``
+    holds the soft labels at the chosen temperature, or one-hot when ``hard``.
+    """
+
+    def __init__(self, checkpoint: str, spec: dict | None = None, temperature: float = 1.0, hard: bool = False):
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        spec_obj = ModelSpec(**spec) if spec else None
+        self.model, self.spec = load_checkpoint(checkpoint, spec_obj, self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.temperature = temperature
+        self.hard = hard
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        ok = np.array([not r for r in batch["reject_reason"]], dtype=bool)
+        n = len(ok)
+        label = np.full(n, -1, dtype=np.int64)
+        conf = np.zeros(n, dtype=np.float32)
+        probs: list = [None] * n
+        if ok.any():
+            x = normalize(batch["image"][ok], self.spec.mean, self.spec.std).to(self.device)
+            cuda = self.device.type == "cuda"
+            if cuda:
+                x = x.to(memory_format=torch.channels_last)
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+            with torch.inference_mode(), amp:
+                logits = self.model(x).float()
+            p1 = logits.softmax(dim=-1)
+            top_p, top_i = p1.max(dim=-1)
+            soft = (
+                torch.nn.functional.one_hot(top_i, p1.shape[-1]).float()
+                if self.hard
+                else soften(logits, self.temperature)
+            )
+            idx = np.flatnonzero(ok)
+            label[idx] = top_i.cpu().numpy()
+            conf[idx] = top_p.cpu().numpy()
+            for j, row in zip(idx, soft.cpu().numpy()):
+                probs[j] = row
+        return pa.Table.from_pydict(
+            {
+                "id": [str(v) for v in batch["id"]],
+                "path": [str(v) for v in batch["path"]],
+                "label": label,
+                "confidence": conf,
+                "probs": probs,
+                "reject_reason": [str(r) or None for r in batch["reject_reason"]],
+                "model_id": [self.spec.model_id] * n,
+            },
+            schema=PREDICTION_SCHEMA,
+        )

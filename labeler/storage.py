@@ -1,0 +1,54 @@
+"""Byte-level I/O on local paths and ``s3://`` URIs through pyarrow's filesystems.
+
+Credentials and the endpoint come from the standard AWS chain (environment, profile,
+instance role); ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) points at an
+S3-compatible store. Nothing here logs credentials.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it) for a local path or an s3:// URI."""
+    if is_s3(uri):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs = {}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem_for(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{uri} does not exist") from err
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem_for(uri)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound

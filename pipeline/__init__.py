@@ -1,0 +1,1 @@
+"""The Noisy Student loop on Ray: labeling, filtering, balancing, and iteration."""

@@ -1,0 +1,209 @@
+"""Confidence filtering and exact per-class balancing over a Ray Dataset of predictions.
+
+Semantics (DESIGN.md section 4), for each pseudo-label class c among rows with
+``confidence >= threshold``:
+
+* count >= N: keep exactly the N highest ranked rows (1 copy each);
+* 0 < count < N: keep all, ``N // count`` copies each, plus one more for the
+  ``N % count`` highest ranked; exactly N rows in total;
+* count = 0: the class is reported in ``empty_classes``.
+
+The output keeps every prediction column and adds ``copies`` (>= 1); rows with zero
+copies are not written. The trainer repeats each row ``copies`` times, so it sees
+exactly N rows per non-empty class. Passes: one for counts, a few (usually 1-3) that
+refine each class's cut-off key, one that applies the plan; each reads only the
+columns it needs, and nothing per row reaches the driver except the few rows that sit
+in a class's final cut-off bucket.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipeline.balance_core import (
+    GATHER_LIMIT,
+    KEY_BYTES,
+    choose_bucket,
+    class_histogram,
+    copies_for,
+    prefix_match,
+    sort_keys,
+)
+
+STAT_COLUMNS = ["id", "label", "confidence", "reject_reason"]
+
+
+@dataclass
+class BalancePlan:
+    """Per class: base copies for every passing row, +1 for rows ranked at or above the cut."""
+
+    num_classes: int
+    per_class: int
+    threshold: float
+    base: np.ndarray
+    cut_key: np.ndarray
+    cut_id: list[str]
+    all_top: np.ndarray
+    none_top: np.ndarray
+    predictions: np.ndarray
+    passing: np.ndarray
+    top_rows: np.ndarray = None
+    passes: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def _passing(table: pa.Table, threshold: float) -> pa.Table:
+    ok = pc.and_(pc.is_null(table["reject_reason"]), pc.greater_equal(table["confidence"], threshold))
+    return table.filter(ok)
+
+
+def _count_batch(table: pa.Table, threshold: float, num_classes: int) -> dict:
+    good = table.filter(pc.is_null(table["reject_reason"]))
+    labels = good["label"].to_numpy()
+    passing = _passing(table, threshold)["label"].to_numpy()
+    return {
+        "predictions": np.bincount(labels, minlength=num_classes)[None, :],
+        "passing": np.bincount(passing, minlength=num_classes)[None, :],
+    }
+
+
+def _refine_batch(table: pa.Table, threshold, num_classes, prefix, level, refining, gathering) -> pa.Table:
+    t = _passing(table, threshold)
+    labels = t["label"].to_numpy().astype(np.int64)
+    ids = t["id"].to_numpy(zero_copy_only=False)
+    keys = sort_keys(t["confidence"].to_numpy(), ids)
+    hist = class_histogram(labels, keys, prefix, level, refining, num_classes)
+    cls, byte = np.nonzero(hist)
+    g = gathering[labels] & prefix_match(keys, prefix[labels], level[labels])
+    n_h, n_g = len(cls), int(g.sum())
+    return pa.table(
+        {
+            "label": np.concatenate([cls, labels[g]]).astype(np.int64),
+            "byte": np.concatenate([byte, np.full(n_g, -1)]).astype(np.int64),
+            "count": np.concatenate([hist[cls, byte], np.zeros(n_g, np.int64)]),
+            "key": np.concatenate([np.zeros(n_h, np.uint64), keys[g]]),
+            "id": pa.array(np.concatenate([np.full(n_h, "", dtype=object), ids[g]]).tolist(), pa.string()),
+        }
+    )
+
+
+def _new_plan(predictions: np.ndarray, passing: np.ndarray, per_class: int, threshold: float, duplicate: bool):
+    c = len(passing)
+    plan = BalancePlan(
+        c, per_class, threshold, np.zeros(c, np.int64), np.zeros(c, np.uint64), [""] * c,
+        np.zeros(c, bool), np.zeros(c, bool), predictions, passing,
+    )  # fmt: skip
+    need = np.zeros(c, np.int64)
+    for k, cnt in enumerate(passing):
+        if cnt == 0:
+            plan.none_top[k] = True
+        elif cnt >= per_class:
+            need[k] = per_class
+            plan.all_top[k] = cnt == per_class
+        elif not duplicate:
+            plan.all_top[k] = True
+        else:
+            plan.base[k], need[k] = per_class // cnt, per_class % cnt
+            plan.none_top[k] = need[k] == 0
+    plan.top_rows = np.where(plan.all_top, passing, np.where(plan.none_top, 0, need))
+    return plan, need
+
+
+def plan_balance(
+    ds: ray.data.Dataset, num_classes: int, per_class: int, threshold: float = 0.3, duplicate: bool = True
+) -> BalancePlan:
+    """Count, then find each class's exact cut-off with histogram refinement passes."""
+    counts = ds.map_batches(
+        _count_batch, batch_format="pyarrow", fn_kwargs={"threshold": threshold, "num_classes": num_classes}
+    )
+    pred, passing = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+    for b in counts.iter_batches(batch_format="numpy", batch_size=None):
+        pred += b["predictions"].sum(axis=0)
+        passing += b["passing"].sum(axis=0)
+    plan, need = _new_plan(pred, passing, per_class, threshold, duplicate)
+    todo = ~(plan.all_top | plan.none_top)
+    prefix, level = np.zeros(num_classes, np.uint64), np.zeros(num_classes, np.int64)
+    bucket = passing.copy()  # rows of each class that match its current prefix
+    while todo.any():
+        gathering = todo & ((bucket <= GATHER_LIMIT) | (level >= KEY_BYTES))
+        refining = todo & ~gathering
+        kwargs = {"threshold": threshold, "num_classes": num_classes, "prefix": prefix, "level": level,
+                  "refining": refining, "gathering": gathering}  # fmt: skip
+        hist = np.zeros((num_classes, 256), np.int64)
+        gathered: dict[int, list] = {int(k): [] for k in np.flatnonzero(gathering)}
+        out = ds.map_batches(_refine_batch, batch_format="pyarrow", fn_kwargs=kwargs)
+        for b in out.iter_batches(batch_format="numpy", batch_size=None):
+            h = b["byte"] >= 0
+            np.add.at(hist, (b["label"][h], b["byte"][h]), b["count"][h])
+            for lab, key, id_ in zip(b["label"][~h], b["key"][~h], b["id"][~h]):
+                gathered[int(lab)].append((int(key), str(id_)))
+        plan.passes += 1
+        for k in np.flatnonzero(refining):
+            byte, above, in_bucket = choose_bucket(hist[k], int(need[k]))
+            need[k] -= above
+            prefix[k] = (prefix[k] << np.uint64(8)) | np.uint64(byte)
+            level[k] += 1
+            bucket[k] = in_bucket
+        for k, rows in gathered.items():
+            rows.sort(key=lambda r: (-r[0], r[1]))
+            plan.cut_key[k], plan.cut_id[k] = rows[need[k] - 1]
+            todo[k] = False
+    plan.stats = balance_stats(plan)
+    return plan
+
+
+def _apply_batch(table: pa.Table, plan: BalancePlan) -> pa.Table:
+    t = _passing(table, plan.threshold)
+    labels = t["label"].to_numpy().astype(np.int64)
+    ids = t["id"].to_numpy(zero_copy_only=False)
+    copies = copies_for(labels, sort_keys(t["confidence"].to_numpy(), ids), ids, plan)
+    t = t.append_column("copies", pa.array(copies, pa.int64()))
+    return t.filter(pc.greater(t["copies"], 0))
+
+
+def apply_balance(ds: ray.data.Dataset, plan: BalancePlan) -> ray.data.Dataset:
+    """Stateless streaming pass: each passing row gets its ``copies``; zero-copy rows are dropped."""
+    return ds.map_batches(_apply_batch, batch_format="pyarrow", fn_kwargs={"plan": plan})
+
+
+def balance_stats(plan: BalancePlan) -> dict:
+    classes = []
+    for k in range(plan.num_classes):
+        cut = None
+        if not (plan.all_top[k] or plan.none_top[k]):
+            cut = float(np.array([int(plan.cut_key[k]) >> 32], np.uint32).view(np.float32)[0])
+        n = int(plan.passing[k])
+        final = plan.per_class if plan.base[k] > 0 else min(n, plan.per_class)
+        classes.append({
+            "class": k, "predictions": int(plan.predictions[k]), "passing": n, "cutoff_confidence": cut,
+            "base_copies": int(plan.base[k]), "rows_with_extra_copy": int(plan.top_rows[k]), "final": final,
+        })  # fmt: skip
+    return {
+        "threshold": plan.threshold,
+        "per_class": plan.per_class,
+        "refinement_passes": plan.passes,
+        "total_rows": sum(c["final"] for c in classes),
+        "empty_classes": [c["class"] for c in classes if c["passing"] == 0],
+        "classes": classes,
+    }
+
+
+def balance_predictions(
+    predictions: str, out: str, num_classes: int, per_class: int, threshold: float = 0.3, duplicate: bool = True
+) -> dict:
+    """Read predictions Parquet, write the balanced set to ``out/balanced`` and ``out/balance_stats.json``."""
+    from labeler.storage import filesystem_for, write_bytes
+
+    fs, path = filesystem_for(predictions)
+    stats_ds = ray.data.read_parquet(path, filesystem=fs, columns=STAT_COLUMNS)
+    plan = plan_balance(stats_ds, num_classes, per_class, threshold, duplicate)
+    ofs, opath = filesystem_for(out.rstrip("/") + "/balanced")
+    apply_balance(ray.data.read_parquet(path, filesystem=fs), plan).write_parquet(opath, filesystem=ofs)
+    write_bytes(out.rstrip("/") + "/balance_stats.json", json.dumps(plan.stats, indent=2).encode())
+    return plan.stats

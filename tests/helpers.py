@@ -1,0 +1,54 @@
+"""Small builders shared by tests: real image files and real (random-weight) checkpoints."""
+
+import io
+import os
+
+import numpy as np
+from PIL import Image
+
+from labeler.model import ModelSpec, create_model, save_checkpoint
+
+
+def png_bytes(size=(8, 8), mode="L", seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "CMYK": 4}[mode]
+    arr = rng.integers(0, 255, (size[1], size[0], channels), dtype=np.uint8)
+    img = Image.fromarray(arr[:, :, 0] if channels == 1 else arr, mode)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if mode == "CMYK" else "PNG")
+    return buf.getvalue()
+
+
+def write_bad_and_good_folder(root: str) -> dict:
+    """A corpus with each kind of bad file; returns {relative id: expected reject reason or None}."""
+    os.makedirs(os.path.join(root, "sub"), exist_ok=True)
+    files = {}
+
+    def put(name, data, reason):
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+        files[name] = reason
+
+    for i in range(6):
+        put(f"good_{i}.png", png_bytes(seed=i), None)
+    put("sub/rgb.png", png_bytes((12, 10), "RGB"), None)
+    put("cmyk.jpg", png_bytes((9, 9), "CMYK"), None)
+    img16 = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    buf = io.BytesIO()
+    img16.save(buf, format="PNG")
+    put("sixteen_bit.png", buf.getvalue(), None)
+    pal = Image.fromarray(np.zeros((8, 8), np.uint8), "L").convert("P")
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG")
+    put("palette.png", buf.getvalue(), None)
+    put("empty.png", b"", "empty")
+    put("notes.png", b"this is not an image at all", "not_an_image")
+    put("truncated.png", png_bytes((64, 64), "RGB")[:200], "truncated")
+    return files
+
+
+def random_checkpoint(
+    directory: str, arch: str = "test_resnet", num_classes: int = 10, image_size: int = 16
+) -> ModelSpec:
+    spec = ModelSpec(arch, [str(i) for i in range(num_classes)], image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return save_checkpoint(create_model(spec), spec, directory)

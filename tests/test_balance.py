@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline import balance_core
+from pipeline.balance import apply_balance, balance_predictions, plan_balance
+from tests.reference import brute_force_copies
+
+
+def _frame(labels, confs, rejected=None):
+    n = len(labels)
+    rejected = rejected if rejected is not None else [False] * n
+    return pd.DataFrame(
+        {
+            "id": [f"img/{i:05d}.jpg" for i in range(n)],
+            "label": np.asarray(labels, dtype=np.int64),
+            "confidence": np.asarray(confs, dtype=np.float32),
+            "reject_reason": [("undecodable" if r else None) for r in rejected],
+        }
+    )
+
+
+def _run(df, num_classes, per_class, threshold, blocks=3, duplicate=True):
+    ds = ray.data.from_pandas(df).repartition(blocks)
+    plan = plan_balance(ds, num_classes, per_class, threshold, duplicate)
+    rows = apply_balance(ds, plan).take_all()
+    return plan, {r["id"]: r["copies"] for r in rows}
+
+
+tables = st.integers(min_value=0, max_value=120).flatmap(
+    lambda n: st.tuples(
+        st.lists(st.integers(0, 4), min_size=n, max_size=n),
+        st.lists(st.sampled_from([0.1, 0.3, 0.5, 0.9, 1.0]) | st.floats(0, 1, width=32), min_size=n, max_size=n),
+        st.lists(st.booleans(), min_size=n, max_size=n),
+    )
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=tables, per_class=st.integers(1, 30), threshold=st.sampled_from([0.0, 0.3, 0.95]), blocks=st.integers(1, 4))
+def test_matches_brute_force(ray_local, data, per_class, threshold, blocks):
+    labels, confs, rejected = data
+    df = _frame(labels, confs, rejected)
+    plan, got = _run(df, 5, per_class, threshold, blocks)
+    assert got == brute_force_copies(df, per_class, threshold)
+    per_label = df.set_index("id").loc[list(got), "label"] if got else pd.Series(dtype=int)
+    totals = pd.Series(list(got.values()), index=per_label.values).groupby(level=0).sum().to_dict()
+    for k in range(5):
+        expected = per_class if plan.passing[k] > 0 else 0
+        assert totals.get(k, 0) == expected
+        assert plan.stats["classes"][k]["final"] == expected
+
+
+def test_heavy_ties_force_refinement(ray_local, monkeypatch):
+    """Thousands of confidences exactly 1.0: the cut must come from the id hash, over several passes."""
+    monkeypatch.setattr(balance_core, "GATHER_LIMIT", 8)
+    monkeypatch.setattr("pipeline.balance.GATHER_LIMIT", 8)
+    rng = np.random.default_rng(1)
+    n = 3000
+    labels = rng.integers(0, 3, n)
+    confs = np.where(rng.random(n) < 0.7, 1.0, rng.random(n)).astype(np.float32)
+    df = _frame(labels, confs)
+    plan, got = _run(df, 3, 400, 0.3, blocks=5)
+    assert plan.passes >= 3
+    assert got == brute_force_copies(df, 400, 0.3)
+
+
+def test_same_output_for_any_partitioning(ray_local):
+    rng = np.random.default_rng(2)
+    df = _frame(rng.integers(0, 4, 500), rng.choice([0.5, 0.99, 1.0], 500))
+    results = [_run(df, 4, 90, 0.3, blocks=b)[1] for b in (1, 3, 7)]
+    assert results[0] == results[1] == results[2]
+
+
+def test_empty_class_one_image_class_and_all_filtered(ray_local):
+    df = _frame([0, 0, 0, 2], [0.9, 0.8, 0.1, 0.95])
+    plan, got = _run(df, 4, 5, 0.3, blocks=2)
+    assert plan.stats["empty_classes"] == [1, 3]
+    assert got == {"img/00000.jpg": 3, "img/00001.jpg": 2, "img/00003.jpg": 5}
+    plan, got = _run(_frame([0, 1], [0.1, 0.2]), 2, 5, 0.3, blocks=1)
+    assert got == {} and plan.stats["empty_classes"] == [0, 1]
+
+
+def test_trim_only_keeps_small_classes_once(ray_local):
+    df = _frame([0, 0, 0, 1], [0.9, 0.8, 0.7, 0.95])
+    _, got = _run(df, 2, 2, 0.3, blocks=1, duplicate=False)
+    assert got == {"img/00000.jpg": 1, "img/00001.jpg": 1, "img/00003.jpg": 1}
+
+
+def test_balance_predictions_writes_parquet_and_stats(ray_local, tmp_path):
+    df = _frame([0, 0, 1, 1, 1], [0.9, 0.4, 0.8, 0.7, 0.2])
+    df["probs"] = [[0.5, 0.5]] * len(df)
+    (tmp_path / "preds").mkdir()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "preds" / "part.parquet")
+    stats = balance_predictions(str(tmp_path / "preds"), str(tmp_path / "out"), 2, 3)
+    table = pq.read_table(tmp_path / "out" / "balanced")
+    assert sorted(table.column_names) == sorted([*df.columns, "copies"])
+    assert sum(table.column("copies").to_pylist()) == 6
+    assert json.loads((tmp_path / "out" / "balance_stats.json").read_text()) == stats
+    assert [c["passing"] for c in stats["classes"]] == [2, 2]
+
+
+def test_sort_key_orders_confidence_then_hash():
+    ids = ["a", "b", "c"]
+    keys = balance_core.sort_keys(np.array([0.5, 1.0, 0.5], np.float32), ids)
+    assert keys[1] > max(keys[0], keys[2])
+    h = balance_core.hash32(ids)
+    assert (keys[0] > keys[2]) == (h[0] < h[2])
+
+
+def test_rejects_negative_per_class():
+    with pytest.raises(ValueError):
+        balance_core.choose_bucket(np.zeros(256, np.int64), 1)

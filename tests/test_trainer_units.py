@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from labeler.model import ModelSpec, create_model
+from trainer.evaluate import evaluate, recalibrate_batchnorm
+from trainer.loop import Cycler, lr_factor
+from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
+from trainer.settings import TrainSettings
+
+
+def test_soft_cross_entropy_equals_hard_ce_for_one_hot():
+    logits = torch.randn(5, 4)
+    y = torch.tensor([0, 3, 1, 2, 2])
+    onehot = torch.nn.functional.one_hot(y, 4).float()
+    assert soft_cross_entropy(logits, onehot).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y).item()
+    )
+    sm = smooth(onehot, 0.1)
+    assert soft_cross_entropy(logits, sm).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-5
+    )
+
+
+def test_lr_schedule_warms_up_then_decays():
+    s = TrainSettings(epochs=10, warmup_epochs=2)
+    f = [lr_factor(i, 10, s) for i in range(100)]
+    assert f[0] == pytest.approx(0.05) and f[19] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[20:], f[21:])) and f[-1] < 0.01
+
+
+def test_cycler_shards_are_disjoint_and_cover_everything():
+    a, b = Cycler(10, 5, 0, 2, seed=1), Cycler(10, 5, 1, 2, seed=1)
+    first, second = set(a.next().tolist()), set(b.next().tolist())
+    assert first.isdisjoint(second) and first | second == set(range(10))
+
+
+def test_randaugment_changes_images_and_can_be_switched_off():
+    imgs = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    off = augment_batch(imgs, randaugment(0, 9, 16), (0.5,) * 3, (0.5,) * 3)
+    on = augment_batch(imgs, randaugment(2, 15, 16), (0.5,) * 3, (0.5,) * 3)
+    assert off.shape == on.shape == (4, 3, 16, 16)
+    assert not torch.allclose(off, on)
+
+
+def test_bn_recalibration_matches_clean_statistics():
+    from labeler.images import normalize
+
+    spec = ModelSpec("test_resnet", ["a", "b"], 16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = create_model(spec).eval()
+    conv, bn = model.conv1[0], model.conv1[1]
+    bn.running_mean.fill_(5.0)
+    imgs = np.random.default_rng(0).integers(0, 255, (32, 16, 16, 3), dtype=np.uint8)
+    recalibrate_batchnorm(model, imgs, spec, "cpu", batch=16)
+    with torch.no_grad():
+        clean_mean = conv(normalize(imgs, spec.mean, spec.std)).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, clean_mean, rtol=1e-4, atol=1e-5)
+    assert bn.momentum == 0.1 and not model.training
+
+
+def test_evaluate_counts_top1():
+    from trainer.data import ImageSet
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0]]).repeat(len(x), 1)
+
+    spec = ModelSpec("x", ["a", "b"], 4)
+    data = ImageSet(np.zeros((4, 4, 4, 3), np.uint8), np.eye(2, dtype=np.float32)[[0, 0, 0, 1]], ["1", "2", "3", "4"])
+    assert evaluate(Fixed(), data, spec, "cpu")["test_top1"] == 0.75

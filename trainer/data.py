@@ -1,0 +1,96 @@
+"""Training data: labeled class folders and the balanced pseudo-labeled Parquet.
+
+At the scale of the embedded corpus every worker decodes its images once into memory
+(uint8 at the model's input size); augmentation runs per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from labeler.images import RejectedImage, decode_image, resize_center_crop
+from labeler.storage import filesystem_for, read_bytes
+
+
+@dataclass
+class ImageSet:
+    """Decoded images (N,H,W,C uint8) with soft targets (N,classes) and names."""
+
+    images: np.ndarray
+    targets: np.ndarray
+    ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """(sorted class names, [(file uri, class name)]) of a ``root/<class>/...`` tree."""
+    fs, base = filesystem_for(root)
+    info = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    files = sorted(i.path for i in info if i.type == pafs.FileType.File)
+    prefix = "s3://" if root.startswith("s3://") else ""
+    pairs = []
+    for path in files:
+        rel = path[len(base.rstrip("/")) + 1 :]
+        if "/" in rel and not rel.rsplit("/", 1)[-1].startswith("."):
+            pairs.append((prefix + path, rel.split("/", 1)[0]))
+    classes = sorted({c for _, c in pairs})
+    if not classes:
+        raise ValueError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
+    return classes, pairs
+
+
+def _decode_many(uris: list[str], image_size: int, in_chans: int) -> tuple[np.ndarray, list[bool]]:
+    out = np.zeros((len(uris), image_size, image_size, in_chans), dtype=np.uint8)
+    ok = []
+    for i, uri in enumerate(uris):
+        try:
+            out[i] = resize_center_crop(decode_image(read_bytes(uri), in_chans), image_size)
+            ok.append(True)
+        except RejectedImage:
+            ok.append(False)
+    return out, ok
+
+
+def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int = 3) -> ImageSet:
+    """Labeled images with one-hot targets; undecodable files are skipped (and counted by callers)."""
+    found, pairs = list_class_folders(root)
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise ValueError(f"{root} has classes {extra} that the model does not know ({classes})")
+    index = {c: i for i, c in enumerate(classes)}
+    images, ok = _decode_many([u for u, _ in pairs], image_size, in_chans)
+    keep = np.flatnonzero(ok)
+    targets = np.zeros((len(keep), len(classes)), dtype=np.float32)
+    targets[np.arange(len(keep)), [index[pairs[k][1]] for k in keep]] = 1.0
+    return ImageSet(images[keep], targets, [pairs[k][0] for k in keep])
+
+
+def load_pseudo(balanced: str, image_size: int, in_chans: int = 3, hard: bool = False) -> ImageSet:
+    """The balanced pseudo-labeled set, each row repeated ``copies`` times."""
+    fs, path = filesystem_for(balanced)
+    table = pq.read_table(path, filesystem=fs, columns=["id", "path", "label", "probs", "copies"])
+    table = table.sort_by("id")  # file order from a distributed write varies; training order must not
+    uris = table.column("path").to_pylist()
+    if balanced.startswith("s3://"):
+        uris = [u if u.startswith("s3://") else "s3://" + u for u in uris]
+    images, ok = _decode_many(uris, image_size, in_chans)
+    if not all(ok):
+        raise ValueError(f"{sum(not o for o in ok)} pseudo-labeled images no longer decode; re-run labeling")
+    probs = np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
+    if hard:
+        probs = np.eye(probs.shape[1], dtype=np.float32)[table.column("label").to_numpy()]
+    reps = table.column("copies").to_numpy()
+    return ImageSet(np.repeat(images, reps, axis=0), np.repeat(probs, reps, axis=0), list(np.repeat(uris, reps)))
+
+
+def to_tensor(images_hwc: np.ndarray, mean, std) -> torch.Tensor:
+    from labeler.images import normalize
+
+    return normalize(images_hwc, mean, std)

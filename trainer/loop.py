@@ -1,0 +1,177 @@
+"""The per-worker training loop that TorchTrainer runs (DDP on gloo or NCCL)."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+import warnings
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from labeler.model import ModelSpec, create_model, save_checkpoint
+from trainer.data import ImageSet, load_labeled, load_pseudo
+from trainer.evaluate import evaluate, recalibrate_batchnorm
+from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
+from trainer.settings import TrainSettings
+
+STATE_FILE = "train_state.pt"
+
+
+def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
+    """Linear warm-up, then cosine to zero or the paper's 0.97 every 2.4 epochs."""
+    warm = s.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
+    if s.schedule == "cosine":
+        total = max(1, s.epochs * steps_per_epoch - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / total)))
+    if s.schedule == "exponential":
+        return 0.97 ** ((step - warm) / (2.4 * steps_per_epoch))
+    return 1.0
+
+
+def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    name = {"sgd": "sgd", "rmsprop": "rmsproptf", "adamw": "adamw"}[s.optimizer]
+    kwargs = {"momentum": s.momentum} if s.optimizer != "adamw" else {}
+    if s.optimizer == "rmsprop":
+        kwargs.update(alpha=0.9, eps=1e-3)
+    return create_optimizer_v2(model, opt=name, lr=s.lr, weight_decay=s.weight_decay, **kwargs)
+
+
+class Cycler:
+    """Endless shuffled batches of one worker's shard; the same order on every rerun."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.round, self.order, self.pos = 0, np.empty(0, dtype=np.int64), 0
+
+    def next(self) -> np.ndarray:
+        out = []
+        while len(out) < self.batch:
+            if self.pos >= len(self.order):
+                perm = np.random.default_rng((self.seed, self.round)).permutation(self.n)
+                self.order, self.pos, self.round = perm[self.rank :: self.world], 0, self.round + 1
+            take = self.order[self.pos : self.pos + self.batch - len(out)]
+            out.extend(take.tolist())
+            self.pos += len(take)
+        return np.asarray(out)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _steps_per_epoch(labeled: ImageSet, pseudo: ImageSet | None, s: TrainSettings) -> int:
+    """One epoch is one pass over the primary set: the pseudo labels if any, else the labels."""
+    per_step = s.batch_size * (s.ratio if pseudo is not None else 1)
+    n = len(pseudo) if pseudo is not None else len(labeled)
+    return max(s.min_steps_per_epoch, n // per_step)
+
+
+def _save(model, spec: ModelSpec, state: dict, directory: str) -> None:
+    save_checkpoint(model, spec, directory)
+    torch.save(state, os.path.join(directory, STATE_FILE))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    warnings.filterwarnings("ignore", message="Grad strides do not match")
+    s = TrainSettings.from_dict(config["settings"])
+    spec = ModelSpec(**config["spec"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(s.seed * 1000 + rank)  # RandAugment draws from Python's and numpy's RNGs
+    device = ray.train.torch.get_device()
+
+    labeled = load_labeled(config["labeled"], spec.classes, spec.image_size, spec.in_chans)
+    pseudo = (
+        load_pseudo(config["pseudo"], spec.image_size, spec.in_chans, config["hard"]) if config.get("pseudo") else None
+    )
+    test = (
+        load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
+        if config.get("test") and rank == 0
+        else None
+    )
+
+    model = create_model(spec, s.drop_rate, s.drop_path_rate)
+    if config.get("init_state"):
+        model.load_state_dict(config["init_state"])
+    model = ray.train.torch.prepare_model(model)
+    bare = model.module if hasattr(model, "module") else model
+    opt = build_optimizer(model, s)
+    steps = _steps_per_epoch(labeled, pseudo, s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, s))
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        bare.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"], state["history"]
+
+    transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
+    per_worker = s.batch_size // world
+    lab_iter = Cycler(len(labeled), per_worker, rank, world, s.seed)
+    lab_iter.round = start_epoch * 1000  # deterministic yet fresh order after a resume
+    pse_iter = Cycler(len(pseudo), per_worker * s.ratio, rank, world, s.seed + 1) if pseudo is not None else None
+    if pse_iter:
+        pse_iter.round = start_epoch
+
+    for epoch in range(start_epoch, s.epochs):
+        model.train()
+        total = 0.0
+        for _ in range(steps):
+            idx = lab_iter.next()
+            x = augment_batch(labeled.images[idx], transform, spec.mean, spec.std)
+            y = smooth(torch.from_numpy(labeled.targets[idx]), s.label_smoothing)
+            if pse_iter is not None and s.ratio > 0:
+                pidx = pse_iter.next()
+                px = augment_batch(pseudo.images[pidx], transform, spec.mean, spec.std)
+                py = torch.from_numpy(pseudo.targets[pidx])
+                if config["hard"]:
+                    py = smooth(py, s.label_smoothing)
+                x, y = torch.cat([x, px]), torch.cat([y, py])
+            loss = soft_cross_entropy(model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        final = epoch + 1 == s.epochs
+        metrics = {"epoch": epoch + 1, "train_loss": total / steps, "lr": sched.get_last_lr()[0], "final": final}
+        if not (final or (epoch + 1) % s.checkpoint_every == 0):
+            continue  # metrics without a checkpoint are not persisted by Ray Train V2; keep them for the next one
+        if rank == 0:
+            if final and s.recalibrate_bn:
+                clean = np.concatenate([labeled.images] + ([pseudo.images] if pseudo is not None else []))
+                recalibrate_batchnorm(bare, clean, spec, device)
+            if test is not None:
+                metrics.update(evaluate(bare, test, spec, device))
+            history.append(metrics)
+            print(f"[{config.get('label', 'train')}] " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            with tempfile.TemporaryDirectory() as d:
+                state = {
+                    "model": bare.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                }
+                _save(bare, spec, state, d)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

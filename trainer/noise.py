@@ -1,0 +1,43 @@
+"""Input noise (RandAugment, timm's implementation) and the paper's noise defaults."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from labeler.images import normalize
+
+
+def randaugment(ops: int, magnitude: int, image_size: int):
+    """timm's RandAugment as a PIL -> PIL callable, or None when ``ops`` is 0."""
+    if ops <= 0:
+        return None
+    from timm.data.auto_augment import rand_augment_transform
+
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": (128, 128, 128)}
+    return rand_augment_transform(f"rand-m{magnitude}-n{ops}-mstd0.5", hparams)
+
+
+def augment_batch(images_hwc: np.ndarray, transform, mean, std) -> torch.Tensor:
+    """Apply ``transform`` per image (uint8 HWC) and normalise into an NCHW float tensor."""
+    if transform is None:
+        return normalize(images_hwc, mean, std)
+    out = np.empty_like(images_hwc)
+    for i, arr in enumerate(images_hwc):
+        img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        res = np.asarray(transform(img), dtype=np.uint8)
+        out[i] = res[:, :, None] if res.ndim == 2 else res
+    return normalize(out, mean, std)
+
+
+def smooth(targets: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Label smoothing for one-hot targets (soft targets pass through unchanged by callers)."""
+    if epsilon <= 0:
+        return targets
+    return targets * (1.0 - epsilon) + epsilon / targets.shape[-1]
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of -sum(target * log_softmax): every example weighs the same."""
+    return -(targets * logits.float().log_softmax(dim=-1)).sum(dim=-1).mean()

@@ -1,0 +1,54 @@
+"""Training settings: one dataclass, filled from the YAML config's teacher/student sections."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainSettings:
+    arch: str = "test_resnet"
+    epochs: int = 30
+    batch_size: int = 32  # labeled images per step, across all workers
+    ratio: int = 3  # pseudo-labeled images per labeled image in a step
+    optimizer: str = "sgd"  # sgd | rmsprop | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    schedule: str = "cosine"  # cosine | exponential | constant
+    label_smoothing: float = 0.1
+    randaugment_ops: int = 2  # 0 switches RandAugment off
+    randaugment_magnitude: int = 9
+    drop_rate: float = 0.2  # dropout before the classifier
+    drop_path_rate: float = 0.1  # stochastic depth
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on clean images at the end
+    min_steps_per_epoch: int = 1
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
+    num_workers: int = 2
+    use_gpu: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training keys {unknown}; valid keys are {sorted(known)}")
+        settings = cls(**data)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.optimizer not in ("sgd", "rmsprop", "adamw"):
+            raise ValueError(f"optimizer must be sgd, rmsprop or adamw, not {self.optimizer!r}")
+        if self.schedule not in ("cosine", "exponential", "constant"):
+            raise ValueError(f"schedule must be cosine, exponential or constant, not {self.schedule!r}")
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is smaller than num_workers {self.num_workers}")
+        if self.epochs < 1 or self.ratio < 0:
+            raise ValueError("epochs must be >= 1 and ratio >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
