@@ -19,6 +19,7 @@ in a class's final cut-off bucket.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,19 +77,19 @@ def _count_batch(table: pa.Table, threshold: float, num_classes: int) -> dict:
 def _refine_batch(table: pa.Table, threshold, num_classes, prefix, level, refining, gathering) -> pa.Table:
     t = _passing(table, threshold)
     labels = t["label"].to_numpy().astype(np.int64)
-    ids = t["id"].to_numpy(zero_copy_only=False)
-    keys = sort_keys(t["confidence"].to_numpy(), ids)
+    keys = sort_keys(t["confidence"].to_numpy(), t["id"])
     hist = class_histogram(labels, keys, prefix, level, refining, num_classes)
     cls, byte = np.nonzero(hist)
     g = gathering[labels] & prefix_match(keys, prefix[labels], level[labels])
     n_h, n_g = len(cls), int(g.sum())
+    gathered_ids = t["id"].filter(pa.array(g)).combine_chunks() if n_g else pa.array([], pa.string())
     return pa.table(
         {
             "label": np.concatenate([cls, labels[g]]).astype(np.int64),
             "byte": np.concatenate([byte, np.full(n_g, -1)]).astype(np.int64),
             "count": np.concatenate([hist[cls, byte], np.zeros(n_g, np.int64)]),
             "key": np.concatenate([np.zeros(n_h, np.uint64), keys[g]]),
-            "id": pa.array(np.concatenate([np.full(n_h, "", dtype=object), ids[g]]).tolist(), pa.string()),
+            "id": pa.concat_arrays([pa.array([""] * n_h, pa.string()), gathered_ids.cast(pa.string())]),
         }
     )
 
@@ -115,15 +116,43 @@ def _new_plan(predictions: np.ndarray, passing: np.ndarray, per_class: int, thre
     return plan, need
 
 
+Runner = Callable[[Callable, dict], Iterator[dict]]
+
+
+def ray_runner(ds: ray.data.Dataset) -> Runner:
+    """Run each pass as ``map_batches`` over a Ray Dataset; the driver sums the small outputs."""
+
+    def run(fn, kwargs):
+        out = ds.map_batches(fn, batch_format="pyarrow", fn_kwargs=kwargs)
+        yield from out.iter_batches(batch_format="numpy", batch_size=None)
+
+    return run
+
+
+def parquet_runner(path: str, batch_rows: int = 1 << 20) -> Runner:
+    """Run each pass in this process, streaming Parquet record batches (no Ray needed)."""
+    import pyarrow.dataset as pads
+
+    from labeler.storage import filesystem_for
+
+    fs, p = filesystem_for(path)
+    dataset = pads.dataset(p, filesystem=fs, format="parquet")
+
+    def run(fn, kwargs):
+        for batch in dataset.to_batches(columns=STAT_COLUMNS, batch_size=batch_rows):
+            out = fn(pa.Table.from_batches([batch]), **kwargs)
+            yield out if isinstance(out, dict) else {c: out[c].to_numpy(zero_copy_only=False) for c in out.column_names}
+
+    return run
+
+
 def plan_balance(
-    ds: ray.data.Dataset, num_classes: int, per_class: int, threshold: float = 0.3, duplicate: bool = True
+    data: ray.data.Dataset | Runner, num_classes: int, per_class: int, threshold: float = 0.3, duplicate: bool = True
 ) -> BalancePlan:
     """Count, then find each class's exact cut-off with histogram refinement passes."""
-    counts = ds.map_batches(
-        _count_batch, batch_format="pyarrow", fn_kwargs={"threshold": threshold, "num_classes": num_classes}
-    )
+    run = ray_runner(data) if isinstance(data, ray.data.Dataset) else data
     pred, passing = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
-    for b in counts.iter_batches(batch_format="numpy", batch_size=None):
+    for b in run(_count_batch, {"threshold": threshold, "num_classes": num_classes}):
         pred += b["predictions"].sum(axis=0)
         passing += b["passing"].sum(axis=0)
     plan, need = _new_plan(pred, passing, per_class, threshold, duplicate)
@@ -137,8 +166,7 @@ def plan_balance(
                   "refining": refining, "gathering": gathering}  # fmt: skip
         hist = np.zeros((num_classes, 256), np.int64)
         gathered: dict[int, list] = {int(k): [] for k in np.flatnonzero(gathering)}
-        out = ds.map_batches(_refine_batch, batch_format="pyarrow", fn_kwargs=kwargs)
-        for b in out.iter_batches(batch_format="numpy", batch_size=None):
+        for b in run(_refine_batch, kwargs):
             h = b["byte"] >= 0
             np.add.at(hist, (b["label"][h], b["byte"][h]), b["count"][h])
             for lab, key, id_ in zip(b["label"][~h], b["key"][~h], b["id"][~h]):
@@ -158,18 +186,18 @@ def plan_balance(
     return plan
 
 
-def _apply_batch(table: pa.Table, plan: BalancePlan) -> pa.Table:
+def apply_batch(table: pa.Table, plan: BalancePlan) -> pa.Table:
+    """The apply pass on one batch: passing rows with their ``copies`` (zero-copy rows dropped)."""
     t = _passing(table, plan.threshold)
     labels = t["label"].to_numpy().astype(np.int64)
-    ids = t["id"].to_numpy(zero_copy_only=False)
-    copies = copies_for(labels, sort_keys(t["confidence"].to_numpy(), ids), ids, plan)
+    copies = copies_for(labels, sort_keys(t["confidence"].to_numpy(), t["id"]), t["id"], plan)
     t = t.append_column("copies", pa.array(copies, pa.int64()))
     return t.filter(pc.greater(t["copies"], 0))
 
 
 def apply_balance(ds: ray.data.Dataset, plan: BalancePlan) -> ray.data.Dataset:
     """Stateless streaming pass: each passing row gets its ``copies``; zero-copy rows are dropped."""
-    return ds.map_batches(_apply_batch, batch_format="pyarrow", fn_kwargs={"plan": plan})
+    return ds.map_batches(apply_batch, batch_format="pyarrow", fn_kwargs={"plan": plan})
 
 
 def balance_stats(plan: BalancePlan) -> dict:
@@ -206,4 +234,32 @@ def balance_predictions(
     ofs, opath = filesystem_for(out.rstrip("/") + "/balanced")
     apply_balance(ray.data.read_parquet(path, filesystem=fs), plan).write_parquet(opath, filesystem=ofs)
     write_bytes(out.rstrip("/") + "/balance_stats.json", json.dumps(plan.stats, indent=2).encode())
+    write_bytes(out.rstrip("/") + "/class_counts.png", plot_class_counts(plan.stats))
     return plan.stats
+
+
+def plot_class_counts(stats: dict) -> bytes:
+    """PNG: per-class counts before (predictions, passing the threshold) and after balancing."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = stats["classes"]
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(6, min(16, len(classes) * 0.4)), 3.5))
+    style = {"drawstyle": "steps-mid"} if len(classes) > 50 else {"marker": "o"}
+    series = (("predictions", "predicted"), ("passing", f"confidence >= {stats['threshold']}"), ("final", "balanced"))
+    for key, name in series:
+        ax.plot(x, [c[key] for c in classes], label=name, **style)
+    ax.set_xlabel("class")
+    ax.set_ylabel("images")
+    ax.set_title(f"class counts before and after balancing (target {stats['per_class']} per class)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

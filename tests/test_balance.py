@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import balance_core
-from pipeline.balance import apply_balance, balance_predictions, plan_balance
+from pipeline.balance import apply_balance, balance_predictions, parquet_runner, plan_balance
 from tests.reference import brute_force_copies
 
 
@@ -105,6 +105,19 @@ def test_balance_predictions_writes_parquet_and_stats(ray_local, tmp_path):
     assert sum(table.column("copies").to_pylist()) == 6
     assert json.loads((tmp_path / "out" / "balance_stats.json").read_text()) == stats
     assert [c["passing"] for c in stats["classes"]] == [2, 2]
+    assert (tmp_path / "out" / "class_counts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parquet_runner_gives_the_same_plan_as_ray(ray_local, tmp_path):
+    rng = np.random.default_rng(5)
+    df = _frame(rng.integers(0, 6, 2000), rng.choice([0.2, 0.6, 1.0], 2000))
+    for i in range(4):
+        part = df.iloc[i * 500 : (i + 1) * 500]
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), tmp_path / f"p{i}.parquet")
+    local = plan_balance(parquet_runner(str(tmp_path), batch_rows=300), 6, 250, 0.3)
+    distributed, _ = _run(df, 6, 250, 0.3, blocks=3)
+    assert local.stats == distributed.stats
+    assert list(local.cut_key) == list(distributed.cut_key) and local.cut_id == distributed.cut_id
 
 
 def test_sort_key_orders_confidence_then_hash():
@@ -118,3 +131,16 @@ def test_sort_key_orders_confidence_then_hash():
 def test_rejects_negative_per_class():
     with pytest.raises(ValueError):
         balance_core.choose_bucket(np.zeros(256, np.int64), 1)
+
+
+def test_balance_command(ray_local, tmp_path, capsys):
+    from pipeline.cli import main
+
+    df = _frame([0, 0, 0, 1], [0.9, 0.8, 0.7, 0.95])
+    (tmp_path / "preds").mkdir()
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "preds" / "a.parquet")
+    args = ["balance", "--predictions", str(tmp_path / "preds"), "--out", str(tmp_path / "out")]
+    assert main([*args, "--num-classes", "3", "--per-class", "2"]) == 0
+    assert "4 rows, empty classes [2]" in capsys.readouterr().out
+    got = pq.read_table(tmp_path / "out" / "balanced").to_pydict()
+    assert dict(zip(got["id"], got["copies"])) == {"img/00000.jpg": 1, "img/00001.jpg": 1, "img/00003.jpg": 2}
