@@ -14,6 +14,7 @@ import ray
 from labeler.images import DEFAULT_MAX_PIXELS
 from labeler.model import ModelSpec, load_spec
 from labeler.predict import Predictor, decode_batch
+from labeler.sources import read_source
 from labeler.storage import filesystem_for, write_bytes
 
 
@@ -30,6 +31,9 @@ class LabelOptions:
     hard: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     wait_for_actors_s: float = 600.0
+    format: str = "auto"  # auto | folder | parquet | webdataset
+    image_column: str = "image"  # Parquet inputs
+    id_column: str | None = None  # Parquet inputs; None = file + content hash
 
 
 def _resolve_spec(checkpoint: str, spec: ModelSpec | None) -> ModelSpec:
@@ -39,21 +43,19 @@ def _resolve_spec(checkpoint: str, spec: ModelSpec | None) -> ModelSpec:
 def label_images(
     source: str, checkpoint: str, options: LabelOptions | None = None, spec: ModelSpec | None = None
 ) -> ray.data.Dataset:
-    """Lazily label every file under ``source`` (a folder tree, local or s3://).
+    """Lazily label every image in ``source`` (folder tree, Parquet or WebDataset; local or s3://).
 
-    Every input file yields exactly one row: a prediction, or a rejection with a
+    Every input image yields exactly one row: a prediction, or a rejection with a
     ``reject_reason`` (label -1). Nothing runs until the dataset is consumed.
     """
     opts = options or LabelOptions()
     spec = _resolve_spec(checkpoint, spec)
-    fs, root = filesystem_for(source)
-    ds = ray.data.read_binary_files(root, include_paths=True, filesystem=fs)
+    ds = read_source(source, opts.format, opts.image_column, opts.id_column)
     ds = ds.map_batches(
         decode_batch,
         batch_size=64,
         batch_format="numpy",
         fn_kwargs={
-            "root": root,
             "image_size": spec.image_size,
             "crop_pct": spec.crop_pct,
             "in_chans": spec.in_chans,

@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="labeler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--input", required=True, help="image folder tree (local path or s3:// URI)")
+    p.add_argument(
+        "--input", required=True, help="image folder tree, Parquet or WebDataset .tar shards (path or s3://)"
+    )
+    p.add_argument("--format", default="auto", choices=["auto", "folder", "parquet", "webdataset"])
+    p.add_argument("--image-column", default="image", help="Parquet: column with the image bytes")
+    p.add_argument("--id-column", help="Parquet: column with a stable id (default: file + content hash)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir with model.json, or a .safetensors/.pth file")
     p.add_argument("--output", required=True, help="output folder: predictions/ (Parquet) and manifest.json")
     p.add_argument("--arch", help="timm architecture (bare state-dict files only)")
@@ -50,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = LabelOptions(
         batch_size=args.batch_size, num_actors=args.num_actors, max_actors=args.max_actors,
         num_gpus_per_actor=args.gpus_per_actor, temperature=args.temperature, hard=args.hard,
+        format=args.format, image_column=args.image_column, id_column=args.id_column,
     )  # fmt: skip
     if not ray.is_initialized():
         ray.init(address=args.address)

@@ -24,14 +24,8 @@ PREDICTION_SCHEMA = pa.schema(
 )
 
 
-def relative_id(path: str, root: str) -> str:
-    """Stable image id: the path relative to the corpus root (or the key for S3)."""
-    root = root.rstrip("/") + "/"
-    return path[len(root) :] if path.startswith(root) else path
-
-
 def decode_batch(
-    batch: dict[str, np.ndarray], root: str, image_size: int, crop_pct: float, in_chans: int, max_pixels: int
+    batch: dict[str, np.ndarray], image_size: int, crop_pct: float, in_chans: int, max_pixels: int
 ) -> dict[str, np.ndarray]:
     """bytes -> fixed-size uint8 images; a bad image becomes a row with a reject reason."""
     n = len(batch["path"])
@@ -43,8 +37,7 @@ def decode_batch(
             images[i] = resize_center_crop(img, image_size, crop_pct)
         except RejectedImage as err:
             reasons[i] = err.reason
-    ids = np.array([relative_id(str(p), root) for p in batch["path"]], dtype=object)
-    return {"id": ids, "path": batch["path"], "image": images, "reject_reason": reasons}
+    return {"id": batch["id"], "path": batch["path"], "image": images, "reject_reason": reasons}
 
 
 def soften(logits, temperature: float):

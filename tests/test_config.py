@@ -22,3 +22,14 @@ def test_train_settings_reject_unknown_and_bad_values():
         TrainSettings.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="optimizer"):
         TrainSettings.from_dict({"optimizer": "lamb"})
+
+
+def test_every_training_key_is_in_the_default_config():
+    """Overrides only accept keys the YAML has, so every TrainSettings field must be there."""
+    import dataclasses
+
+    cfg = load_config("configs/digits.yaml")
+    fields = {f.name for f in dataclasses.fields(TrainSettings)} - {"seed", "ratio"}
+    for section in ("teacher", "student"):
+        assert fields - {"arch"} <= set(cfg[section]), fields - set(cfg[section])
+        TrainSettings.from_dict({k: v for k, v in cfg[section].items() if k not in ("archs", "init_from_teacher")})

@@ -75,3 +75,20 @@ def test_cli_reports_missing_arch(tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert res.returncode == 2 and "--arch" in res.stderr
+
+
+def test_parquet_input_end_to_end(ray_local, tmp_path):
+    import pyarrow as pa
+
+    from tests.helpers import png_bytes
+
+    (tmp_path / "pq").mkdir()
+    imgs = [png_bytes(seed=i) for i in range(4)] + [b"", b"nope"]
+    pq.write_table(pa.table({"uid": [f"u{i}" for i in range(6)], "jpeg": imgs}), tmp_path / "pq" / "x.parquet")
+    random_checkpoint(str(tmp_path / "ckpt"))
+    opts = LabelOptions(image_column="jpeg", id_column="uid")
+    manifest = run_labeling(str(tmp_path / "pq"), str(tmp_path / "ckpt"), str(tmp_path / "out"), opts)
+    assert manifest["rows"] == 6 and manifest["labeled"] == 4
+    assert manifest["reject_reasons"] == {"empty": 1, "not_an_image": 1}
+    ids = pq.read_table(tmp_path / "out" / "predictions", columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == [f"u{i}" for i in range(6)]
