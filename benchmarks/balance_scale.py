@@ -55,16 +55,17 @@ def generate(path: str, rows: int, seed: int = 0) -> None:
 
 
 def run_ours(data: str, out: str, per_class: int, threshold: float) -> dict:
-    import pyarrow.dataset as pads
+    import glob
 
     from pipeline.balance import apply_batch, parquet_runner, plan_balance
 
     plan = plan_balance(parquet_runner(data), NUM_CLASSES, per_class, threshold)
     writer = None
-    for batch in pads.dataset(data, format="parquet").to_batches(batch_size=CHUNK):
-        t = apply_batch(pa.Table.from_batches([batch]), plan)
-        writer = writer or pq.ParquetWriter(out, t.schema)
-        writer.write_table(t)
+    for f in sorted(glob.glob(os.path.join(data, "*.parquet"))):
+        for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(1 << 18):
+            t = apply_batch(pa.Table.from_batches([batch]), plan)
+            writer = writer or pq.ParquetWriter(out, t.schema)
+            writer.write_table(t)
     writer.close()
     return {"rows": plan.stats["total_rows"], "passes": plan.passes}
 

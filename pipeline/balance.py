@@ -49,7 +49,7 @@ class BalancePlan:
     threshold: float
     base: np.ndarray
     cut_key: np.ndarray
-    cut_id: list[str]
+    cut_id: list[str | None]  # None: every row with the cut key is kept; else ids <= cut_id are
     all_top: np.ndarray
     none_top: np.ndarray
     predictions: np.ndarray
@@ -74,22 +74,26 @@ def _count_batch(table: pa.Table, threshold: float, num_classes: int) -> dict:
     }
 
 
-def _refine_batch(table: pa.Table, threshold, num_classes, prefix, level, refining, gathering) -> pa.Table:
+def _refine_batch(table: pa.Table, threshold, num_classes, prefix, level, refining, gathering, tying, cut_key):
+    """One refinement pass over a batch: per-class byte histograms for ``refining`` classes,
+    the keys of rows in the cut-off bucket for ``gathering`` classes, and the ids of rows
+    whose key equals the cut key for ``tying`` classes (64-bit key collisions: rare)."""
     t = _passing(table, threshold)
     labels = t["label"].to_numpy().astype(np.int64)
     keys = sort_keys(t["confidence"].to_numpy(), t["id"])
     hist = class_histogram(labels, keys, prefix, level, refining, num_classes)
     cls, byte = np.nonzero(hist)
     g = gathering[labels] & prefix_match(keys, prefix[labels], level[labels])
-    n_h, n_g = len(cls), int(g.sum())
-    gathered_ids = t["id"].filter(pa.array(g)).combine_chunks() if n_g else pa.array([], pa.string())
+    tie = tying[labels] & (keys == cut_key[labels])
+    n_h, n_g, n_t = len(cls), int(g.sum()), int(tie.sum())
+    tie_ids = t["id"].filter(pa.array(tie)).combine_chunks().cast(pa.string()) if n_t else pa.array([], pa.string())
     return pa.table(
         {
-            "label": np.concatenate([cls, labels[g]]).astype(np.int64),
-            "byte": np.concatenate([byte, np.full(n_g, -1)]).astype(np.int64),
-            "count": np.concatenate([hist[cls, byte], np.zeros(n_g, np.int64)]),
-            "key": np.concatenate([np.zeros(n_h, np.uint64), keys[g]]),
-            "id": pa.concat_arrays([pa.array([""] * n_h, pa.string()), gathered_ids.cast(pa.string())]),
+            "label": np.concatenate([cls, labels[g], labels[tie]]).astype(np.int64),
+            "byte": np.concatenate([byte, np.full(n_g, -1), np.full(n_t, -2)]).astype(np.int64),
+            "count": np.concatenate([hist[cls, byte], np.zeros(n_g + n_t, np.int64)]),
+            "key": np.concatenate([np.zeros(n_h, np.uint64), keys[g], keys[tie]]),
+            "id": pa.concat_arrays([pa.nulls(n_h + n_g, pa.string()), tie_ids]),
         }
     )
 
@@ -97,8 +101,8 @@ def _refine_batch(table: pa.Table, threshold, num_classes, prefix, level, refini
 def _new_plan(predictions: np.ndarray, passing: np.ndarray, per_class: int, threshold: float, duplicate: bool):
     c = len(passing)
     plan = BalancePlan(
-        c, per_class, threshold, np.zeros(c, np.int64), np.zeros(c, np.uint64), [""] * c,
-        np.zeros(c, bool), np.zeros(c, bool), predictions, passing,
+        c, per_class, threshold, np.zeros(c, np.int64), np.zeros(c, np.uint64),
+        [None] * c, np.zeros(c, bool), np.zeros(c, bool), predictions, passing,
     )  # fmt: skip
     need = np.zeros(c, np.int64)
     for k, cnt in enumerate(passing):
@@ -129,19 +133,34 @@ def ray_runner(ds: ray.data.Dataset) -> Runner:
     return run
 
 
-def parquet_runner(path: str, batch_rows: int = 1 << 20) -> Runner:
-    """Run each pass in this process, streaming Parquet record batches (no Ray needed)."""
-    import pyarrow.dataset as pads
+def parquet_runner(path: str, batch_rows: int = 1 << 18) -> Runner:
+    """Run each pass in this process, streaming Parquet files one record batch at a time (no Ray).
+
+    Files are opened one after another without pre-buffering, so memory stays at about one
+    row group whatever the number of files.
+    """
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
     from labeler.storage import filesystem_for
 
-    fs, p = filesystem_for(path)
-    dataset = pads.dataset(p, filesystem=fs, format="parquet")
+    fs, root = filesystem_for(path)
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        files = [root]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(i.path for i in infos if i.is_file and i.path.endswith(".parquet"))
 
     def run(fn, kwargs):
-        for batch in dataset.to_batches(columns=STAT_COLUMNS, batch_size=batch_rows):
-            out = fn(pa.Table.from_batches([batch]), **kwargs)
-            yield out if isinstance(out, dict) else {c: out[c].to_numpy(zero_copy_only=False) for c in out.column_names}
+        for f in files:
+            with fs.open_input_file(f) as handle:
+                for batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(batch_rows, columns=STAT_COLUMNS):
+                    out = fn(pa.Table.from_batches([batch]), **kwargs)
+                    yield (
+                        out
+                        if isinstance(out, dict)
+                        else {c: out[c].to_numpy(zero_copy_only=False) for c in out.column_names}
+                    )
 
     return run
 
@@ -159,18 +178,25 @@ def plan_balance(
     todo = ~(plan.all_top | plan.none_top)
     prefix, level = np.zeros(num_classes, np.uint64), np.zeros(num_classes, np.int64)
     bucket = passing.copy()  # rows of each class that match its current prefix
+    tying = np.zeros(num_classes, bool)
     while todo.any():
-        gathering = todo & ((bucket <= GATHER_LIMIT) | (level >= KEY_BYTES))
-        refining = todo & ~gathering
-        kwargs = {"threshold": threshold, "num_classes": num_classes, "prefix": prefix, "level": level,
-                  "refining": refining, "gathering": gathering}  # fmt: skip
+        gathering = todo & ~tying & ((bucket <= GATHER_LIMIT) | (level >= KEY_BYTES))
+        refining = todo & ~tying & ~gathering
+        kwargs = {"threshold": threshold, "num_classes": num_classes, "prefix": prefix.copy(), "level": level.copy(),
+                  "refining": refining, "gathering": gathering, "tying": tying.copy(),
+                  "cut_key": plan.cut_key.copy()}  # fmt: skip
         hist = np.zeros((num_classes, 256), np.int64)
-        gathered: dict[int, list] = {int(k): [] for k in np.flatnonzero(gathering)}
+        keys: dict[int, list] = {int(k): [] for k in np.flatnonzero(gathering)}
+        tie_ids: dict[int, list] = {int(k): [] for k in np.flatnonzero(tying)}
         for b in run(_refine_batch, kwargs):
             h = b["byte"] >= 0
             np.add.at(hist, (b["label"][h], b["byte"][h]), b["count"][h])
-            for lab, key, id_ in zip(b["label"][~h], b["key"][~h], b["id"][~h]):
-                gathered[int(lab)].append((int(key), str(id_)))
+            g = b["byte"] == -1
+            for lab in np.unique(b["label"][g]):
+                keys[int(lab)].append(b["key"][g][b["label"][g] == lab])
+            t = b["byte"] == -2
+            for lab, id_ in zip(b["label"][t], b["id"][t]):
+                tie_ids[int(lab)].append(str(id_))
         plan.passes += 1
         for k in np.flatnonzero(refining):
             byte, above, in_bucket = choose_bucket(hist[k], int(need[k]))
@@ -178,10 +204,19 @@ def plan_balance(
             prefix[k] = (prefix[k] << np.uint64(8)) | np.uint64(byte)
             level[k] += 1
             bucket[k] = in_bucket
-        for k, rows in gathered.items():
-            rows.sort(key=lambda r: (-r[0], r[1]))
-            plan.cut_key[k], plan.cut_id[k] = rows[need[k] - 1]
-            todo[k] = False
+        for k, parts in keys.items():
+            ranked = np.sort(np.concatenate(parts))[::-1]
+            cut = ranked[need[k] - 1]
+            above, tied = int((ranked > cut).sum()), int((ranked == cut).sum())
+            plan.cut_key[k] = cut
+            if above + tied == need[k]:
+                todo[k] = False  # every row with the cut key is in: no id tie-break needed
+            else:
+                need[k] -= above
+                tying[k] = True
+        for k, ids in tie_ids.items():
+            plan.cut_id[k] = sorted(ids)[need[k] - 1]
+            todo[k] = tying[k] = False
     plan.stats = balance_stats(plan)
     return plan
 

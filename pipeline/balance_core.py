@@ -94,6 +94,7 @@ def copies_for(labels, keys, ids, plan) -> np.ndarray:
     tie = keys == key_cut
     if tie.any():
         for i in np.flatnonzero(tie):
-            above[i] = str(ids[int(i)]) <= id_cut[int(labels[i])]
+            cut_id = id_cut[int(labels[i])]
+            above[i] = cut_id is None or str(ids[int(i)]) <= cut_id
     top = np.where(plan.all_top[labels], True, np.where(plan.none_top[labels], False, above))
     return base + top.astype(np.int64)

@@ -144,3 +144,21 @@ def test_balance_command(ray_local, tmp_path, capsys):
     assert "4 rows, empty classes [2]" in capsys.readouterr().out
     got = pq.read_table(tmp_path / "out" / "balanced").to_pydict()
     assert dict(zip(got["id"], got["copies"])) == {"img/00000.jpg": 1, "img/00001.jpg": 1, "img/00003.jpg": 2}
+
+
+def test_full_key_collisions_are_broken_by_id(ray_local):
+    """'x988571' and 'x1563467' share a 32-bit id hash: with equal confidence their keys are equal."""
+    assert balance_core.hash32(["x988571"])[0] == balance_core.hash32(["x1563467"])[0]
+    df = pd.DataFrame(
+        {
+            "id": ["a", "x988571", "x1563467", "b", "x990023", "x1519939"],
+            "label": [0, 0, 0, 0, 1, 1],
+            "confidence": np.array([0.95, 0.9, 0.9, 0.5, 0.7, 0.7], np.float32),
+            "reject_reason": [None] * 6,
+        }
+    )
+    for per_class in (1, 2, 3, 6, 7):
+        plan, got = _run(df, 2, per_class, 0.3, blocks=2)
+        assert got == brute_force_copies(df, per_class, 0.3), per_class
+    _, got = _run(df, 2, 2, 0.3, blocks=1)
+    assert got["x1563467"] == 1 and "x988571" not in got
