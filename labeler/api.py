@@ -7,7 +7,10 @@ import json
 import time
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
@@ -34,23 +37,36 @@ class LabelOptions:
     format: str = "auto"  # auto | folder | parquet | webdataset
     image_column: str = "image"  # Parquet inputs
     id_column: str | None = None  # Parquet inputs; None = file + content hash
+    topk: int = 0  # 0: store the full distribution; k: top-k classes + fp16 probabilities + remaining mass
 
 
 def _resolve_spec(checkpoint: str, spec: ModelSpec | None) -> ModelSpec:
     return spec if spec is not None else load_spec(checkpoint)
 
 
+def _skip_done(batch: dict, done: frozenset) -> dict:
+    keep = np.array([str(i) not in done for i in batch["id"]], dtype=bool)
+    return {k: v[keep] for k, v in batch.items()}
+
+
 def label_images(
-    source: str, checkpoint: str, options: LabelOptions | None = None, spec: ModelSpec | None = None
+    source: str,
+    checkpoint: str,
+    options: LabelOptions | None = None,
+    spec: ModelSpec | None = None,
+    skip_ids: frozenset | None = None,
 ) -> ray.data.Dataset:
     """Lazily label every image in ``source`` (folder tree, Parquet or WebDataset; local or s3://).
 
     Every input image yields exactly one row: a prediction, or a rejection with a
-    ``reject_reason`` (label -1). Nothing runs until the dataset is consumed.
+    ``reject_reason`` (label -1). Images whose id is in ``skip_ids`` are left out (resume).
+    Nothing runs until the dataset is consumed.
     """
     opts = options or LabelOptions()
     spec = _resolve_spec(checkpoint, spec)
     ds = read_source(source, opts.format, opts.image_column, opts.id_column)
+    if skip_ids:
+        ds = ds.map_batches(_skip_done, batch_format="numpy", fn_kwargs={"done": skip_ids})
     ds = ds.map_batches(
         decode_batch,
         batch_size=64,
@@ -74,6 +90,7 @@ def label_images(
             "spec": dataclasses.asdict(spec),
             "temperature": opts.temperature,
             "hard": opts.hard,
+            "topk": opts.topk,
         },
         batch_size=opts.batch_size,
         batch_format="numpy",
@@ -83,21 +100,67 @@ def label_images(
     )
 
 
+def completed_ids(predictions: str) -> frozenset:
+    """Ids already written under ``predictions`` by an earlier, interrupted run.
+
+    A file that is not valid Parquet (cut off mid-write) is deleted, so its rows are redone.
+    Memory: the ids of finished rows; split very large corpora into several jobs.
+    """
+    fs, root = filesystem_for(predictions)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return frozenset()
+    done: set[str] = set()
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if not info.is_file:
+            continue
+        try:
+            with fs.open_input_file(info.path) as f:
+                done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+        except (pa.ArrowInvalid, OSError):
+            print(f"labeler: removing incomplete output file {info.path}")
+            fs.delete_file(info.path)
+    return frozenset(done)
+
+
 def run_labeling(
     source: str, checkpoint: str, out: str, options: LabelOptions | None = None, spec: ModelSpec | None = None
 ) -> dict:
-    """Label ``source`` into Parquet shards under ``out`` and write ``out/manifest.json``."""
+    """Label ``source`` into Parquet shards under ``out/predictions`` and write ``out/manifest.json``.
+
+    Running it again with the same ``out`` resumes: images already in ``out/predictions`` are
+    not labeled again and no row is written twice.
+    """
     start = time.time()
-    label_images(source, checkpoint, options, spec).write_parquet(out.rstrip("/") + "/predictions")
-    manifest = summarize_predictions(out.rstrip("/") + "/predictions")
-    manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(time.time() - start, 2)})
-    manifest["images_per_s"] = round(manifest["rows"] / max(manifest["seconds"], 1e-9), 1)
-    write_bytes(out.rstrip("/") + "/manifest.json", json.dumps(manifest, indent=2).encode())
+    out = out.rstrip("/")
+    done = completed_ids(out + "/predictions")
+    if done:
+        print(f"labeler: resuming, {len(done)} images already labeled in {out}/predictions")
+    fs, path = filesystem_for(out + "/predictions")
+    label_images(source, checkpoint, options, spec, skip_ids=done).write_parquet(path, filesystem=fs)
+    manifest = summarize_predictions(out + "/predictions")
+    write_rejections(out + "/predictions", out + "/rejected.parquet")
+    seconds = time.time() - start
+    manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(seconds, 2)})
+    manifest["resumed_from"] = len(done)
+    manifest["images_per_s"] = round((manifest["rows"] - len(done)) / max(seconds, 1e-9), 1)
+    write_bytes(out + "/manifest.json", json.dumps(manifest, indent=2).encode())
     print(
         f"labeled {manifest['labeled']} images, rejected {manifest['rejected']} "
         f"({manifest['reject_reasons']}) in {manifest['seconds']} s: {manifest['images_per_s']} images/s"
     )
     return manifest
+
+
+def write_rejections(predictions: str, out: str) -> None:
+    """The rejected images on their own: id, path, reject_reason (streamed, file by file)."""
+    fs, root = filesystem_for(predictions)
+    ofs, opath = filesystem_for(out)
+    schema = pa.schema([("id", pa.string()), ("path", pa.string()), ("reject_reason", pa.string())])
+    with ofs.open_output_stream(opath) as sink, pq.ParquetWriter(sink, schema) as writer:
+        for info in sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda i: i.path):
+            if info.is_file:
+                t = pq.read_table(info.path, filesystem=fs, columns=schema.names)
+                writer.write_table(t.filter(pc.is_valid(t["reject_reason"])).cast(schema))
 
 
 def summarize_predictions(predictions: str) -> dict:

@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--temperature", type=float, default=1.0, help="soft labels are softmax(logits / T)")
     p.add_argument("--hard", action="store_true", help="one-hot labels instead of soft")
+    p.add_argument("--topk", type=int, default=0, help="store top-k classes + fp16 probs + rest mass (0: full)")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
     return p
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = LabelOptions(
         batch_size=args.batch_size, num_actors=args.num_actors, max_actors=args.max_actors,
         num_gpus_per_actor=args.gpus_per_actor, temperature=args.temperature, hard=args.hard,
-        format=args.format, image_column=args.image_column, id_column=args.id_column,
+        format=args.format, image_column=args.image_column, id_column=args.id_column, topk=args.topk,
     )  # fmt: skip
     if not ray.is_initialized():
         ray.init(address=args.address)

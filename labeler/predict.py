@@ -11,17 +11,19 @@ import pyarrow as pa
 from labeler.images import RejectedImage, decode_image, normalize, resize_center_crop
 from labeler.model import ModelSpec, load_checkpoint
 
-PREDICTION_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("path", pa.string()),
-        ("label", pa.int64()),
-        ("confidence", pa.float32()),
-        ("probs", pa.list_(pa.float32())),
-        ("reject_reason", pa.string()),
-        ("model_id", pa.string()),
-    ]
-)
+BASE_FIELDS = [("id", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("confidence", pa.float32())]
+TAIL_FIELDS = [("reject_reason", pa.string()), ("model_id", pa.string())]
+FULL_FIELDS = [("probs", pa.list_(pa.float32()))]
+TOPK_FIELDS = [
+    ("topk_classes", pa.list_(pa.int32())),
+    ("topk_probs", pa.list_(pa.float16())),
+    ("rest_mass", pa.float32()),
+]
+
+
+def prediction_schema(topk: int = 0) -> pa.Schema:
+    """Full soft labels (``probs``), or top-k classes + fp16 probabilities + the mass left over."""
+    return pa.schema(BASE_FIELDS + (TOPK_FIELDS if topk else FULL_FIELDS) + TAIL_FIELDS)
 
 
 def decode_batch(
@@ -52,7 +54,9 @@ class Predictor:
     holds the soft labels at the chosen temperature, or one-hot when ``hard``.
     """
 
-    def __init__(self, checkpoint: str, spec: dict | None = None, temperature: float = 1.0, hard: bool = False):
+    def __init__(
+        self, checkpoint: str, spec: dict | None = None, temperature: float = 1.0, hard: bool = False, topk: int = 0
+    ):
         import torch
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -64,6 +68,8 @@ class Predictor:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.temperature = temperature
         self.hard = hard
+        self.topk = min(topk, self.spec.num_classes) if topk else 0
+        self.schema = prediction_schema(self.topk)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
@@ -91,17 +97,30 @@ class Predictor:
             idx = np.flatnonzero(ok)
             label[idx] = top_i.cpu().numpy()
             conf[idx] = top_p.cpu().numpy()
-            for j, row in zip(idx, soft.cpu().numpy()):
+            soft_np = soft.cpu().numpy()
+            for j, row in zip(idx, soft_np):
                 probs[j] = row
-        return pa.Table.from_pydict(
-            {
-                "id": [str(v) for v in batch["id"]],
-                "path": [str(v) for v in batch["path"]],
-                "label": label,
-                "confidence": conf,
-                "probs": probs,
-                "reject_reason": [str(r) or None for r in batch["reject_reason"]],
-                "model_id": [self.spec.model_id] * n,
-            },
-            schema=PREDICTION_SCHEMA,
-        )
+        columns = {
+            "id": [str(v) for v in batch["id"]],
+            "path": [str(v) for v in batch["path"]],
+            "label": label,
+            "confidence": conf,
+            "reject_reason": [str(r) or None for r in batch["reject_reason"]],
+            "model_id": [self.spec.model_id] * n,
+        }
+        columns.update(self._soft_columns(probs) if self.topk else {"probs": probs})
+        return pa.Table.from_pydict(columns, schema=self.schema)
+
+    def _soft_columns(self, probs: list) -> dict:
+        classes, values, rest = [], [], []
+        for p in probs:
+            if p is None:
+                classes.append(None)
+                values.append(None)
+                rest.append(None)
+                continue
+            top = np.argsort(-p, kind="stable")[: self.topk]
+            classes.append(top.astype(np.int32))
+            values.append(p[top].astype(np.float16))
+            rest.append(float(max(0.0, 1.0 - p[top].sum())))
+        return {"topk_classes": classes, "topk_probs": values, "rest_mass": rest}

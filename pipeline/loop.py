@@ -54,11 +54,18 @@ def prepare_data(cfg: dict) -> dict:
     """The three splits; writes the embedded digits corpus when none is configured."""
     d = cfg["data"]
     if d["labeled"] and d["unlabeled"]:
-        return {"labeled": d["labeled"], "unlabeled": d["unlabeled"], "test": d["test"]}
-    if d["labeled"] or d["unlabeled"]:
+        paths = {"labeled": d["labeled"], "unlabeled": d["unlabeled"], "test": d["test"]}
+    elif d["labeled"] or d["unlabeled"]:
         raise ValueError("set both data.labeled and data.unlabeled, or neither (to use the embedded digits corpus)")
-    paths = write_digits_corpus(d["root"], d["labels_per_class"], d["test_fraction"], cfg["seed"])
-    return {**paths, "test": d["test"] or paths["test"]}
+    else:
+        paths = write_digits_corpus(d["root"], d["labels_per_class"], d["test_fraction"], cfg["seed"])
+        paths["test"] = d["test"] or paths["test"]
+    # absolute: Ray Train workers run in their own working directory
+    return {k: _absolute(v) for k, v in paths.items()}
+
+
+def _absolute(uri: str | None) -> str | None:
+    return uri if uri is None or "://" in uri else os.path.abspath(uri)
 
 
 def _train_settings(section: dict, seed: int, arch: str | None = None) -> TrainSettings:
@@ -97,12 +104,11 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
 
 def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:
     labels_dir = os.path.join(round_dir, "labels")
-    if not os.path.exists(os.path.join(labels_dir, "manifest.json")):
-        shutil.rmtree(labels_dir, ignore_errors=True)
+    if not os.path.exists(os.path.join(labels_dir, "manifest.json")):  # absent: not run, or interrupted (resumes)
         lab = cfg["label"]
         opts = LabelOptions(
             batch_size=lab["batch_size"], num_actors=lab["num_actors"], num_gpus_per_actor=lab["num_gpus_per_actor"],
-            temperature=lab["temperature"], hard=not lab["soft"],
+            temperature=lab["temperature"], hard=not lab["soft"], topk=lab["topk"],
         )  # fmt: skip
         run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts)
     stats_path = os.path.join(round_dir, "balance_stats.json")

@@ -22,11 +22,17 @@ def tiny_run(ray_local, tmp_path_factory):
     unlabeled = tmp / "unlabeled"
     shutil.copytree(paths["unlabeled"], unlabeled)
     (unlabeled / "corrupt.png").write_bytes(b"\x89PNG not really")
+    config = os.path.abspath("configs/digits.yaml")
     args = [
-        "run", "configs/digits.yaml", f"run_dir={tmp / 'run'}", "runlocal=true",
-        f"data.labeled={paths['labeled']}", f"data.unlabeled={unlabeled}", f"data.test={paths['test']}",
+        "run", config, "run_dir=run", "runlocal=true",  # relative paths, as users type them
+        "data.labeled=data/labeled", "data.unlabeled=unlabeled", "data.test=data/test",
     ]  # fmt: skip
-    assert main(args) == 0
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
     return tmp / "run", args
 
 
@@ -68,7 +74,12 @@ def test_balanced_set_has_exactly_per_class_rows(tiny_run):
 def test_rerun_skips_finished_stages(tiny_run, capsys):
     run_dir, args = tiny_run
     before = (run_dir / "summary.json").read_text()
-    assert main(args) == 0
+    cwd = os.getcwd()
+    os.chdir(run_dir.parent)
+    try:
+        assert main(args) == 0
+    finally:
+        os.chdir(cwd)
     out = capsys.readouterr().out
     assert "already trained, skipping" in out and "test_top1" in out
     assert (run_dir / "summary.json").read_text() == before

@@ -92,3 +92,54 @@ def test_parquet_input_end_to_end(ray_local, tmp_path):
     assert manifest["reject_reasons"] == {"empty": 1, "not_an_image": 1}
     ids = pq.read_table(tmp_path / "out" / "predictions", columns=["id"]).column("id").to_pylist()
     assert sorted(ids) == [f"u{i}" for i in range(6)]
+
+
+def test_interrupted_run_resumes_without_relabeling_or_duplicates(ray_local, tmp_path):
+    """First run labels part of the corpus (T=1), a half-written file is left behind, then the
+    full run (T=3) must add only the missing images: exact counts, the old rows untouched."""
+    import shutil
+
+    expected = write_bad_and_good_folder(str(tmp_path / "corpus"))
+    part = tmp_path / "part"
+    part.mkdir()
+    for name in ("good_0.png", "good_1.png", "empty.png"):
+        shutil.copy(tmp_path / "corpus" / name, part / name)
+    random_checkpoint(str(tmp_path / "ckpt"))
+    out = tmp_path / "out"
+    run_labeling(str(part), str(tmp_path / "ckpt"), str(out), LabelOptions(temperature=1.0))
+    (out / "predictions" / "zz_cut_off.parquet").write_bytes(b"PAR1 half a file")
+    (out / "manifest.json").unlink()
+    manifest = run_labeling(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(temperature=3.0))
+    table = pq.read_table(out / "predictions").to_pandas()
+    assert sorted(table["id"]) == sorted(expected) and manifest["rows"] == len(expected)
+    assert manifest["resumed_from"] == 3 and not (out / "predictions" / "zz_cut_off.parquet").exists()
+    sharp = {i: max(p) for i, p in zip(table["id"], table["probs"]) if p is not None}
+    # the T=1 row from the first run is kept as it was (its top prob is the confidence); new rows are T=3
+    assert table.set_index("id").loc["good_0.png", "confidence"] == pytest.approx(sharp["good_0.png"])
+    assert table.set_index("id").loc["good_2.png", "confidence"] > sharp["good_2.png"]
+    rejected = pq.read_table(out / "rejected.parquet").to_pydict()
+    assert sorted(rejected["reject_reason"]) == ["empty", "not_an_image", "truncated"]
+
+
+def test_topk_labels_keep_the_mass(ray_local, tmp_path):
+    import pyarrow as pa
+
+    from trainer.data import dense_targets
+
+    write_bad_and_good_folder(str(tmp_path / "corpus"))
+    random_checkpoint(str(tmp_path / "ckpt"))
+    full = pa.Table.from_pylist(label_images(str(tmp_path / "corpus"), str(tmp_path / "ckpt")).take_all())
+    rows = label_images(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), LabelOptions(topk=3)).take_all()
+    topk = pa.Table.from_pylist(rows)
+    full, topk = full.sort_by("id"), topk.sort_by("id")
+    assert "probs" not in topk.column_names
+    good = [i for i, r in enumerate(topk.column("reject_reason").to_pylist()) if r is None]
+    for i in good:
+        c, v, rest = topk["topk_classes"][i].as_py(), topk["topk_probs"][i].as_py(), topk["rest_mass"][i].as_py()
+        p = np.asarray(full["probs"][i].as_py())
+        assert c == list(np.argsort(-p, kind="stable")[:3])
+        np.testing.assert_allclose(v, p[c], rtol=2e-3)
+        assert rest == pytest.approx(1 - p[c].sum(), abs=1e-5)
+    dense = dense_targets(topk.take(good), 10)
+    np.testing.assert_allclose(dense.sum(axis=1), 1.0, rtol=1e-5)
+    assert (dense.argmax(axis=1) == np.asarray(topk.take(good)["label"])).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
@@ -72,10 +73,29 @@ def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int =
     return ImageSet(images[keep], targets, [pairs[k][0] for k in keep])
 
 
-def load_pseudo(balanced: str, image_size: int, in_chans: int = 3, hard: bool = False) -> ImageSet:
+def dense_targets(table: pa.Table, num_classes: int) -> np.ndarray:
+    """(rows, classes) soft targets from full ``probs`` or from top-k + remaining mass.
+
+    With top-k labels the remaining mass is spread evenly over the other classes.
+    """
+    if "probs" in table.column_names:
+        return np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
+    classes = table.column("topk_classes").to_pylist()
+    values = table.column("topk_probs").to_pylist()
+    rest = table.column("rest_mass").to_numpy()
+    out = np.zeros((table.num_rows, num_classes), dtype=np.float32)
+    for i, (c, v) in enumerate(zip(classes, values)):
+        others = num_classes - len(c)
+        if others:
+            out[i] = rest[i] / others
+        out[i, c] = np.asarray(v, dtype=np.float32)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def load_pseudo(balanced: str, num_classes: int, image_size: int, in_chans: int = 3, hard: bool = False) -> ImageSet:
     """The balanced pseudo-labeled set, each row repeated ``copies`` times."""
     fs, path = filesystem_for(balanced)
-    table = pq.read_table(path, filesystem=fs, columns=["id", "path", "label", "probs", "copies"])
+    table = pq.read_table(path, filesystem=fs)
     table = table.sort_by("id")  # file order from a distributed write varies; training order must not
     uris = table.column("path").to_pylist()
     if balanced.startswith("s3://"):
@@ -83,9 +103,10 @@ def load_pseudo(balanced: str, image_size: int, in_chans: int = 3, hard: bool = 
     images, ok = _decode_many(uris, image_size, in_chans)
     if not all(ok):
         raise ValueError(f"{sum(not o for o in ok)} pseudo-labeled images no longer decode; re-run labeling")
-    probs = np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
     if hard:
-        probs = np.eye(probs.shape[1], dtype=np.float32)[table.column("label").to_numpy()]
+        probs = np.eye(num_classes, dtype=np.float32)[table.column("label").to_numpy()]
+    else:
+        probs = dense_targets(table, num_classes)
     reps = table.column("copies").to_numpy()
     return ImageSet(np.repeat(images, reps, axis=0), np.repeat(probs, reps, axis=0), list(np.repeat(uris, reps)))
 

@@ -93,7 +93,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     labeled = load_labeled(config["labeled"], spec.classes, spec.image_size, spec.in_chans)
     pseudo = (
-        load_pseudo(config["pseudo"], spec.image_size, spec.in_chans, config["hard"]) if config.get("pseudo") else None
+        load_pseudo(config["pseudo"], spec.num_classes, spec.image_size, spec.in_chans, config["hard"])
+        if config.get("pseudo")
+        else None
     )
     test = (
         load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
