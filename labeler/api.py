@@ -30,6 +30,8 @@ class LabelOptions:
     max_actors: int | None = None
     num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
+    decode_cpus: float = 0.5  # per decode task; decoding runs in CPU tasks beside the inference actors
+    threads_per_actor: int | None = None  # CPU inference threads per actor; None: the node's cores
     temperature: float = 1.0
     hard: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -71,6 +73,7 @@ def label_images(
         decode_batch,
         batch_size=64,
         batch_format="numpy",
+        num_cpus=opts.decode_cpus,  # differs from the actors' so decoding is not fused into them
         fn_kwargs={
             "image_size": spec.image_size,
             "crop_pct": spec.crop_pct,
@@ -91,6 +94,7 @@ def label_images(
             "temperature": opts.temperature,
             "hard": opts.hard,
             "topk": opts.topk,
+            "threads": opts.threads_per_actor,
         },
         batch_size=opts.batch_size,
         batch_format="numpy",

@@ -55,13 +55,21 @@ class Predictor:
     """
 
     def __init__(
-        self, checkpoint: str, spec: dict | None = None, temperature: float = 1.0, hard: bool = False, topk: int = 0
+        self,
+        checkpoint: str,
+        spec: dict | None = None,
+        temperature: float = 1.0,
+        hard: bool = False,
+        topk: int = 0,
+        threads: int | None = None,
     ):
         import torch
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            # Ray sets OMP_NUM_THREADS to the actor's (logical) CPUs; on a CPU-only node the
+            # model is the bottleneck, so by default it gets every core of its node
+            torch.set_num_threads(threads or os.cpu_count() or 1)
         spec_obj = ModelSpec(**spec) if spec else None
         self.model, self.spec = load_checkpoint(checkpoint, spec_obj, self.device)
         if self.device.type == "cuda":
