@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from labeler.storage import read_bytes, write_bytes
+
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
 FORMAT_VERSION = 1
@@ -90,18 +92,6 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _read_bytes(uri: str) -> bytes:
-    from labeler.storage import read_bytes
-
-    return read_bytes(uri)
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    from labeler.storage import write_bytes
-
-    write_bytes(uri, data)
-
-
 def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, directory: str) -> ModelSpec:
     """Write ``model.safetensors`` + ``model.json`` into ``directory`` (local or s3://).
 
@@ -113,8 +103,8 @@ def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, directory: str) -> 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state)
     spec = dataclasses.replace(spec, model_id=f"{spec.arch}-{hashlib.sha256(blob).hexdigest()[:12]}")
-    _write_bytes(_join(directory, WEIGHTS_FILE), blob)
-    _write_bytes(_join(directory, SPEC_FILE), spec.to_json().encode())
+    write_bytes(_join(directory, WEIGHTS_FILE), blob)
+    write_bytes(_join(directory, SPEC_FILE), spec.to_json().encode())
     return spec
 
 
@@ -123,7 +113,7 @@ def _join(directory: str, name: str) -> str:
 
 
 def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    blob = _read_bytes(uri)
+    blob = read_bytes(uri)
     if uri.endswith(".safetensors"):
         from safetensors.torch import load
 
@@ -137,7 +127,7 @@ def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 
 def load_spec(directory: str) -> ModelSpec:
-    return ModelSpec.from_json(_read_bytes(_join(directory, SPEC_FILE)).decode())
+    return ModelSpec.from_json(read_bytes(_join(directory, SPEC_FILE)).decode())
 
 
 def load_checkpoint(

@@ -128,7 +128,7 @@ def test_sort_key_orders_confidence_then_hash():
     assert (keys[0] > keys[2]) == (h[0] < h[2])
 
 
-def test_rejects_negative_per_class():
+def test_choose_bucket_refuses_a_histogram_with_too_few_rows():
     with pytest.raises(ValueError):
         balance_core.choose_bucket(np.zeros(256, np.int64), 1)
 

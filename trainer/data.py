@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
 from labeler.images import RejectedImage, decode_image, resize_center_crop
 from labeler.storage import filesystem_for, read_bytes
@@ -109,9 +108,3 @@ def load_pseudo(balanced: str, num_classes: int, image_size: int, in_chans: int 
         probs = dense_targets(table, num_classes)
     reps = table.column("copies").to_numpy()
     return ImageSet(np.repeat(images, reps, axis=0), np.repeat(probs, reps, axis=0), list(np.repeat(uris, reps)))
-
-
-def to_tensor(images_hwc: np.ndarray, mean, std) -> torch.Tensor:
-    from labeler.images import normalize
-
-    return normalize(images_hwc, mean, std)
