@@ -79,7 +79,7 @@ def run_compute(paths, ckpt, batch) -> float:
     return len(x) / (time.perf_counter() - start)
 
 
-def run_labeler(root, ckpt, out, batch, actors) -> float:
+def run_labeler(root, ckpt, out, batch, actors, cpus_per_actor, threads) -> float:
     import ray
 
     from labeler.api import LabelOptions, run_labeling
@@ -88,7 +88,10 @@ def run_labeler(root, ckpt, out, batch, actors) -> float:
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         start = time.perf_counter()
-        m = run_labeling(root, ckpt, out, LabelOptions(batch_size=batch, num_actors=actors))
+        opts = LabelOptions(
+            batch_size=batch, num_actors=actors, cpus_per_actor=cpus_per_actor, threads_per_actor=threads
+        )
+        m = run_labeling(root, ckpt, out, opts)
         return m["rows"] / (time.perf_counter() - start)
     finally:
         ray.shutdown()
@@ -102,6 +105,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="DataLoader workers")
     p.add_argument("--actors", type=int, default=1, help="labeler inference actors")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--threads", type=int, help="torch threads per actor (default: the node's cores)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_corpus(os.path.join(tmp, "images"), args.images, args.size)
@@ -109,7 +114,10 @@ def main() -> None:
         torch.manual_seed(0)
         save_checkpoint(create_model(spec).eval(), spec, os.path.join(tmp, "ckpt"))
         ckpt = os.path.join(tmp, "ckpt")
-        labeler = run_labeler(os.path.join(tmp, "images"), ckpt, os.path.join(tmp, "out"), args.batch, args.actors)
+        out = os.path.join(tmp, "out")
+        labeler = run_labeler(
+            os.path.join(tmp, "images"), ckpt, out, args.batch, args.actors, args.cpus_per_actor, args.threads
+        )
         loader = run_dataloader(paths, ckpt, args.batch, args.workers)
         compute = run_compute(paths, ckpt, args.batch)
     print(f"{args.images} images, {args.arch} at {args.size}x{args.size}, batch {args.batch}, {os.cpu_count()} CPUs")

@@ -31,6 +31,7 @@ class LabelOptions:
     num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
     decode_cpus: float = 0.5  # per decode task; decoding runs in CPU tasks beside the inference actors
+    read_cpus: float = 1.0  # per read task
     threads_per_actor: int | None = None  # CPU inference threads per actor; None: the node's cores
     temperature: float = 1.0
     hard: bool = False
@@ -66,7 +67,7 @@ def label_images(
     """
     opts = options or LabelOptions()
     spec = _resolve_spec(checkpoint, spec)
-    ds = read_source(source, opts.format, opts.image_column, opts.id_column)
+    ds = read_source(source, opts.format, opts.image_column, opts.id_column, opts.read_cpus)
     if skip_ids:
         ds = ds.map_batches(_skip_done, batch_format="numpy", fn_kwargs={"done": skip_ids})
     ds = ds.map_batches(

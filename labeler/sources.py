@@ -88,20 +88,22 @@ def _webdataset_rows(batch: dict, root: str) -> dict:
 
 
 def read_source(
-    source: str, fmt: str = "auto", image_column: str = "image", id_column: str | None = None
+    source: str, fmt: str = "auto", image_column: str = "image", id_column: str | None = None, num_cpus: float = 1.0
 ) -> ray.data.Dataset:
-    """A lazy dataset of (id, path, bytes) rows, one per image."""
+    """A lazy dataset of (id, path, bytes) rows, one per image; read tasks reserve ``num_cpus``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     fmt = detect_format(source) if fmt == "auto" else fmt
     fs, root = filesystem_for(source)
     if fmt == "folder":
-        ds = ray.data.read_binary_files(root, include_paths=True, filesystem=fs)
+        ds = ray.data.read_binary_files(root, include_paths=True, filesystem=fs, num_cpus=num_cpus)
         return ds.map_batches(_folder_rows, batch_format="numpy", fn_kwargs={"root": root})
     if fmt == "parquet":
         columns = [image_column] + ([id_column] if id_column else [])
-        ds = ray.data.read_parquet(root, filesystem=fs, columns=columns, include_paths=True)
+        ds = ray.data.read_parquet(root, filesystem=fs, columns=columns, include_paths=True, num_cpus=num_cpus)
         kwargs = {"root": root, "image_column": image_column, "id_column": id_column}
         return ds.map_batches(_parquet_rows, batch_format="pyarrow", fn_kwargs=kwargs)
-    ds = ray.data.read_webdataset(root, filesystem=fs, decoder=None, include_paths=True, file_extensions=["tar"])
+    ds = ray.data.read_webdataset(
+        root, filesystem=fs, decoder=None, include_paths=True, file_extensions=["tar"], num_cpus=num_cpus
+    )
     return ds.map_batches(_webdataset_rows, batch_format="numpy", fn_kwargs={"root": root})
