@@ -49,7 +49,7 @@ class BalancePlan:
     threshold: float
     base: np.ndarray
     cut_key: np.ndarray
-    cut_id: list[str | None]  # None: every row with the cut key is kept; else ids <= cut_id are
+    cut_id: list[str | None]  # None: every row with the cut key is kept; else those with id <= cut_id
     all_top: np.ndarray
     none_top: np.ndarray
     predictions: np.ndarray
@@ -67,6 +67,8 @@ def _passing(table: pa.Table, threshold: float) -> pa.Table:
 def _count_batch(table: pa.Table, threshold: float, num_classes: int) -> dict:
     good = table.filter(pc.is_null(table["reject_reason"]))
     labels = good["label"].to_numpy()
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"predictions hold labels outside 0..{num_classes - 1}; pass the model's number of classes")
     passing = _passing(table, threshold)["label"].to_numpy()
     return {
         "predictions": np.bincount(labels, minlength=num_classes)[None, :],
@@ -169,6 +171,10 @@ def plan_balance(
     data: ray.data.Dataset | Runner, num_classes: int, per_class: int, threshold: float = 0.3, duplicate: bool = True
 ) -> BalancePlan:
     """Count, then find each class's exact cut-off with histogram refinement passes."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, not {per_class}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be within [0, 1], not {threshold}")
     run = ray_runner(data) if isinstance(data, ray.data.Dataset) else data
     pred, passing = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
     for b in run(_count_batch, {"threshold": threshold, "num_classes": num_classes}):

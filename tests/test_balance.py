@@ -162,3 +162,11 @@ def test_full_key_collisions_are_broken_by_id(ray_local):
         assert got == brute_force_copies(df, per_class, 0.3), per_class
     _, got = _run(df, 2, 2, 0.3, blocks=1)
     assert got["x1563467"] == 1 and "x988571" not in got
+
+
+def test_bad_arguments_are_clear_errors(ray_local):
+    df = _frame([0, 3], [0.9, 0.8])
+    with pytest.raises(ValueError, match="per_class"):
+        _run(df, 4, 0, 0.3)
+    with pytest.raises(Exception, match="outside 0..2"):
+        _run(df, 3, 2, 0.3)
