@@ -111,19 +111,15 @@ def completed_ids(predictions: str) -> frozenset:
     A file that is not valid Parquet (cut off mid-write) is deleted, so its rows are redone.
     Memory: the ids of finished rows; split very large corpora into several jobs.
     """
-    fs, root = filesystem_for(predictions)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return frozenset()
+    fs, files = _prediction_files(predictions)
     done: set[str] = set()
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if not info.is_file:
-            continue
+    for path in files:
         try:
-            with fs.open_input_file(info.path) as f:
+            with fs.open_input_file(path) as f:
                 done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
         except (pa.ArrowInvalid, OSError):
-            print(f"labeler: removing incomplete output file {info.path}")
-            fs.delete_file(info.path)
+            print(f"labeler: removing incomplete output file {path}")
+            fs.delete_file(path)
     return frozenset(done)
 
 
@@ -142,8 +138,7 @@ def run_labeling(
         print(f"labeler: resuming, {len(done)} images already labeled in {out}/predictions")
     fs, path = filesystem_for(out + "/predictions")
     label_images(source, checkpoint, options, spec, skip_ids=done).write_parquet(path, filesystem=fs)
-    manifest = summarize_predictions(out + "/predictions")
-    write_rejections(out + "/predictions", out + "/rejected.parquet")
+    manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
     seconds = time.time() - start
     manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(seconds, 2)})
     manifest["resumed_from"] = len(done)
@@ -156,30 +151,47 @@ def run_labeling(
     return manifest
 
 
-def write_rejections(predictions: str, out: str) -> None:
-    """The rejected images on their own: id, path, reject_reason (streamed, file by file)."""
+def _prediction_files(predictions: str) -> tuple[pafs.FileSystem, list[str]]:
     fs, root = filesystem_for(predictions)
-    ofs, opath = filesystem_for(out)
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
+        return fs, []
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return fs, sorted(i.path for i in infos if i.is_file)
+
+
+def summarize_predictions(predictions: str, rejected_out: str | None = None) -> dict:
+    """Counts from the written predictions, in one streaming pass over them, file by file.
+
+    With ``rejected_out``, the rejected images (id, path, reject_reason) are written there too.
+    """
+    from collections import Counter
+
     schema = pa.schema([("id", pa.string()), ("path", pa.string()), ("reject_reason", pa.string())])
-    with ofs.open_output_stream(opath) as sink, pq.ParquetWriter(sink, schema) as writer:
-        for info in sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda i: i.path):
-            if info.is_file:
-                t = pq.read_table(info.path, filesystem=fs, columns=schema.names)
-                writer.write_table(t.filter(pc.is_valid(t["reject_reason"])).cast(schema))
-
-
-def summarize_predictions(predictions: str) -> dict:
-    """Counts from the written predictions (reads only two small columns)."""
-    fs, path = filesystem_for(predictions)
-    table = pq.read_table(path, filesystem=fs, columns=["reject_reason", "label"])
-    reasons = table.column("reject_reason")
-    rejected = pc.sum(pc.is_valid(reasons)).as_py() or 0
-    counts = pc.value_counts(pc.drop_null(reasons)).to_pylist()
-    labels = pc.value_counts(pc.filter(table.column("label"), pc.is_null(reasons))).to_pylist()
+    fs, files = _prediction_files(predictions)
+    rows, reasons, per_class = 0, Counter(), Counter()
+    writer = sink = None
+    if rejected_out:
+        ofs, opath = filesystem_for(rejected_out)
+        sink = ofs.open_output_stream(opath)
+        writer = pq.ParquetWriter(sink, schema)
+    try:
+        for f in files:
+            t = pq.read_table(f, filesystem=fs, columns=["id", "path", "reject_reason", "label"])
+            rows += t.num_rows
+            bad = pc.is_valid(t["reject_reason"])
+            reasons.update(pc.filter(t["reject_reason"], bad).to_pylist())
+            per_class.update(pc.filter(t["label"], pc.invert(bad)).to_pylist())
+            if writer:
+                writer.write_table(t.filter(bad).select(schema.names).cast(schema))
+    finally:
+        if writer:
+            writer.close()
+            sink.close()
+    rejected = sum(reasons.values())
     return {
-        "rows": table.num_rows,
-        "labeled": table.num_rows - rejected,
+        "rows": rows,
+        "labeled": rows - rejected,
         "rejected": rejected,
-        "reject_reasons": {c["values"]: c["counts"] for c in counts},
-        "per_class": {int(c["values"]): c["counts"] for c in sorted(labels, key=lambda c: c["values"])},
+        "reject_reasons": dict(sorted(reasons.items())),
+        "per_class": {int(k): v for k, v in sorted(per_class.items())},
     }
