@@ -48,9 +48,9 @@ def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opt
 class Cycler:
     """Endless shuffled batches of one worker's shard; the same order on every rerun."""
 
-    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start_round: int = 0):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
-        self.round, self.order, self.pos = 0, np.empty(0, dtype=np.int64), 0
+        self.round, self.order, self.pos = start_round, np.empty(0, dtype=np.int64), 0
 
     def next(self) -> np.ndarray:
         out = []
@@ -123,11 +123,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
     per_worker = s.batch_size // world
-    lab_iter = Cycler(len(labeled), per_worker, rank, world, s.seed)
-    lab_iter.round = start_epoch * 1000  # deterministic yet fresh order after a resume
-    pse_iter = Cycler(len(pseudo), per_worker * s.ratio, rank, world, s.seed + 1) if pseudo is not None else None
-    if pse_iter:
-        pse_iter.round = start_epoch
+    # after a resume the data order is deterministic, yet not a replay of the epochs already done
+    lab_iter = Cycler(len(labeled), per_worker, rank, world, s.seed, start_round=start_epoch * 1000)
+    pse_iter = None
+    if pseudo is not None:
+        pse_iter = Cycler(len(pseudo), per_worker * s.ratio, rank, world, s.seed + 1, start_round=start_epoch)
 
     for epoch in range(start_epoch, s.epochs):
         model.train()
