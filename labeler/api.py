@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
@@ -18,7 +17,7 @@ from labeler.images import DEFAULT_MAX_PIXELS
 from labeler.model import ModelSpec, load_spec
 from labeler.predict import Predictor, decode_batch
 from labeler.sources import read_source
-from labeler.storage import filesystem_for, write_bytes
+from labeler.storage import filesystem_for, list_files, write_bytes
 
 
 @dataclass
@@ -111,7 +110,7 @@ def completed_ids(predictions: str) -> frozenset:
     A file that is not valid Parquet (cut off mid-write) is deleted, so its rows are redone.
     Memory: the ids of finished rows; split very large corpora into several jobs.
     """
-    fs, files = _prediction_files(predictions)
+    fs, files = list_files(predictions)
     done: set[str] = set()
     for path in files:
         try:
@@ -151,14 +150,6 @@ def run_labeling(
     return manifest
 
 
-def _prediction_files(predictions: str) -> tuple[pafs.FileSystem, list[str]]:
-    fs, root = filesystem_for(predictions)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        return fs, []
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return fs, sorted(i.path for i in infos if i.is_file)
-
-
 def summarize_predictions(predictions: str, rejected_out: str | None = None) -> dict:
     """Counts from the written predictions, in one streaming pass over them, file by file.
 
@@ -167,7 +158,7 @@ def summarize_predictions(predictions: str, rejected_out: str | None = None) -> 
     from collections import Counter
 
     schema = pa.schema([("id", pa.string()), ("path", pa.string()), ("reject_reason", pa.string())])
-    fs, files = _prediction_files(predictions)
+    fs, files = list_files(predictions)
     rows, reasons, per_class = 0, Counter(), Counter()
     writer = sink = None
     if rejected_out:

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import ray
 
 from labeler.images import IMAGE_EXTENSIONS
-from labeler.storage import filesystem_for
+from labeler.storage import filesystem_for, list_files
 
 FORMATS = ("auto", "folder", "parquet", "webdataset")
 
@@ -31,13 +31,9 @@ FORMATS = ("auto", "folder", "parquet", "webdataset")
 def detect_format(source: str) -> str:
     """Guess the format from file extensions under ``source`` (pass a format to skip the listing)."""
     fs, root = filesystem_for(source)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
+    if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {source} does not exist")
-    if info.type == pafs.FileType.File:
-        names = [root]
-    else:
-        names = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.is_file]
+    _, names = list_files(source)
     exts = {n.rsplit(".", 1)[-1].lower() for n in names if "." in n.rsplit("/", 1)[-1]}
     if "parquet" in exts:
         return "parquet"

@@ -52,3 +52,17 @@ def write_bytes(uri: str, data: bytes) -> None:
 def exists(uri: str) -> bool:
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, suffix: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """(filesystem, sorted file paths) under ``uri``: recursive for a folder, ``[uri]`` for a file,
+    ``[]`` when nothing is there. ``suffix`` keeps only names ending with it."""
+    fs, root = filesystem_for(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return fs, []
+    if info.type == pafs.FileType.File:
+        paths = [root]
+    else:
+        paths = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.is_file)
+    return fs, [p for p in paths if suffix is None or p.endswith(suffix)]

@@ -141,17 +141,11 @@ def parquet_runner(path: str, batch_rows: int = 1 << 18) -> Runner:
     Files are opened one after another without pre-buffering, so memory stays at about one
     row group whatever the number of files.
     """
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    from labeler.storage import filesystem_for
+    from labeler.storage import list_files
 
-    fs, root = filesystem_for(path)
-    if fs.get_file_info(root).type == pafs.FileType.File:
-        files = [root]
-    else:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = sorted(i.path for i in infos if i.is_file and i.path.endswith(".parquet"))
+    fs, files = list_files(path, suffix=".parquet")
 
     def run(fn, kwargs):
         for f in files:

@@ -14,7 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.images import RejectedImage, decode_image, resize_center_crop
-from labeler.storage import filesystem_for, read_bytes
+from labeler.storage import filesystem_for, list_files, read_bytes
 
 
 @dataclass
@@ -31,9 +31,10 @@ class ImageSet:
 
 def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     """(sorted class names, [(file uri, class name)]) of a ``root/<class>/...`` tree."""
-    fs, base = filesystem_for(root)
-    info = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    files = sorted(i.path for i in info if i.type == pafs.FileType.File)
+    _, base = filesystem_for(root)
+    fs, files = list_files(root)
+    if not files and fs.get_file_info(base).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{root} does not exist")
     prefix = "s3://" if root.startswith("s3://") else ""
     pairs = []
     for path in files:
