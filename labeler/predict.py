@@ -78,6 +78,10 @@ class Predictor:
         self.hard = hard
         self.topk = min(topk, self.spec.num_classes) if topk else 0
         self.schema = prediction_schema(self.topk)
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        print(f"labeler: predictor for {self.spec.model_id} on node {node}, device {self.device}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch

@@ -7,6 +7,7 @@ S3-compatible store. Nothing here logs credentials.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow.fs as pafs
@@ -66,3 +67,37 @@ def list_files(uri: str, suffix: str | None = None) -> tuple[pafs.FileSystem, li
     else:
         paths = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.is_file)
     return fs, [p for p in paths if suffix is None or p.endswith(suffix)]
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri/part/...`` for local paths and URIs alike (os.path.join would mangle ``s3://``)."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def absolute(uri: str) -> str:
+    """Local paths made absolute (Ray workers run elsewhere); URIs unchanged."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2).encode())
+
+
+def delete_tree(uri: str) -> None:
+    """Remove a folder (or prefix) and everything under it; nothing there is fine."""
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri``, sorted."""
+    fs, root = filesystem_for(uri)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)

@@ -1,4 +1,4 @@
-"""``noisy-student``: run the loop, or balance predictions on their own."""
+"""``noisy-student``: run the loop, balance predictions, report on a run, or ablate."""
 
 from __future__ import annotations
 
@@ -12,6 +12,20 @@ def _run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_loop(cfg)
+    return 0
+
+
+def _report(args) -> int:
+    from pipeline.report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def _ablate(args) -> int:
+    from pipeline.ablate import run_ablation
+
+    run_ablation(args.config, args.overrides, args.only)
     return 0
 
 
@@ -37,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=5 run_dir=runs/x")
     run.set_defaults(func=_run)
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html from a finished (or partial) run")
+    rep.add_argument("run_dir", help="the run_dir of a noisy-student run")
+    rep.set_defaults(func=_report)
+    abl = sub.add_parser("ablate", help="run the ablation variants of a config and compare them")
+    abl.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
+    abl.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
+    abl.add_argument("--only", nargs="+", help="variants to run besides the baseline (default: all)")
+    abl.set_defaults(func=_ablate)
     bal = sub.add_parser("balance", help="confidence-filter and balance a predictions table")
     bal.add_argument("--predictions", required=True, help="Parquet predictions (folder or s3:// URI)")
     bal.add_argument("--out", required=True, help="output folder: balanced/ and balance_stats.json")

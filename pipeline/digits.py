@@ -1,17 +1,18 @@
 """The embedded default corpus: scikit-learn's 1,797 real 8x8 handwritten digits as PNGs.
 
-Written exactly like a user's corpus so everything downstream reads image files:
-``labeled/<class>/*.png`` (a few labels per class), ``unlabeled/*.png`` (labels withheld,
+Written (to a local folder or an ``s3://`` prefix) exactly like a user's corpus, so everything
+downstream reads image files: ``labeled/<class>/*.png`` (a few labels per class), ``unlabeled/*.png`` (labels withheld,
 one flat folder) and ``test/<class>/*.png``.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import io
 
 import numpy as np
 from PIL import Image
+
+from labeler.storage import exists, join, read_json, write_bytes, write_json
 
 SPLITS = ("labeled", "unlabeled", "test")
 
@@ -34,12 +35,11 @@ def write_digits_corpus(root: str, labels_per_class: int = 10, test_fraction: fl
     from sklearn.datasets import load_digits
 
     params = {"labels_per_class": labels_per_class, "test_fraction": test_fraction, "seed": seed}
-    marker = os.path.join(root, "corpus.json")
-    paths = {name: os.path.join(root, name) for name in SPLITS}
-    if os.path.exists(marker):
-        with open(marker) as f:
-            if json.load(f).get("params") == params:
-                return paths
+    marker = join(root, "corpus.json")
+    paths = {name: join(root, name) for name in SPLITS}
+    if exists(marker):
+        if read_json(marker).get("params") == params:
+            return paths
         raise FileExistsError(
             f"{root} holds a digits corpus made with other settings; remove it or choose another data.root"
         )
@@ -48,10 +48,9 @@ def write_digits_corpus(root: str, labels_per_class: int = 10, test_fraction: fl
     splits = split_indices(digits.target, labels_per_class, test_fraction, seed)
     for name, idx in splits.items():
         for i in idx:
-            folder = paths[name] if name == "unlabeled" else os.path.join(paths[name], str(digits.target[i]))
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(images[i], "L").save(os.path.join(folder, f"digit_{i:04d}.png"))
-    counts = {name: len(idx) for name, idx in splits.items()}
-    with open(marker, "w") as f:
-        json.dump({"params": params, "counts": counts}, f, indent=2)
+            folder = paths[name] if name == "unlabeled" else join(paths[name], str(digits.target[i]))
+            buf = io.BytesIO()
+            Image.fromarray(images[i], "L").save(buf, format="PNG")
+            write_bytes(join(folder, f"digit_{i:04d}.png"), buf.getvalue())
+    write_json(marker, {"params": params, "counts": {name: len(idx) for name, idx in splits.items()}})
     return paths

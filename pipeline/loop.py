@@ -7,17 +7,18 @@ their last checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 
 import ray
 
 from labeler.api import LabelOptions, run_labeling
 from labeler.model import SPEC_FILE, ModelSpec, count_parameters, create_model, load_spec
+from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_json
 from pipeline.balance import balance_predictions
 from pipeline.digits import write_digits_corpus
+from pipeline.model_eval import add_relative_errors, evaluate_model
+from pipeline.report import write_report
 from trainer.api import train_model
 from trainer.data import list_class_folders
 from trainer.settings import TrainSettings
@@ -61,11 +62,7 @@ def prepare_data(cfg: dict) -> dict:
         paths = write_digits_corpus(d["root"], d["labels_per_class"], d["test_fraction"], cfg["seed"])
         paths["test"] = d["test"] or paths["test"]
     # absolute: Ray Train workers run in their own working directory
-    return {k: _absolute(v) for k, v in paths.items()}
-
-
-def _absolute(uri: str | None) -> str | None:
-    return uri if uri is None or "://" in uri else os.path.abspath(uri)
+    return {k: absolute(v) if v else v for k, v in paths.items()}
 
 
 def _train_settings(section: dict, seed: int, arch: str | None = None) -> TrainSettings:
@@ -87,106 +84,128 @@ def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: boo
 
 
 def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None) -> dict:
-    if os.path.exists(os.path.join(out_dir, SPEC_FILE)) and os.path.exists(os.path.join(out_dir, "final.json")):
-        with open(os.path.join(out_dir, "final.json")) as f:
-            print(f"[{name}] already trained, skipping")
-            return json.load(f)
+    if exists(join(out_dir, SPEC_FILE)) and exists(join(out_dir, "final.json")):
+        print(f"[{name}] already trained, skipping")
+        return read_json(join(out_dir, "final.json"))
     start = time.time()
     metrics = train_model(
-        settings, spec, data["labeled"], out_dir, os.path.join(cfg["run_dir"], "ray_train"), name,
+        settings, spec, data["labeled"], out_dir, join(cfg["run_dir"], "ray_train"), name,
         pseudo=pseudo, test=data["test"], hard=not cfg["label"]["soft"], init_from=init_from, label=name,
     )  # fmt: skip
     metrics["train_seconds"] = round(time.time() - start, 1)
-    with open(os.path.join(out_dir, "final.json"), "w") as f:
-        json.dump(metrics, f)
+    write_json(join(out_dir, "final.json"), metrics)
+    return metrics
+
+
+def _evaluate(cfg: dict, model_dir: str, data: dict) -> dict:
+    """All metrics of one model (``model_dir/eval.json``, computed once); a Ray task, on a GPU if there is one."""
+    path = join(model_dir, "eval.json")
+    if exists(path):
+        return read_json(path)
+    if not data["test"]:
+        return {}
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_model)
+    metrics = ray.get(task.remote(model_dir, data["test"], cfg.get("eval", {}).get("extra") or {}, cfg["seed"]))
+    write_json(path, metrics)
     return metrics
 
 
 def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:
-    labels_dir = os.path.join(round_dir, "labels")
-    if not os.path.exists(os.path.join(labels_dir, "manifest.json")):  # absent: not run, or interrupted (resumes)
+    labels_dir = join(round_dir, "labels")
+    if not exists(join(labels_dir, "manifest.json")):  # absent: not run, or interrupted (resumes)
         lab = cfg["label"]
         opts = LabelOptions(
             batch_size=lab["batch_size"], num_actors=lab["num_actors"], num_gpus_per_actor=lab["num_gpus_per_actor"],
             temperature=lab["temperature"], hard=not lab["soft"], topk=lab["topk"],
         )  # fmt: skip
         run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts)
-    stats_path = os.path.join(round_dir, "balance_stats.json")
-    if os.path.exists(stats_path):
-        with open(stats_path) as f:
-            return json.load(f)
-    shutil.rmtree(os.path.join(round_dir, "balanced"), ignore_errors=True)
+    stats_path = join(round_dir, "balance_stats.json")
+    if exists(stats_path):
+        return read_json(stats_path)
+    delete_tree(join(round_dir, "balanced"))
     b = cfg["balance"]
-    per_class = b["per_class"] or _auto_per_class(labels_dir, num_classes, b["threshold"])
+    per_class, duplicate = b["per_class"] or _auto_per_class(labels_dir, num_classes, b["threshold"]), b["duplicate"]
+    if not b.get("enabled", True):  # confidence filter only: a target no class reaches, and no duplicates
+        per_class, duplicate = max(1, _manifest(labels_dir)["labeled"]), False
     return balance_predictions(
-        os.path.join(labels_dir, "predictions"), round_dir, num_classes, per_class, b["threshold"], b["duplicate"]
+        join(labels_dir, "predictions"), round_dir, num_classes, per_class, b["threshold"], duplicate
     )
+
+
+def _manifest(labels_dir: str) -> dict:
+    return read_json(join(labels_dir, "manifest.json"))
 
 
 def _auto_per_class(labels_dir: str, num_classes: int, threshold: float) -> int:
     """per_class=0: the mean number of predictions per class (what the corpus supports on average)."""
-    with open(os.path.join(labels_dir, "manifest.json")) as f:
-        labeled = json.load(f)["labeled"]
-    return max(1, labeled // num_classes)
+    return max(1, _manifest(labels_dir)["labeled"] // num_classes)
 
 
 def run_loop(cfg: dict) -> list[dict]:
     """Run all iterations; returns (and writes) the summary, one entry per trained model."""
     cfg = apply_runlocal(cfg)
     init_ray(cfg)
-    run_dir = os.path.abspath(cfg["run_dir"])
-    cfg["run_dir"] = run_dir
-    os.makedirs(run_dir, exist_ok=True)
+    run_dir = cfg["run_dir"] = absolute(cfg["run_dir"])
+    if not is_s3(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
     data = prepare_data(cfg)
     classes, _ = list_class_folders(data["labeled"])
     d = cfg["data"]
     spec = ModelSpec(cfg["teacher"]["arch"], classes, d["image_size"], mean=tuple(d["mean"]), std=tuple(d["std"]))
-    teacher_dir = os.path.join(run_dir, "round_0", "teacher")
+    teacher_dir = join(run_dir, "round_0", "teacher")
     metrics = _train(cfg, _train_settings(cfg["teacher"], cfg["seed"]), spec, data, teacher_dir, "round_0_teacher")
-    summary = [_entry(0, "teacher", spec.arch, teacher_dir, metrics)]
+    summary = [_entry(0, "teacher", spec.arch, teacher_dir, metrics, _evaluate(cfg, teacher_dir, data))]
     archs = cfg["student"]["archs"]
     for it in range(1, cfg["iterations"] + 1):
-        round_dir = os.path.join(run_dir, f"round_{it}")
+        round_dir = join(run_dir, f"round_{it}")
         stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes))
         arch = archs[min(it - 1, len(archs) - 1)]
         student = ModelSpec(arch, classes, d["image_size"], mean=tuple(d["mean"]), std=tuple(d["std"]))
         _check_student_size(student, teacher_dir, cfg["allow_smaller_student"])
-        student_dir = os.path.join(round_dir, "student")
+        student_dir = join(round_dir, "student")
         init = teacher_dir if cfg["student"]["init_from_teacher"] else None
         settings = _train_settings(cfg["student"], cfg["seed"] + it, arch)
-        balanced = os.path.join(round_dir, "balanced")
+        balanced = join(round_dir, "balanced")
         metrics = _train(cfg, settings, student, data, student_dir, f"round_{it}_student", balanced, init)
-        summary.append(_entry(it, "student", arch, student_dir, metrics, stats["total_rows"]))
+        evaluation = _evaluate(cfg, student_dir, data)
+        summary.append(_entry(it, "student", arch, student_dir, metrics, evaluation, stats["total_rows"]))
         teacher_dir = student_dir
+    add_relative_errors(summary)
     write_summary(run_dir, summary)
+    print(f"report: {write_report(run_dir)}")
     return summary
 
 
-def _entry(iteration: int, role: str, arch: str, directory: str, metrics: dict, pseudo_rows: int = 0) -> dict:
-    return {
-        "iteration": iteration,
-        "role": role,
-        "model": arch,
-        "test_top1": metrics.get("test_top1"),
-        "test_top5": metrics.get("test_top5"),
-        "test_loss": metrics.get("test_loss"),
-        "pseudo_rows": pseudo_rows,
-        "train_seconds": metrics.get("train_seconds"),
-        "checkpoint": directory,
-    }
+def _entry(iteration: int, role: str, arch: str, directory: str, train: dict, evaluation: dict, pseudo_rows=0) -> dict:
+    """One summary row: the evaluation's numbers where there are some, else the trainer's last ones."""
+    entry = {"iteration": iteration, "role": role, "model": arch}
+    for key in ("test_top1", "test_top5", "test_loss"):
+        entry[key] = evaluation.get(key, train.get(key))
+    entry.update({k: v for k, v in evaluation.items() if k not in entry})
+    entry.update(pseudo_rows=pseudo_rows, train_seconds=train.get("train_seconds"), checkpoint=directory)
+    return entry
+
+
+TABLE_COLUMNS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def format_table(summary: list[dict]) -> str:
-    head = f"{'iteration':>9}  {'role':<8} {'model':<20} {'test_top1':>9} {'test_top5':>9} {'pseudo_rows':>11}"
+    """The printed summary; mCE is relative to the first teacher (1.0 = as robust as it)."""
+    head = f"{'iteration':>9}  {'role':<8} {'model':<14}" + "".join(f" {c:>9}" for c in TABLE_COLUMNS)
+    head += f" {'pseudo_rows':>11}"
     lines = [head, "-" * len(head)]
     for e in summary:
-        t1 = "n/a" if e["test_top1"] is None else f"{e['test_top1']:.4f}"
-        t5 = "n/a" if e["test_top5"] is None else f"{e['test_top5']:.4f}"
-        lines.append(f"{e['iteration']:>9}  {e['role']:<8} {e['model']:<20} {t1:>9} {t5:>9} {e['pseudo_rows']:>11}")
+        row = f"{e['iteration']:>9}  {e['role']:<8} {e['model']:<14}"
+        row += "".join(f" {_num(e.get(c)):>9}" for c in TABLE_COLUMNS) + f" {e['pseudo_rows']:>11}"
+        lines.append(row)
     return "\n".join(lines)
 
 
 def write_summary(run_dir: str, summary: list[dict]) -> None:
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(join(run_dir, "summary.json"), summary)
     print(format_table(summary))

@@ -1,14 +1,19 @@
 """The whole loop on a shrunk digits config: real Ray Data, real TorchTrainer with 2 workers."""
 
+import base64
+import io
 import json
 import os
 import shutil
+from html.parser import HTMLParser
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from labeler.model import ModelSpec, load_checkpoint
 from pipeline.cli import main
+from pipeline.corruptions import CORRUPTIONS
 from pipeline.loop import _check_student_size
 from tests.helpers import random_checkpoint
 
@@ -26,6 +31,7 @@ def tiny_run(ray_local, tmp_path_factory):
     args = [
         "run", config, "run_dir=run", "runlocal=true",  # relative paths, as users type them
         "data.labeled=data/labeled", "data.unlabeled=unlabeled", "data.test=data/test",
+        "eval.extra={test_again: data/test}",
     ]  # fmt: skip
     cwd = os.getcwd()
     os.chdir(tmp)
@@ -42,6 +48,43 @@ def test_summary_lists_every_model(tiny_run):
     assert [(e["iteration"], e["role"]) for e in summary] == [(0, "teacher"), (1, "student")]
     for e in summary:
         assert 0.0 <= e["test_top1"] <= 1.0 and e["model"] == "test_resnet"
+
+
+def test_summary_carries_the_robustness_metrics(tiny_run):
+    run_dir, _ = tiny_run
+    teacher, student = json.loads((run_dir / "summary.json").read_text())
+    assert teacher["mce"] == pytest.approx(1.0) and teacher["mfr"] == pytest.approx(1.0)
+    for e in (teacher, student):
+        assert 0.0 <= e["test_ece"] <= 1.0 and 0.0 <= e["flip_rate"] <= 1.0 and e["mce"] > 0
+        assert set(e["corruption_errors"]) == set(CORRUPTIONS)
+        assert all(len(v) == 5 and all(0.0 <= x <= 1.0 for x in v) for v in e["corruption_errors"].values())
+        assert set(e["flip_rates"]) == {"gaussian_noise", "translate", "brightness"}
+        # the extra set is the test split again: the same numbers, through the extra-set path
+        assert e["extra"]["test_again"]["test_again_top1"] == pytest.approx(e["test_top1"])
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images = {}
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            a = dict(attrs)
+            self.images[a["id"]] = a["src"]
+
+
+def test_report_shows_every_plot(tiny_run):
+    run_dir, _ = tiny_run
+    parser = _Images()
+    parser.feed((run_dir / "report.html").read_text())
+    assert set(parser.images) == {"accuracy", "confidence", "class_counts_round_1", "corruptions"}
+    for src in parser.images.values():
+        assert src.startswith("data:image/png;base64,")  # self-contained: no file next to it needed
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        img.load()
+        assert img.format == "PNG" and img.width >= 300 and img.height >= 200
+    assert main(["report", str(run_dir)]) == 0  # the command alone rewrites it
 
 
 def test_checkpoints_load_through_the_labeler(tiny_run):

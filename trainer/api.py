@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import ray.train
-from ray.train.torch import TorchTrainer
+import torch
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
+from labeler.storage import filesystem_for, is_s3, join, write_bytes
 from trainer.loop import train_loop_per_worker
 from trainer.settings import TrainSettings
 
@@ -31,8 +32,9 @@ def train_model(
 ) -> dict:
     """Train one model; write ``out_dir/{model.safetensors,model.json,metrics.jsonl}``.
 
-    Running again with the same ``storage_path``/``name`` resumes from the last epoch's
-    checkpoint (Ray Train V2 semantics). Returns the final metrics.
+    ``out_dir`` and ``storage_path`` are local paths or ``s3://`` URIs. Running again with the
+    same ``storage_path``/``name`` resumes from the last epoch's checkpoint (Ray Train V2
+    semantics). Returns the final metrics.
     """
     init_state = None
     if init_from:
@@ -50,12 +52,13 @@ def train_model(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        torch_config=TorchConfig(backend=ddp_backend(settings.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker={"CPU": 1}
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=os.path.abspath(storage_path),
+            **ray_storage(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -63,13 +66,34 @@ def train_model(
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
-    os.makedirs(out_dir, exist_ok=True)
     with result.checkpoint.as_directory() as d:
         for f in (WEIGHTS_FILE, SPEC_FILE):
-            shutil.copy(os.path.join(d, f), os.path.join(out_dir, f))
-        import torch
-
+            with open(os.path.join(d, f), "rb") as src:
+                write_bytes(join(out_dir, f), src.read())
         history = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)["history"]
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
+    write_bytes(join(out_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
     return history[-1]
+
+
+def ddp_backend(use_gpu: bool) -> str:
+    """NCCL where the GPU workers really have CUDA, else gloo (CPU runs; fake GPUs in tests).
+
+    Asked of a GPU node, not the driver: on a cluster the driver runs on a head without GPUs.
+    """
+    if not use_gpu:
+        return "gloo"
+    probe = ray.remote(num_gpus=1, num_cpus=0)(_cuda_works)
+    return "nccl" if ray.get(probe.remote()) else "gloo"
+
+
+def _cuda_works() -> bool:
+    return torch.cuda.is_available()
+
+
+def ray_storage(storage_path: str) -> dict:
+    """RunConfig keywords for a local folder or an ``s3://`` URI (Ray wants ``bucket/prefix`` plus
+    the filesystem there, so an endpoint override reaches Ray Train too)."""
+    if is_s3(storage_path):
+        fs, path = filesystem_for(storage_path)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": os.path.abspath(storage_path)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -12,6 +13,7 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+from timm.utils import ModelEmaV3
 
 from labeler.model import ModelSpec, create_model, save_checkpoint
 from trainer.data import ImageSet, load_labeled, load_pseudo
@@ -82,6 +84,46 @@ def _save(model, spec: ModelSpec, state: dict, directory: str) -> None:
     torch.save(state, os.path.join(directory, STATE_FILE))
 
 
+def _load_data(config: dict, spec: ModelSpec, rank: int) -> tuple[ImageSet, ImageSet | None, ImageSet | None]:
+    labeled = load_labeled(config["labeled"], spec.classes, spec.image_size, spec.in_chans)
+    pseudo = None
+    if config.get("pseudo"):
+        pseudo = load_pseudo(config["pseudo"], spec.num_classes, spec.image_size, spec.in_chans, config["hard"])
+    test = None
+    if config.get("test") and rank == 0:
+        test = load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
+    return labeled, pseudo, test
+
+
+def _device() -> torch.device:
+    """The worker's GPU when CUDA works there, else the CPU (also for fake GPUs in tests)."""
+    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+
+
+class _Step:
+    """One optimisation step: forward under bf16 autocast on CUDA, backward, clipping, EMA."""
+
+    def __init__(self, model, opt, sched, ema, s: TrainSettings, device: torch.device):
+        self.model, self.opt, self.sched, self.ema, self.s, self.device = model, opt, sched, ema, s, device
+        self.count = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        cuda = self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+            loss = soft_cross_entropy(self.model(x).float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.s.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip_norm)
+        self.opt.step()
+        self.sched.step()
+        self.count += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.sched.last_epoch)
+        return loss.item()
+
+
 def train_loop_per_worker(config: dict) -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match")
     s = TrainSettings.from_dict(config["settings"])
@@ -89,25 +131,18 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(s.seed * 1000 + rank)  # RandAugment draws from Python's and numpy's RNGs
-    device = ray.train.torch.get_device()
-
-    labeled = load_labeled(config["labeled"], spec.classes, spec.image_size, spec.in_chans)
-    pseudo = (
-        load_pseudo(config["pseudo"], spec.num_classes, spec.image_size, spec.in_chans, config["hard"])
-        if config.get("pseudo")
-        else None
-    )
-    test = (
-        load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
-        if config.get("test") and rank == 0
-        else None
-    )
+    device = _device()
+    tag = f"[{config.get('label', 'train')}]"
+    node = ray.get_runtime_context().get_node_id()
+    print(f"{tag} worker {rank}/{world} on node {node}, device {device}")
+    labeled, pseudo, test = _load_data(config, spec, rank)
 
     model = create_model(spec, s.drop_rate, s.drop_path_rate)
     if config.get("init_state"):
         model.load_state_dict(config["init_state"])
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     bare = model.module if hasattr(model, "module") else model
+    ema = ModelEmaV3(bare, decay=s.ema_decay, use_warmup=True) if s.ema_decay > 0 else None
     opt = build_optimizer(model, s)
     steps = _steps_per_epoch(labeled, pseudo, s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, s))
@@ -119,15 +154,19 @@ def train_loop_per_worker(config: dict) -> None:
         bare.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_epoch, history = state["epoch"], state["history"]
+        print(f"{tag} resumed from the checkpoint of epoch {start_epoch}")
 
     transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
     per_worker = s.batch_size // world
     # after a resume the data order is deterministic, yet not a replay of the epochs already done
     lab_iter = Cycler(len(labeled), per_worker, rank, world, s.seed, start_round=start_epoch * 1000)
     pse_iter = None
-    if pseudo is not None:
+    if pseudo is not None and s.ratio > 0:
         pse_iter = Cycler(len(pseudo), per_worker * s.ratio, rank, world, s.seed + 1, start_round=start_epoch)
+    step = _Step(model, opt, sched, ema, s, device)
 
     for epoch in range(start_epoch, s.epochs):
         model.train()
@@ -136,31 +175,30 @@ def train_loop_per_worker(config: dict) -> None:
             idx = lab_iter.next()
             x = augment_batch(labeled.images[idx], transform, spec.mean, spec.std)
             y = smooth(torch.from_numpy(labeled.targets[idx]), s.label_smoothing)
-            if pse_iter is not None and s.ratio > 0:
+            if pse_iter is not None:
                 pidx = pse_iter.next()
                 px = augment_batch(pseudo.images[pidx], transform, spec.mean, spec.std)
                 py = torch.from_numpy(pseudo.targets[pidx])
                 if config["hard"]:
                     py = smooth(py, s.label_smoothing)
                 x, y = torch.cat([x, px]), torch.cat([y, py])
-            loss = soft_cross_entropy(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
+            total += step(x, y)
         final = epoch + 1 == s.epochs
         metrics = {"epoch": epoch + 1, "train_loss": total / steps, "lr": sched.get_last_lr()[0], "final": final}
-        if not (final or (epoch + 1) % s.checkpoint_every == 0):
-            continue  # metrics without a checkpoint are not persisted by Ray Train V2; keep them for the next one
-        if rank == 0:
+        exported = ema.module if ema is not None else bare
+        if rank == 0 and test is not None and (final or (epoch + 1) % s.eval_every == 0):
             if final and s.recalibrate_bn:
                 clean = np.concatenate([labeled.images] + ([pseudo.images] if pseudo is not None else []))
-                recalibrate_batchnorm(bare, clean, spec, device)
-            if test is not None:
-                metrics.update(evaluate(bare, test, spec, device))
+                recalibrate_batchnorm(exported, clean, spec, device)
+            metrics.update(evaluate(exported, test, spec, device))
+            if ema is not None:
+                metrics.update({f"raw_{k}": v for k, v in evaluate(bare, test, spec, device).items()})
+        if rank == 0:
             history.append(metrics)
-            print(f"[{config.get('label', 'train')}] " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            print(f"{tag} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+        if not (final or (epoch + 1) % s.checkpoint_every == 0):
+            continue  # metrics without a checkpoint are not persisted by Ray Train V2; history keeps them
+        if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 state = {
                     "model": bare.state_dict(),
@@ -169,7 +207,9 @@ def train_loop_per_worker(config: dict) -> None:
                     "epoch": epoch + 1,
                     "history": history,
                 }
-                _save(bare, spec, state, d)
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
+                _save(exported, spec, state, d)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)

@@ -23,6 +23,9 @@ class TrainSettings:
     randaugment_magnitude: int = 9
     drop_rate: float = 0.2  # dropout before the classifier
     drop_path_rate: float = 0.1  # stochastic depth
+    ema_decay: float = 0.0  # EMA of weights (paper: 0.9999); 0 = off. When on, the EMA model is exported
+    grad_clip_norm: float = 0.0  # clip the global gradient norm; 0 = off
+    eval_every: int = 1  # epochs between test-split evaluations (the last epoch always evaluates)
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on clean images at the end
     min_steps_per_epoch: int = 1
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
@@ -49,6 +52,10 @@ class TrainSettings:
             raise ValueError(f"batch_size {self.batch_size} is smaller than num_workers {self.num_workers}")
         if self.epochs < 1 or self.ratio < 0:
             raise ValueError("epochs must be >= 1 and ratio >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 switches EMA off), not {self.ema_decay}")
+        if self.checkpoint_every < 1 or self.eval_every < 1:
+            raise ValueError("checkpoint_every and eval_every must be >= 1")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,0 +1,70 @@
+"""``noisy-student ablate CONFIG``: the paper's ablations on the same data, seeds and first teacher.
+
+Each variant is the config plus a few overrides, run as its own loop under
+``<run_dir>_ablation/<variant>/``. The first teacher is trained once (by the baseline) and
+copied into every variant, so differences come from the student side only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from pipeline.config import load_config
+from pipeline.loop import run_loop
+
+METRICS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
+
+
+def variants(cfg: dict) -> dict[str, list[str]]:
+    """Variant name -> overrides. 'ratio' compares the config's ratio with 1 (or 3 if it is already 1)."""
+    ratio = 3 if cfg["student"]["ratio"] == 1 else 1
+    return {
+        "baseline": [],
+        "no_student_noise": ["student.randaugment_ops=0", "student.drop_rate=0", "student.drop_path_rate=0"],
+        "hard_labels": ["label.soft=false"],
+        "no_balancing": ["balance.enabled=false"],
+        f"ratio_{ratio}": [f"student.ratio={ratio}"],
+    }
+
+
+def run_ablation(config: str, overrides: list[str] | None = None, only: list[str] | None = None) -> list[dict]:
+    """Run every variant (or those in ``only``); writes and returns the comparison rows."""
+    overrides = list(overrides or [])
+    cfg = load_config(config, overrides)
+    root = os.path.abspath(cfg["run_dir"].rstrip("/") + "_ablation")
+    todo = variants(cfg)
+    unknown = sorted(set(only or []) - set(todo))
+    if unknown:
+        raise ValueError(f"unknown ablation variants {unknown}; choose from {sorted(todo)}")
+    names = ["baseline"] + [n for n in todo if n != "baseline" and (not only or n in only)]
+    rows = []
+    for name in names:
+        run_dir = os.path.join(root, name)
+        if name != "baseline" and not os.path.exists(os.path.join(run_dir, "round_0")):
+            shutil.copytree(os.path.join(root, "baseline", "round_0"), os.path.join(run_dir, "round_0"))
+        print(f"=== ablation variant {name}: {' '.join(todo[name]) or '(config as is)'}")
+        summary = run_loop(load_config(config, overrides + todo[name] + [f"run_dir={run_dir}"]))
+        rows.append({"variant": name, "overrides": todo[name], **{k: summary[-1].get(k) for k in METRICS}})
+    with open(os.path.join(root, "ablation.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    table = format_ablation(rows, summary[0])
+    with open(os.path.join(root, "ablation.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return rows
+
+
+def format_ablation(rows: list[dict], teacher: dict) -> str:
+    """Markdown: the last student of each variant; the first teacher's row for reference."""
+    head = "| variant | " + " | ".join(METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 1)]
+    lines.append("| first teacher | " + " | ".join(_num(teacher.get(k)) for k in METRICS) + " |")
+    for r in rows:
+        lines.append(f"| {r['variant']} | " + " | ".join(_num(r[k]) for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"

@@ -1,0 +1,74 @@
+"""`ray job submit` end to end against a head this test starts (and stops) itself.
+
+The head listens on 127.0.0.1 with its own temp dir and free ports; it runs in its own
+process group, so stopping it kills exactly its processes (never a machine-wide `ray stop`).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from tests.s3_server import free_port
+
+
+@pytest.fixture(scope="module")
+def head():
+    temp = tempfile.mkdtemp(prefix="rjob", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    dash = free_port()
+    ports = {f"--{name}": str(free_port()) for name in (
+        "port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "metrics-export-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")}  # fmt: skip
+    args = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--temp-dir={temp}", "--disable-usage-stats"] + [f"{k}={v}" for k, v in ports.items()]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for(address + "/api/version", proc)
+        yield address, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ray start --head` exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the job server did not answer on {url} within {timeout} s")
+
+
+def test_submit_the_tiny_config(head, tmp_path):
+    address, env = head
+    out = tmp_path / "job"
+    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "-m", "pipeline", "run", "configs/digits.yaml", "runlocal=true",
+           f"run_dir={out}/run", f"data.root={out}/data"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "succeeded" in log, log[-3000:]
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert [(e["iteration"], e["role"]) for e in summary] == [(0, "teacher"), (1, "student")]
+    assert (out / "run" / "report.html").exists()
+    assert "test_top1" in log  # the job's own printout reached the submitter
