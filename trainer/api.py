@@ -54,7 +54,9 @@ def train_model(
         train_loop_config=config,
         torch_config=TorchConfig(backend=ddp_backend(settings.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker={"CPU": 1}
+            num_workers=settings.num_workers,
+            use_gpu=settings.use_gpu,
+            resources_per_worker={"CPU": settings.cpus_per_worker},
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -71,6 +73,12 @@ def train_model(
             with open(os.path.join(d, f), "rb") as src:
                 write_bytes(join(out_dir, f), src.read())
         history = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)["history"]
+    if not history or not history[-1].get("final"):
+        done = history[-1]["epoch"] if history else 0
+        raise RuntimeError(
+            f"training run {name} stopped after epoch {done} of {settings.epochs} (interrupted or out of retries); "
+            "run the same command again to resume from its last checkpoint"
+        )
     write_bytes(join(out_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
     return history[-1]
 

@@ -7,6 +7,7 @@ import math
 import os
 import random
 import tempfile
+import time
 import warnings
 
 import numpy as np
@@ -132,6 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(s.seed * 1000 + rank)  # RandAugment draws from Python's and numpy's RNGs
     device = _device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(s.cpus_per_worker)))  # Ray pins OMP_NUM_THREADS to 1 otherwise
     tag = f"[{config.get('label', 'train')}]"
     node = ray.get_runtime_context().get_node_id()
     print(f"{tag} worker {rank}/{world} on node {node}, device {device}")
@@ -146,7 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
     opt = build_optimizer(model, s)
     steps = _steps_per_epoch(labeled, pseudo, s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, s))
-    start_epoch, history = 0, []
+    start_epoch, history, resumed_from = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -157,6 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_epoch, history = state["epoch"], state["history"]
+        resumed_from = state.get("resumed_from", []) + [start_epoch]
         print(f"{tag} resumed from the checkpoint of epoch {start_epoch}")
 
     transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
@@ -170,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     for epoch in range(start_epoch, s.epochs):
         model.train()
-        total = 0.0
+        total, started = 0.0, time.perf_counter()
         for _ in range(steps):
             idx = lab_iter.next()
             x = augment_batch(labeled.images[idx], transform, spec.mean, spec.std)
@@ -184,7 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
                 x, y = torch.cat([x, px]), torch.cat([y, py])
             total += step(x, y)
         final = epoch + 1 == s.epochs
-        metrics = {"epoch": epoch + 1, "train_loss": total / steps, "lr": sched.get_last_lr()[0], "final": final}
+        seen = steps * s.batch_size * (1 + (s.ratio if pse_iter is not None else 0))  # over all workers
+        metrics = {"epoch": epoch + 1, "train_loss": total / steps, "lr": sched.get_last_lr()[0], "final": final,
+                   "images_per_s": seen / (time.perf_counter() - started), "resumed_from": resumed_from}  # fmt: skip
         exported = ema.module if ema is not None else bare
         if rank == 0 and test is not None and (final or (epoch + 1) % s.eval_every == 0):
             if final and s.recalibrate_bn:
@@ -206,6 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "scheduler": sched.state_dict(),
                     "epoch": epoch + 1,
                     "history": history,
+                    "resumed_from": resumed_from,
                 }
                 if ema is not None:
                     state["ema"] = ema.state_dict()

@@ -30,6 +30,7 @@ class TrainSettings:
     min_steps_per_epoch: int = 1
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
     num_workers: int = 2
+    cpus_per_worker: float = 1.0  # Ray CPUs per training worker; on CPU also its torch threads
     use_gpu: bool = False
     seed: int = 0
 

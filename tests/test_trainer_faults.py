@@ -1,0 +1,125 @@
+"""Ray Train fault tolerance for real: a training worker is SIGKILLed mid-run, and a driver is
+interrupted and run again. Both runs must finish every epoch from their last checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+
+from labeler.model import ModelSpec
+from pipeline.digits import write_digits_corpus
+from trainer.api import train_model
+from trainer.settings import TrainSettings
+
+EPOCHS = 30
+NAME = "long_run"
+
+
+def long_run(data: str, storage: str, out: str) -> dict:
+    """Long enough (many short epochs, a checkpoint each) that a fault lands mid-run."""
+    settings = TrainSettings(epochs=EPOCHS, batch_size=16, num_workers=2, checkpoint_every=1, warmup_epochs=1,
+                             min_steps_per_epoch=3, randaugment_ops=0, eval_every=5)  # fmt: skip
+    spec = ModelSpec("test_resnet", [str(i) for i in range(10)], 16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return train_model(settings, spec, f"{data}/labeled", out, storage, NAME, test=f"{data}/test", max_failures=2)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_corpus(str(root), labels_per_class=5, test_fraction=0.3, seed=0)
+    return str(root)
+
+
+def _registered_checkpoints(storage: str) -> int:
+    """Checkpoints Ray Train has registered (a directory on disk may still be in flight)."""
+    try:
+        with open(os.path.join(storage, NAME, "checkpoint_manager_snapshot.json")) as f:
+            return len(json.load(f)["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _wait_for_checkpoint(storage: str, timeout: float = 300.0) -> None:
+    deadline = time.time() + timeout
+    while not _registered_checkpoints(storage):
+        if time.time() > deadline:
+            raise TimeoutError("no checkpoint was registered")
+        time.sleep(0.05)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _train_worker_pids() -> list[int]:
+    """RayTrainWorker processes of this test session's own Ray cluster (children of its raylet)."""
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for pid in _descendants(raylet):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::RayTrainWorker"):
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def _history(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, tmp_path):
+    storage, out, killed = str(tmp_path / "storage"), str(tmp_path / "model"), []
+
+    def kill_a_worker():
+        _wait_for_checkpoint(storage)
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    final = long_run(digits, storage, out)
+    killer.join(timeout=5)
+    assert killed, "the fault was never injected"
+    assert final["final"] and final["epoch"] == EPOCHS
+    assert len(final["resumed_from"]) == 1 and 1 <= final["resumed_from"][0] < EPOCHS
+    assert [h["epoch"] for h in _history(out)] == list(range(1, EPOCHS + 1))  # each epoch once, in order
+
+
+def test_second_invocation_resumes_the_interrupted_run(ray_local, digits, tmp_path):
+    storage, out = str(tmp_path / "storage"), str(tmp_path / "model")
+    job = subprocess.Popen([sys.executable, "-m", "tests.train_job", digits, storage, out],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    _wait_for_checkpoint(storage)
+    job.send_signal(signal.SIGINT)  # Ctrl-C: Ray Train aborts the run gracefully
+    log, _ = job.communicate(timeout=120)
+    assert job.returncode != 0, log[-3000:]
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "an interrupted run must not look finished"
+    final = long_run(digits, storage, out)  # the second invocation, same storage and name
+    assert final["final"] and final["epoch"] == EPOCHS
+    assert len(final["resumed_from"]) == 1 and final["resumed_from"][0] >= 1
+    assert [h["epoch"] for h in _history(out)] == list(range(1, EPOCHS + 1))

@@ -1,0 +1,16 @@
+"""A training job in its own process (with its own local Ray), for the resume-across-invocations test."""
+
+import sys
+
+import ray
+
+from tests.test_trainer_faults import long_run
+
+
+def main(data: str, storage: str, out: str) -> None:
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    long_run(data, storage, out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
