@@ -49,9 +49,14 @@ def train_model(
         "init_state": init_state,
         "label": label,
     }
+    datasets = {}
+    if settings.feed == "ray_data":
+        datasets, config["stream_steps"] = streaming_datasets(settings, spec, labeled, pseudo, hard)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
+        datasets=datasets or None,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k != "clean"]),
         torch_config=TorchConfig(backend=ddp_backend(settings.use_gpu)),
         scaling_config=ray.train.ScalingConfig(
             num_workers=settings.num_workers,
@@ -81,6 +86,31 @@ def train_model(
         )
     write_bytes(join(out_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
     return history[-1]
+
+
+def streaming_datasets(
+    settings: TrainSettings, spec: ModelSpec, labeled: str, pseudo: str | None, hard: bool
+) -> tuple[dict[str, ray.data.Dataset], int]:
+    """The Ray Datasets of ``feed: ray_data`` and the steps per epoch they give.
+
+    labeled and pseudo are split over the workers; clean (un-augmented labeled images, for
+    re-estimating BatchNorm statistics at the end) is read whole by rank 0.
+    """
+    from trainer.feed import augmented, labeled_dataset, pseudo_dataset
+
+    s, sp = settings, dataclasses.asdict(spec)
+    rows = labeled_dataset(labeled, spec.classes)
+    datasets = {
+        "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, s.label_smoothing),
+        "clean": augmented(rows, sp, 0, 0, 0.0),
+    }
+    primary, per_step = rows.count(), s.batch_size
+    if pseudo and s.ratio > 0:
+        pseudo_rows = pseudo_dataset(pseudo, spec.num_classes, hard)
+        smoothing = s.label_smoothing if hard else 0.0
+        datasets["pseudo"] = augmented(pseudo_rows, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
+        primary, per_step = pseudo_rows.count(), s.batch_size * s.ratio
+    return datasets, max(s.min_steps_per_epoch, primary // per_step)
 
 
 def ddp_backend(use_gpu: bool) -> str:

@@ -7,6 +7,8 @@ model can score well below its teacher. Re-estimating them on clean images fixes
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -35,11 +37,17 @@ def evaluate(model: torch.nn.Module, data: ImageSet, spec: ModelSpec, device, ba
     return {"test_top1": top1 / n, "test_top5": top5 / n, "test_loss": loss / n}
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(
     model: torch.nn.Module, images_hwc: np.ndarray, spec: ModelSpec, device, batch: int = 256
 ) -> None:
-    """Replace BatchNorm running statistics with their exact average over clean images."""
+    """Replace BatchNorm running statistics with their exact average over clean uint8 images."""
+    batches = (normalize(images_hwc[i : i + batch], spec.mean, spec.std) for i in range(0, len(images_hwc), batch))
+    recalibrate_batchnorm_on(model, batches, device)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm_on(model: torch.nn.Module, batches: Iterable[torch.Tensor], device) -> None:
+    """The same, over already-normalised NCHW batches (the streaming feed's clean pass)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -51,8 +59,8 @@ def recalibrate_batchnorm(
     model.eval()
     for m in norms:
         m.train()
-    for i in range(0, len(images_hwc), batch):
-        model(normalize(images_hwc[i : i + batch], spec.mean, spec.std).to(device))
+    for x in batches:
+        model(x.to(device))
     for m, (momentum, training) in zip(norms, saved):
         m.momentum, m.training = momentum, training
     model.train(was_training)

@@ -9,6 +9,7 @@ import random
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import ray.train
@@ -17,8 +18,8 @@ import torch
 from timm.utils import ModelEmaV3
 
 from labeler.model import ModelSpec, create_model, save_checkpoint
-from trainer.data import ImageSet, load_labeled, load_pseudo
-from trainer.evaluate import evaluate, recalibrate_batchnorm
+from trainer.data import load_labeled, load_pseudo
+from trainer.evaluate import evaluate, recalibrate_batchnorm, recalibrate_batchnorm_on
 from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
 from trainer.settings import TrainSettings
 
@@ -73,10 +74,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _steps_per_epoch(labeled: ImageSet, pseudo: ImageSet | None, s: TrainSettings) -> int:
+def _steps_per_epoch(labeled: int, pseudo: int | None, s: TrainSettings) -> int:
     """One epoch is one pass over the primary set: the pseudo labels if any, else the labels."""
-    per_step = s.batch_size * (s.ratio if pseudo is not None else 1)
-    n = len(pseudo) if pseudo is not None else len(labeled)
+    per_step = s.batch_size * (s.ratio if pseudo is not None and s.ratio > 0 else 1)
+    n = pseudo if pseudo is not None and s.ratio > 0 else labeled
     return max(s.min_steps_per_epoch, n // per_step)
 
 
@@ -85,15 +86,78 @@ def _save(model, spec: ModelSpec, state: dict, directory: str) -> None:
     torch.save(state, os.path.join(directory, STATE_FILE))
 
 
-def _load_data(config: dict, spec: ModelSpec, rank: int) -> tuple[ImageSet, ImageSet | None, ImageSet | None]:
-    labeled = load_labeled(config["labeled"], spec.classes, spec.image_size, spec.in_chans)
-    pseudo = None
-    if config.get("pseudo"):
-        pseudo = load_pseudo(config["pseudo"], spec.num_classes, spec.image_size, spec.in_chans, config["hard"])
-    test = None
-    if config.get("test") and rank == 0:
-        test = load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
-    return labeled, pseudo, test
+class MemoryFeed:
+    """``feed: memory``: both sets decoded once into this worker; RandAugment per step, here."""
+
+    def __init__(self, config: dict, s: TrainSettings, spec: ModelSpec, rank: int, world: int, start_epoch: int):
+        self.labeled = load_labeled(config["labeled"], spec.classes, spec.image_size, spec.in_chans)
+        self.pseudo = None
+        if config.get("pseudo"):
+            self.pseudo = load_pseudo(
+                config["pseudo"], spec.num_classes, spec.image_size, spec.in_chans, config["hard"]
+            )
+        self.s, self.spec, self.hard = s, spec, config["hard"]
+        self.steps = _steps_per_epoch(len(self.labeled), len(self.pseudo) if self.pseudo else None, s)
+        self.transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
+        per_worker = s.batch_size // world
+        # after a resume the data order is deterministic, yet not a replay of the epochs already done
+        self.lab_iter = Cycler(len(self.labeled), per_worker, rank, world, s.seed, start_round=start_epoch * 1000)
+        self.pse_iter = None
+        if self.pseudo is not None and s.ratio > 0:
+            self.pse_iter = Cycler(len(self.pseudo), per_worker * s.ratio, rank, world, s.seed + 1, start_epoch)
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        s, spec = self.s, self.spec
+        for _ in range(self.steps):
+            idx = self.lab_iter.next()
+            x = augment_batch(self.labeled.images[idx], self.transform, spec.mean, spec.std)
+            y = smooth(torch.from_numpy(self.labeled.targets[idx]), s.label_smoothing)
+            if self.pse_iter is not None:
+                pidx = self.pse_iter.next()
+                px = augment_batch(self.pseudo.images[pidx], self.transform, spec.mean, spec.std)
+                py = torch.from_numpy(self.pseudo.targets[pidx])
+                if self.hard:
+                    py = smooth(py, s.label_smoothing)
+                x, y = torch.cat([x, px]), torch.cat([y, py])
+            yield x, y
+
+    def recalibrate(self, model: torch.nn.Module, device) -> None:
+        clean = np.concatenate([self.labeled.images] + ([self.pseudo.images] if self.pseudo is not None else []))
+        recalibrate_batchnorm(model, clean, self.spec, device)
+
+
+class StreamFeed:
+    """``feed: ray_data``: batches from this worker's shards of the Ray Datasets (trainer.feed)."""
+
+    def __init__(self, config: dict, s: TrainSettings, world: int):
+        per_worker = s.batch_size // world
+        self.steps = config["stream_steps"]
+        self.lab = _endless("labeled", per_worker)
+        self.pse = _endless("pseudo", per_worker * s.ratio) if config.get("pseudo") and s.ratio > 0 else None
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for _ in range(self.steps):  # a fixed count: every DDP worker must take the same number of steps
+            x, y = next(self.lab)
+            if self.pse is not None:
+                px, py = next(self.pse)
+                x, y = torch.cat([x, px]), torch.cat([y, py])
+            yield x, y
+
+    def recalibrate(self, model: torch.nn.Module, device) -> None:
+        clean = ray.train.get_dataset_shard("clean").iter_torch_batches(batch_size=256)
+        recalibrate_batchnorm_on(model, (b["image"] for b in clean), device)
+
+
+def _endless(name: str, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pass after pass over this worker's shard; each pass re-runs decode + augmentation."""
+    shard = ray.train.get_dataset_shard(name)
+    while True:
+        empty = True
+        for b in shard.iter_torch_batches(batch_size=batch, drop_last=True):
+            empty = False
+            yield b["image"], b["target"]
+        if empty:
+            raise ValueError(f"the {name} shard holds fewer than {batch} images; lower batch_size or num_workers")
 
 
 def _device() -> torch.device:
@@ -125,6 +189,15 @@ class _Step:
         return loss.item()
 
 
+def _last_state() -> dict | None:
+    """The training state in this run's latest checkpoint (Ray Train V2 resumes by run name)."""
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
 def train_loop_per_worker(config: dict) -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match")
     s = TrainSettings.from_dict(config["settings"])
@@ -138,7 +211,15 @@ def train_loop_per_worker(config: dict) -> None:
     tag = f"[{config.get('label', 'train')}]"
     node = ray.get_runtime_context().get_node_id()
     print(f"{tag} worker {rank}/{world} on node {node}, device {device}")
-    labeled, pseudo, test = _load_data(config, spec, rank)
+    test = None
+    if config.get("test") and rank == 0:
+        test = load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
+
+    state = _last_state()
+    start_epoch = state["epoch"] if state else 0
+    stream = s.feed == "ray_data"
+    feed = StreamFeed(config, s, world) if stream else MemoryFeed(config, s, spec, rank, world, start_epoch)
+    steps = feed.steps
 
     model = create_model(spec, s.drop_rate, s.drop_path_rate)
     if config.get("init_state"):
@@ -147,55 +228,32 @@ def train_loop_per_worker(config: dict) -> None:
     bare = model.module if hasattr(model, "module") else model
     ema = ModelEmaV3(bare, decay=s.ema_decay, use_warmup=True) if s.ema_decay > 0 else None
     opt = build_optimizer(model, s)
-    steps = _steps_per_epoch(labeled, pseudo, s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, s))
-    start_epoch, history, resumed_from = 0, [], []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+    history, resumed_from = [], []
+    if state:
         bare.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        start_epoch, history = state["epoch"], state["history"]
-        resumed_from = state.get("resumed_from", []) + [start_epoch]
+        history, resumed_from = state["history"], state.get("resumed_from", []) + [start_epoch]
         print(f"{tag} resumed from the checkpoint of epoch {start_epoch}")
-
-    transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
-    per_worker = s.batch_size // world
-    # after a resume the data order is deterministic, yet not a replay of the epochs already done
-    lab_iter = Cycler(len(labeled), per_worker, rank, world, s.seed, start_round=start_epoch * 1000)
-    pse_iter = None
-    if pseudo is not None and s.ratio > 0:
-        pse_iter = Cycler(len(pseudo), per_worker * s.ratio, rank, world, s.seed + 1, start_round=start_epoch)
     step = _Step(model, opt, sched, ema, s, device)
 
     for epoch in range(start_epoch, s.epochs):
         model.train()
-        total, started = 0.0, time.perf_counter()
-        for _ in range(steps):
-            idx = lab_iter.next()
-            x = augment_batch(labeled.images[idx], transform, spec.mean, spec.std)
-            y = smooth(torch.from_numpy(labeled.targets[idx]), s.label_smoothing)
-            if pse_iter is not None:
-                pidx = pse_iter.next()
-                px = augment_batch(pseudo.images[pidx], transform, spec.mean, spec.std)
-                py = torch.from_numpy(pseudo.targets[pidx])
-                if config["hard"]:
-                    py = smooth(py, s.label_smoothing)
-                x, y = torch.cat([x, px]), torch.cat([y, py])
+        total, seen, started = 0.0, 0, time.perf_counter()
+        for x, y in feed.epoch():
             total += step(x, y)
+            seen += len(x) * world  # over all workers
         final = epoch + 1 == s.epochs
-        seen = steps * s.batch_size * (1 + (s.ratio if pse_iter is not None else 0))  # over all workers
         metrics = {"epoch": epoch + 1, "train_loss": total / steps, "lr": sched.get_last_lr()[0], "final": final,
-                   "images_per_s": seen / (time.perf_counter() - started), "resumed_from": resumed_from}  # fmt: skip
+                   "images": seen, "images_per_s": seen / (time.perf_counter() - started),
+                   "resumed_from": resumed_from}  # fmt: skip
         exported = ema.module if ema is not None else bare
+        if rank == 0 and final and s.recalibrate_bn:
+            feed.recalibrate(exported, device)
         if rank == 0 and test is not None and (final or (epoch + 1) % s.eval_every == 0):
-            if final and s.recalibrate_bn:
-                clean = np.concatenate([labeled.images] + ([pseudo.images] if pseudo is not None else []))
-                recalibrate_batchnorm(exported, clean, spec, device)
             metrics.update(evaluate(exported, test, spec, device))
             if ema is not None:
                 metrics.update({f"raw_{k}": v for k, v in evaluate(bare, test, spec, device).items()})

@@ -29,6 +29,7 @@ class TrainSettings:
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on clean images at the end
     min_steps_per_epoch: int = 1
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
+    feed: str = "memory"  # memory: decode once per worker | ray_data: stream through Ray Data CPU tasks
     num_workers: int = 2
     cpus_per_worker: float = 1.0  # Ray CPUs per training worker; on CPU also its torch threads
     use_gpu: bool = False
@@ -49,6 +50,8 @@ class TrainSettings:
             raise ValueError(f"optimizer must be sgd, rmsprop or adamw, not {self.optimizer!r}")
         if self.schedule not in ("cosine", "exponential", "constant"):
             raise ValueError(f"schedule must be cosine, exponential or constant, not {self.schedule!r}")
+        if self.feed not in ("memory", "ray_data"):
+            raise ValueError(f"feed must be memory or ray_data, not {self.feed!r}")
         if self.batch_size < self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} is smaller than num_workers {self.num_workers}")
         if self.epochs < 1 or self.ratio < 0:
