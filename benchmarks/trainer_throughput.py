@@ -7,7 +7,9 @@ Same model, batch, augmentation (timm RandAugment 2 ops at magnitude 9), loss an
 all three; the data is the digits corpus decoded once into memory, as the trainer does:
   plain       - the loop a user would write: Python process, all cores as torch threads;
   trainer x1  - ``trainer.api.train_model`` with 1 worker owning every core;
-  trainer x2  - 2 workers (DDP on gloo), one core each.
+  trainer x2  - 2 workers (DDP on gloo), one core each;
+  stream x1   - 1 worker with ``feed: ray_data`` (decode + RandAugment in Ray Data tasks), one
+                core for the worker and the rest for the tasks.
 Trainer figures are the workers' own per-epoch images/s (start-up, data loading and the first
 epoch excluded); the plain loop is timed the same way. Prints the ratios to the plain loop.
 """
@@ -84,11 +86,14 @@ def main() -> None:
     one = trainer_path(TrainSettings(**base, num_workers=1, cpus_per_worker=a.cpus), spec, paths["labeled"], tmp, "x1")
     two = trainer_path(TrainSettings(**base, num_workers=2, cpus_per_worker=a.cpus / 2), spec, paths["labeled"], tmp,
                        "x2")  # fmt: skip
+    stream = trainer_path(TrainSettings(**base, num_workers=1, cpus_per_worker=1, feed="ray_data"), spec,
+                          paths["labeled"], tmp, "stream")  # fmt: skip
     ray.shutdown()
     print(f"{a.arch} 32x32, batch {a.batch}, RandAugment 2x9, {a.cpus} CPUs, {a.epochs} epochs of {steps} steps")
     print(f"plain loop:      {plain:8.1f} images/s")
     print(f"TorchTrainer x1: {one:8.1f} images/s  ratio {one / plain:.2f}")
     print(f"TorchTrainer x2: {two:8.1f} images/s  ratio {two / plain:.2f}")
+    print(f"ray_data feed x1:{stream:8.1f} images/s  ratio {stream / plain:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class LabelOptions:
     hard: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     wait_for_actors_s: float = 600.0
+    stall_timeout_s: float = 900.0  # fail when no output file appears for this long (a stalled pool)
     format: str = "auto"  # auto | folder | parquet | webdataset
     image_column: str = "image"  # Parquet inputs
     id_column: str | None = None  # Parquet inputs; None = file + content hash
@@ -136,7 +138,8 @@ def run_labeling(
     if done:
         print(f"labeler: resuming, {len(done)} images already labeled in {out}/predictions")
     fs, path = filesystem_for(out + "/predictions")
-    label_images(source, checkpoint, options, spec, skip_ids=done).write_parquet(path, filesystem=fs)
+    ds = label_images(source, checkpoint, options, spec, skip_ids=done)
+    _write_watched(ds, out + "/predictions", (options or LabelOptions()).stall_timeout_s)
     manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
     seconds = time.time() - start
     manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(seconds, 2)})
@@ -148,6 +151,46 @@ def run_labeling(
         f"({manifest['reject_reasons']}) in {manifest['seconds']} s: {manifest['images_per_s']} images/s"
     )
     return manifest
+
+
+class LabelingStalled(RuntimeError):
+    """No new output for ``stall_timeout_s``: the pipeline is stuck, not slow."""
+
+
+def _write_watched(ds: ray.data.Dataset, predictions: str, stall_timeout_s: float, poll_s: float = 10.0) -> None:
+    """``write_parquet`` with a progress line and a no-progress watchdog.
+
+    A pool that can never be scheduled (say, actors holding every CPU so reads never run)
+    otherwise hangs silently forever; this raises instead. The job's Ray cluster must then be
+    shut down (the CLI exits) to stop the stuck dataset.
+    """
+    fs, path = filesystem_for(predictions)
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            ds.write_parquet(path, filesystem=fs)
+        except BaseException as err:  # re-raised in the caller's thread
+            errors.append(err)
+
+    writer = threading.Thread(target=write, name="labeler-write", daemon=True)
+    start = last_change = time.time()
+    before = files = len(list_files(predictions)[1])
+    writer.start()
+    while writer.is_alive():
+        writer.join(timeout=poll_s)
+        now, count = time.time(), len(list_files(predictions)[1])
+        if count != files:
+            files, last_change = count, now
+            print(f"labeler: {files - before} output files written in {now - start:.0f} s")
+        elif writer.is_alive() and now - last_change > stall_timeout_s:
+            raise LabelingStalled(
+                f"labeling made no progress for {now - last_change:.0f} s (no new file under {predictions}). "
+                "Usually the actor pool and the read/decode tasks cannot all be scheduled: give actors fewer "
+                "CPUs (cpus_per_actor), use fewer actors, or add nodes; raise stall_timeout_s if the job is just slow."
+            )
+    if errors:
+        raise errors[0]
 
 
 def summarize_predictions(predictions: str, rejected_out: str | None = None) -> dict:

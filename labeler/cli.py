@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from labeler.api import LabelOptions, run_labeling
+from labeler.api import LabelingStalled, LabelOptions, run_labeling
 from labeler.model import ModelSpec
 
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="soft labels are softmax(logits / T)")
     p.add_argument("--hard", action="store_true", help="one-hot labels instead of soft")
     p.add_argument("--topk", type=int, default=0, help="store top-k classes + fp16 probs + rest mass (0: full)")
+    p.add_argument("--stall-timeout", type=float, default=900.0, help="fail after this many seconds without output")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
     return p
 
@@ -57,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, num_actors=args.num_actors, max_actors=args.max_actors,
         num_gpus_per_actor=args.gpus_per_actor, temperature=args.temperature, hard=args.hard,
         format=args.format, image_column=args.image_column, id_column=args.id_column, topk=args.topk,
+        stall_timeout_s=args.stall_timeout,
     )  # fmt: skip
     if not ray.is_initialized():
         ray.init(address=args.address)
     try:
         run_labeling(args.input, args.checkpoint, args.output, opts, spec)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, LabelingStalled) as err:
         print(f"labeler: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,30 @@
+"""Run by tests/test_labeler_stall.py in its own process (a stuck dataset can only be stopped by
+shutting its cluster down): an actor pool that takes every CPU, so reads never run."""
+
+import os
+import sys
+
+import ray
+
+from labeler.api import LabelingStalled, LabelOptions, run_labeling
+from tests.helpers import png_bytes, random_checkpoint
+
+
+def main(out: str) -> None:
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    os.makedirs(os.path.join(out, "images"))
+    for i in range(20):
+        with open(os.path.join(out, "images", f"{i}.png"), "wb") as f:
+            f.write(png_bytes(seed=i))
+    random_checkpoint(os.path.join(out, "teacher"))
+    opts = LabelOptions(num_actors=2, cpus_per_actor=1.0, read_cpus=1.0, stall_timeout_s=20, wait_for_actors_s=300)
+    try:
+        run_labeling(os.path.join(out, "images"), os.path.join(out, "teacher"), os.path.join(out, "labels"), opts)
+    except LabelingStalled as err:
+        print(f"STALLED {err}", flush=True)
+        os._exit(3)  # skip the stuck executor's cleanup; the cluster dies with this process
+    print("FINISHED", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
