@@ -7,7 +7,8 @@ Three measurements in one run, each over the same image folder and the same chec
   labeler   - ``labeler.api.run_labeling`` on a local Ray cluster (read, decode tasks, actor pool,
               Parquet write), cluster start-up excluded, actor start-up included;
   dataloader- a plain PyTorch ``DataLoader(num_workers=N)`` decoding the same files with the same
-              decode + resize code, the model in the main process;
+              decode + resize code, the model in the main process, predictions written to one
+              Parquet file (model loading and the write included, as in the labeler);
   compute   - the model's forward pass alone on pre-decoded tensors (the compute limit).
 Prints images/s of each and the ratios labeler/dataloader and labeler/compute. The machine
 is shared and noisy: compare ratios from one run, not absolute numbers across runs.
@@ -57,16 +58,30 @@ class Files(torch.utils.data.Dataset):
             return resize_center_crop(decode_image(f.read()), self.size)
 
 
-def run_dataloader(paths, ckpt, batch, workers) -> float:
+def run_dataloader(paths, ckpt, batch, workers, out) -> float:
+    """The loop a user would write instead: same decode, same model, predictions to one Parquet file.
+
+    Timed like the labeler: model loading, decoding, inference and writing the output.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    start = time.perf_counter()
     model, spec = load_checkpoint(ckpt)
     loader = torch.utils.data.DataLoader(Files(paths, spec.image_size), batch_size=batch, num_workers=workers)
-    start = time.perf_counter()
-    n = 0
+    labels, confidence, probs = [], [], []
     with torch.inference_mode():
         for imgs in loader:
-            model(normalize(imgs.numpy(), spec.mean, spec.std)).softmax(-1).max(-1)
-            n += len(imgs)
-    return n / (time.perf_counter() - start)
+            p = model(normalize(imgs.numpy(), spec.mean, spec.std)).softmax(-1)
+            conf, label = p.max(-1)
+            labels.append(label.numpy())
+            confidence.append(conf.numpy())
+            probs.extend(p.numpy())
+    table = pa.table({"id": [os.path.basename(x) for x in paths], "path": paths, "label": np.concatenate(labels),
+                      "confidence": np.concatenate(confidence), "probs": probs})  # fmt: skip
+    os.makedirs(out, exist_ok=True)
+    pq.write_table(table, os.path.join(out, "predictions.parquet"))
+    return len(paths) / (time.perf_counter() - start)
 
 
 def run_compute(paths, ckpt, batch) -> float:
@@ -118,7 +133,7 @@ def main() -> None:
         labeler = run_labeler(
             os.path.join(tmp, "images"), ckpt, out, args.batch, args.actors, args.cpus_per_actor, args.threads
         )
-        loader = run_dataloader(paths, ckpt, args.batch, args.workers)
+        loader = run_dataloader(paths, ckpt, args.batch, args.workers, os.path.join(tmp, "loader_out"))
         compute = run_compute(paths, ckpt, args.batch)
     print(f"{args.images} images, {args.arch} at {args.size}x{args.size}, batch {args.batch}, {os.cpu_count()} CPUs")
     print(f"labeler:                         {labeler:8.1f} images/s")

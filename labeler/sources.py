@@ -26,6 +26,7 @@ from labeler.images import IMAGE_EXTENSIONS
 from labeler.storage import filesystem_for, list_files
 
 FORMATS = ("auto", "folder", "parquet", "webdataset")
+FILES_PER_BLOCK = 1000
 
 
 def detect_format(source: str) -> str:
@@ -92,7 +93,15 @@ def read_source(
     fmt = detect_format(source) if fmt == "auto" else fmt
     fs, root = filesystem_for(source)
     if fmt == "folder":
-        ds = ray.data.read_binary_files(root, include_paths=True, filesystem=fs, num_cpus=num_cpus)
+        _, files = list_files(source)
+        if not files:
+            raise ValueError(f"input {source} holds no files")
+        # a block per FILES_PER_BLOCK files: Ray's default (200+ read tasks) spends more on task
+        # overhead than on reading when the files are small
+        blocks = max(1, -(-len(files) // FILES_PER_BLOCK))
+        ds = ray.data.read_binary_files(
+            files, include_paths=True, filesystem=fs, num_cpus=num_cpus, override_num_blocks=blocks
+        )
         return ds.map_batches(_folder_rows, batch_format="numpy", fn_kwargs={"root": root})
     if fmt == "parquet":
         columns = [image_column] + ([id_column] if id_column else [])

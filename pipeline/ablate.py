@@ -33,6 +33,8 @@ def run_ablation(config: str, overrides: list[str] | None = None, only: list[str
     """Run every variant (or those in ``only``); writes and returns the comparison rows."""
     overrides = list(overrides or [])
     cfg = load_config(config, overrides)
+    if "://" in cfg["run_dir"]:
+        raise ValueError("ablate writes its variants under a local run_dir; set run_dir to a local path")
     root = os.path.abspath(cfg["run_dir"].rstrip("/") + "_ablation")
     todo = variants(cfg)
     unknown = sorted(set(only or []) - set(todo))

@@ -20,7 +20,7 @@ from pipeline.digits import write_digits_corpus
 from pipeline.model_eval import add_relative_errors, evaluate_model
 from pipeline.report import write_report
 from trainer.api import train_model
-from trainer.data import list_class_folders
+from trainer.data import labeled_classes
 from trainer.settings import TrainSettings
 
 RUNLOCAL = {
@@ -106,7 +106,8 @@ def _evaluate(cfg: dict, model_dir: str, data: dict) -> dict:
         return {}
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_model)
-    metrics = ray.get(task.remote(model_dir, data["test"], cfg.get("eval", {}).get("extra") or {}, cfg["seed"]))
+    extra = {name: absolute(uri) for name, uri in (cfg.get("eval", {}).get("extra") or {}).items()}
+    metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg["seed"]))
     write_json(path, metrics)
     return metrics
 
@@ -150,7 +151,7 @@ def run_loop(cfg: dict) -> list[dict]:
     if not is_s3(run_dir):
         os.makedirs(run_dir, exist_ok=True)
     data = prepare_data(cfg)
-    classes, _ = list_class_folders(data["labeled"])
+    classes = labeled_classes(data["labeled"])
     d = cfg["data"]
     spec = ModelSpec(cfg["teacher"]["arch"], classes, d["image_size"], mean=tuple(d["mean"]), std=tuple(d["std"]))
     teacher_dir = join(run_dir, "round_0", "teacher")

@@ -68,3 +68,26 @@ def test_evaluate_counts_top1():
     spec = ModelSpec("x", ["a", "b"], 4)
     data = ImageSet(np.zeros((4, 4, 4, 3), np.uint8), np.eye(2, dtype=np.float32)[[0, 0, 0, 1]], ["1", "2", "3", "4"])
     assert evaluate(Fixed(), data, spec, "cpu")["test_top1"] == 0.75
+
+
+def test_parquet_labeled_set(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import png_bytes
+    from trainer.data import labeled_classes, load_labeled
+
+    images = [png_bytes(seed=i) for i in range(4)] + [b"broken"]
+    struct = pa.array([{"bytes": b, "path": None} for b in images])  # as Hugging Face datasets write images
+    pq.write_table(pa.table({"image": struct, "label": ["cat", "dog", "cat", "dog", "cat"]}), tmp_path / "a.parquet")
+    assert labeled_classes(str(tmp_path)) == ["cat", "dog"]
+    data = load_labeled(str(tmp_path), ["cat", "dog"], 8)
+    assert data.images.shape == (4, 8, 8, 3)  # the broken image is skipped
+    assert data.targets.argmax(1).tolist() == [0, 1, 0, 1]
+    ints = tmp_path / "ints"
+    ints.mkdir()
+    pq.write_table(pa.table({"image": images[:3], "label": [0, 2, 2]}), ints / "b.parquet")
+    assert labeled_classes(str(ints)) == ["0", "1", "2"]
+    assert load_labeled(str(ints), ["0", "1", "2"], 8).targets.argmax(1).tolist() == [0, 2, 2]
+    with pytest.raises(ValueError, match="does not know"):
+        load_labeled(str(tmp_path), ["cat"], 8)

@@ -59,8 +59,62 @@ def _decode_many(uris: list[str], image_size: int, in_chans: int) -> tuple[np.nd
     return out, ok
 
 
+def parquet_files(root: str) -> list[str]:
+    """The Parquet files of a labeled set given as Parquet (empty for a class-folder tree)."""
+    return list_files(root, suffix=".parquet")[1]
+
+
+def _parquet_labeled(root: str) -> tuple[list, list[str]]:
+    """(image bytes, class names) of Parquet files with ``image`` (bytes, or a struct with ``bytes``) and
+    ``label`` (class name or integer index) columns."""
+    fs, files = list_files(root, suffix=".parquet")
+    data, labels = [], []
+    for path in files:
+        t = pq.read_table(path, filesystem=fs, columns=["image", "label"])
+        col = t["image"]
+        if pa.types.is_struct(col.type):
+            col = pa.chunked_array([c.field("bytes") for c in col.chunks], type=col.type.field("bytes").type)
+        data += col.to_pylist()
+        labels += [str(v) for v in t["label"].to_pylist()]
+    return data, labels
+
+
+def labeled_classes(root: str) -> list[str]:
+    """Sorted class names of a labeled set: class folders, or the ``label`` values of Parquet files
+    (integer labels 0..K-1 become "0".."K-1", sorted by value)."""
+    if not parquet_files(root):
+        return list_class_folders(root)[0]
+    _, labels = _parquet_labeled(root)
+    names = set(labels)
+    if all(n.lstrip("-").isdigit() for n in names):
+        return [str(i) for i in range(max(int(n) for n in names) + 1)]
+    return sorted(names)
+
+
+def _load_parquet_labeled(root: str, classes: list[str], image_size: int, in_chans: int) -> ImageSet:
+    data, labels = _parquet_labeled(root)
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ValueError(f"{root} has labels {unknown[:10]} that the model does not know ({classes[:10]}...)")
+    index = {c: i for i, c in enumerate(classes)}
+    images = np.zeros((len(data), image_size, image_size, in_chans), dtype=np.uint8)
+    keep = []
+    for i, blob in enumerate(data):
+        try:
+            images[i] = resize_center_crop(decode_image(blob or b"", in_chans), image_size)
+            keep.append(i)
+        except RejectedImage:
+            pass
+    targets = np.zeros((len(keep), len(classes)), dtype=np.float32)
+    targets[np.arange(len(keep)), [index[labels[k]] for k in keep]] = 1.0
+    return ImageSet(images[keep], targets, [f"{root}#{k}" for k in keep])
+
+
 def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int = 3) -> ImageSet:
-    """Labeled images with one-hot targets; undecodable files are skipped (and counted by callers)."""
+    """Labeled images with one-hot targets, from class folders or Parquet (``image``, ``label``);
+    undecodable images are skipped."""
+    if parquet_files(root):
+        return _load_parquet_labeled(root, classes, image_size, in_chans)
     found, pairs = list_class_folders(root)
     extra = sorted(set(found) - set(classes))
     if extra:

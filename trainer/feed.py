@@ -15,7 +15,7 @@ import ray
 
 from labeler.images import RejectedImage, decode_image, normalize, resize_center_crop
 from labeler.storage import filesystem_for, is_s3, read_bytes
-from trainer.data import dense_targets, list_class_folders
+from trainer.data import dense_targets, list_class_folders, parquet_files
 from trainer.noise import randaugment, smooth
 
 DECODE_BATCH = 64
@@ -23,6 +23,8 @@ DECODE_BATCH = 64
 
 def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
     """Rows (path, one-hot target) of a class-folder tree, in a stable order."""
+    if parquet_files(root):
+        raise ValueError(f"{root} is a Parquet labeled set; feed: ray_data reads class folders, use feed: memory")
     found, pairs = list_class_folders(root)
     extra = sorted(set(found) - set(classes))
     if extra:
