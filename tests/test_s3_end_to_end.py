@@ -24,11 +24,13 @@ def s3_run(ray_local, s3, tmp_path_factory, run_output):
     try:
         args = ["run", os.path.join(cwd, "configs/digits.yaml"), "runlocal=true",
                 f"run_dir=s3://{BUCKET}/run", f"data.root=s3://{BUCKET}/data"]  # fmt: skip
-        assert main(args) == 0
+        code = main(args)
         local = sorted(os.listdir("."))
     finally:
         os.chdir(cwd)
-    return f"s3://{BUCKET}/run", local, run_output.readouterr()
+        output = run_output.readouterr()  # restores the streams even when the run failed
+    assert code == 0, output[-3000:]
+    return f"s3://{BUCKET}/run", local, output
 
 
 @pytest.fixture(scope="module")
