@@ -31,10 +31,17 @@ FILES_PER_BLOCK = 1000
 
 def detect_format(source: str) -> str:
     """Guess the format from file extensions under ``source`` (pass a format to skip the listing)."""
+    return _format_of(source, _listing(source))
+
+
+def _listing(source: str) -> list[str]:
     fs, root = filesystem_for(source)
     if fs.get_file_info(root).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input {source} does not exist")
-    _, names = list_files(source)
+    return list_files(source)[1]
+
+
+def _format_of(source: str, names: list[str]) -> str:
     exts = {n.rsplit(".", 1)[-1].lower() for n in names if "." in n.rsplit("/", 1)[-1]}
     if "parquet" in exts:
         return "parquet"
@@ -55,11 +62,15 @@ def _folder_rows(batch: dict, root: str) -> dict:
             "path": batch["path"], "bytes": batch["bytes"]}  # fmt: skip
 
 
-def _parquet_rows(batch: pa.Table, root: str, image_column: str, id_column: str | None) -> pa.Table:
-    col = batch[image_column]
+def image_bytes(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An image column as plain bytes: binary as is, or the ``bytes`` field of a Hugging Face struct."""
     if pa.types.is_struct(col.type):
-        col = pa.chunked_array([c.field("bytes") for c in col.chunks], type=col.type.field("bytes").type)
-    data = col.to_pylist()
+        return pa.chunked_array([c.field("bytes") for c in col.chunks], type=col.type.field("bytes").type)
+    return col
+
+
+def _parquet_rows(batch: pa.Table, root: str, image_column: str, id_column: str | None) -> pa.Table:
+    data = image_bytes(batch[image_column]).to_pylist()
     paths = batch["path"].to_pylist()
     if id_column:
         ids = [str(v) for v in batch[id_column].to_pylist()]
@@ -90,10 +101,10 @@ def read_source(
     """A lazy dataset of (id, path, bytes) rows, one per image; read tasks reserve ``num_cpus``."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
-    fmt = detect_format(source) if fmt == "auto" else fmt
+    files = _listing(source) if fmt in ("auto", "folder") else None  # listed once, also for the folder read
+    fmt = _format_of(source, files) if fmt == "auto" else fmt
     fs, root = filesystem_for(source)
     if fmt == "folder":
-        _, files = list_files(source)
         if not files:
             raise ValueError(f"input {source} holds no files")
         # a block per FILES_PER_BLOCK files: Ray's default (200+ read tasks) spends more on task

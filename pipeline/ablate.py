@@ -7,12 +7,12 @@ copied into every variant, so differences come from the student side only.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
+from labeler.storage import write_bytes, write_json
 from pipeline.config import load_config
-from pipeline.loop import run_loop
+from pipeline.loop import format_number, run_loop
 
 METRICS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
 
@@ -49,11 +49,9 @@ def run_ablation(config: str, overrides: list[str] | None = None, only: list[str
         print(f"=== ablation variant {name}: {' '.join(todo[name]) or '(config as is)'}")
         summary = run_loop(load_config(config, overrides + todo[name] + [f"run_dir={run_dir}"]))
         rows.append({"variant": name, "overrides": todo[name], **{k: summary[-1].get(k) for k in METRICS}})
-    with open(os.path.join(root, "ablation.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+    write_json(os.path.join(root, "ablation.json"), rows)
     table = format_ablation(rows, summary[0])
-    with open(os.path.join(root, "ablation.md"), "w") as f:
-        f.write(table + "\n")
+    write_bytes(os.path.join(root, "ablation.md"), (table + "\n").encode())
     print(table)
     return rows
 
@@ -62,11 +60,7 @@ def format_ablation(rows: list[dict], teacher: dict) -> str:
     """Markdown: the last student of each variant; the first teacher's row for reference."""
     head = "| variant | " + " | ".join(METRICS) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
-    lines.append("| first teacher | " + " | ".join(_num(teacher.get(k)) for k in METRICS) + " |")
+    lines.append("| first teacher | " + " | ".join(format_number(teacher.get(k)) for k in METRICS) + " |")
     for r in rows:
-        lines.append(f"| {r['variant']} | " + " | ".join(_num(r[k]) for k in METRICS) + " |")
+        lines.append(f"| {r['variant']} | " + " | ".join(format_number(r[k]) for k in METRICS) + " |")
     return "\n".join(lines)
-
-
-def _num(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"

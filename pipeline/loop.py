@@ -191,7 +191,7 @@ def _entry(iteration: int, role: str, arch: str, directory: str, train: dict, ev
 TABLE_COLUMNS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
 
 
-def _num(v) -> str:
+def format_number(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
@@ -202,7 +202,7 @@ def format_table(summary: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for e in summary:
         row = f"{e['iteration']:>9}  {e['role']:<8} {e['model']:<14}"
-        row += "".join(f" {_num(e.get(c)):>9}" for c in TABLE_COLUMNS) + f" {e['pseudo_rows']:>11}"
+        row += "".join(f" {format_number(e.get(c)):>9}" for c in TABLE_COLUMNS) + f" {e['pseudo_rows']:>11}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -1,7 +1,7 @@
 """`ray job submit` end to end against a head this test starts (and stops) itself.
 
 The head listens on 127.0.0.1 with its own temp dir and free ports; it runs in its own
-process group, so stopping it kills exactly its processes (never a machine-wide `ray stop`).
+process group, so stopping it kills exactly its processes and no other Ray cluster on the machine.
 """
 
 import json

@@ -2,9 +2,11 @@
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.corruptions import CORRUPTIONS, SEVERITIES, corrupt, perturbation_sequences
-from pipeline.model_eval import accuracy_metrics, add_relative_errors, expected_calibration_error
+from pipeline.model_eval import add_relative_errors, expected_calibration_error
+from trainer.evaluate import accuracy_metrics
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_expected_calibration_error_by_hand():
 
 def test_accuracy_metrics():
     probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.3, 0.5]])
-    m = accuracy_metrics(probs, np.array([0, 1]))
+    m = accuracy_metrics(torch.log(torch.tensor(probs)), np.array([0, 1]))  # logits whose softmax is probs
     assert m["test_top1"] == 0.5 and m["test_top5"] == 1.0
     assert m["test_loss"] == pytest.approx(-(np.log(0.7) + np.log(0.3)) / 2)
 

@@ -34,7 +34,7 @@ def corpus(tmp_path_factory):
 
 def test_expand_repeats_rows_by_their_copies(corpus):
     _, balanced = corpus
-    out = _expand(pq.read_table(balanced), 10, hard=True, s3=False)
+    out = _expand(pq.read_table(balanced), 10, hard=True, balanced=balanced)
     assert len(out["path"]) == len(out["target"]) == 60
     assert out["path"][1] == out["path"][2] and out["target"].sum(axis=1).tolist() == [1.0] * 60
 

@@ -96,7 +96,7 @@ def streaming_datasets(
     labeled and pseudo are split over the workers; clean (un-augmented labeled images, for
     re-estimating BatchNorm statistics at the end) is read whole by rank 0.
     """
-    from trainer.feed import augmented, labeled_dataset, pseudo_dataset
+    from trainer.feed import augmented, labeled_dataset, pseudo_dataset, pseudo_row_count
 
     s, sp = settings, dataclasses.asdict(spec)
     rows = labeled_dataset(labeled, spec.classes)
@@ -109,7 +109,7 @@ def streaming_datasets(
         pseudo_rows = pseudo_dataset(pseudo, spec.num_classes, hard)
         smoothing = s.label_smoothing if hard else 0.0
         datasets["pseudo"] = augmented(pseudo_rows, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
-        primary, per_step = pseudo_rows.count(), s.batch_size * s.ratio
+        primary, per_step = pseudo_row_count(pseudo), s.batch_size * s.ratio
     return datasets, max(s.min_steps_per_epoch, primary // per_step)
 
 

@@ -14,6 +14,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.images import RejectedImage, decode_image, resize_center_crop
+from labeler.sources import image_bytes
 from labeler.storage import filesystem_for, list_files, read_bytes
 
 
@@ -47,16 +48,33 @@ def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     return classes, pairs
 
 
-def _decode_many(uris: list[str], image_size: int, in_chans: int) -> tuple[np.ndarray, list[bool]]:
-    out = np.zeros((len(uris), image_size, image_size, in_chans), dtype=np.uint8)
+def _decode_many(sources: list, image_size: int, in_chans: int, read=read_bytes) -> tuple[np.ndarray, list[bool]]:
+    """Decode ``read(source)`` for each source (a URI by default) at the model's size; ok flags per image."""
+    out = np.zeros((len(sources), image_size, image_size, in_chans), dtype=np.uint8)
     ok = []
-    for i, uri in enumerate(uris):
+    for i, src in enumerate(sources):
         try:
-            out[i] = resize_center_crop(decode_image(read_bytes(uri), in_chans), image_size)
+            out[i] = resize_center_crop(decode_image(read(src), in_chans), image_size)
             ok.append(True)
         except RejectedImage:
             ok.append(False)
     return out, ok
+
+
+def class_indices(names: list[str], classes: list[str], root: str) -> np.ndarray:
+    """Index into ``classes`` of each class name; a name the model does not know is an error."""
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise ValueError(f"{root} has classes {unknown[:10]} that the model does not know ({classes[:10]})")
+    index = {c: i for i, c in enumerate(classes)}
+    return np.asarray([index[n] for n in names], dtype=np.int64)
+
+
+def _one_hot(images: np.ndarray, ok: list[bool], indices: np.ndarray, ids: list[str], num_classes: int) -> ImageSet:
+    keep = np.flatnonzero(ok)
+    targets = np.zeros((len(keep), num_classes), dtype=np.float32)
+    targets[np.arange(len(keep)), indices[keep]] = 1.0
+    return ImageSet(images[keep], targets, [ids[k] for k in keep])
 
 
 def parquet_files(root: str) -> list[str]:
@@ -64,67 +82,50 @@ def parquet_files(root: str) -> list[str]:
     return list_files(root, suffix=".parquet")[1]
 
 
-def _parquet_labeled(root: str) -> tuple[list, list[str]]:
-    """(image bytes, class names) of Parquet files with ``image`` (bytes, or a struct with ``bytes``) and
-    ``label`` (class name or integer index) columns."""
+def _parquet_columns(root: str, columns: list[str]) -> dict[str, list]:
+    """Python lists of ``columns`` over every Parquet file under ``root`` (``image`` as plain bytes)."""
     fs, files = list_files(root, suffix=".parquet")
-    data, labels = [], []
+    out: dict[str, list] = {c: [] for c in columns}
     for path in files:
-        t = pq.read_table(path, filesystem=fs, columns=["image", "label"])
-        col = t["image"]
-        if pa.types.is_struct(col.type):
-            col = pa.chunked_array([c.field("bytes") for c in col.chunks], type=col.type.field("bytes").type)
-        data += col.to_pylist()
-        labels += [str(v) for v in t["label"].to_pylist()]
-    return data, labels
+        t = pq.read_table(path, filesystem=fs, columns=columns)
+        for c in columns:
+            out[c] += (image_bytes(t[c]) if c == "image" else t[c]).to_pylist()
+    out["label"] = [str(v) for v in out["label"]]
+    return out
 
 
 def labeled_classes(root: str) -> list[str]:
     """Sorted class names of a labeled set: class folders, or the ``label`` values of Parquet files
-    (integer labels 0..K-1 become "0".."K-1", sorted by value)."""
+    (``image`` column, bytes or a struct with ``bytes``; ``label`` column, class names or integer
+    indices; integer labels 0..K-1 become "0".."K-1", sorted by value)."""
     if not parquet_files(root):
         return list_class_folders(root)[0]
-    _, labels = _parquet_labeled(root)
-    names = set(labels)
+    names = set(_parquet_columns(root, ["label"])["label"])
     if all(n.lstrip("-").isdigit() for n in names):
         return [str(i) for i in range(max(int(n) for n in names) + 1)]
     return sorted(names)
-
-
-def _load_parquet_labeled(root: str, classes: list[str], image_size: int, in_chans: int) -> ImageSet:
-    data, labels = _parquet_labeled(root)
-    unknown = sorted(set(labels) - set(classes))
-    if unknown:
-        raise ValueError(f"{root} has labels {unknown[:10]} that the model does not know ({classes[:10]}...)")
-    index = {c: i for i, c in enumerate(classes)}
-    images = np.zeros((len(data), image_size, image_size, in_chans), dtype=np.uint8)
-    keep = []
-    for i, blob in enumerate(data):
-        try:
-            images[i] = resize_center_crop(decode_image(blob or b"", in_chans), image_size)
-            keep.append(i)
-        except RejectedImage:
-            pass
-    targets = np.zeros((len(keep), len(classes)), dtype=np.float32)
-    targets[np.arange(len(keep)), [index[labels[k]] for k in keep]] = 1.0
-    return ImageSet(images[keep], targets, [f"{root}#{k}" for k in keep])
 
 
 def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int = 3) -> ImageSet:
     """Labeled images with one-hot targets, from class folders or Parquet (``image``, ``label``);
     undecodable images are skipped."""
     if parquet_files(root):
-        return _load_parquet_labeled(root, classes, image_size, in_chans)
-    found, pairs = list_class_folders(root)
-    extra = sorted(set(found) - set(classes))
-    if extra:
-        raise ValueError(f"{root} has classes {extra} that the model does not know ({classes})")
-    index = {c: i for i, c in enumerate(classes)}
+        cols = _parquet_columns(root, ["image", "label"])
+        indices = class_indices(cols["label"], classes, root)
+        images, ok = _decode_many(cols["image"], image_size, in_chans, read=lambda blob: blob or b"")
+        return _one_hot(images, ok, indices, [f"{root}#{k}" for k in range(len(ok))], len(classes))
+    _, pairs = list_class_folders(root)
+    indices = class_indices([c for _, c in pairs], classes, root)
     images, ok = _decode_many([u for u, _ in pairs], image_size, in_chans)
-    keep = np.flatnonzero(ok)
-    targets = np.zeros((len(keep), len(classes)), dtype=np.float32)
-    targets[np.arange(len(keep)), [index[pairs[k][1]] for k in keep]] = 1.0
-    return ImageSet(images[keep], targets, [pairs[k][0] for k in keep])
+    return _one_hot(images, ok, indices, [u for u, _ in pairs], len(classes))
+
+
+def pseudo_uris(table: pa.Table, balanced: str) -> list[str]:
+    """The ``path`` column as readable URIs (rows written through S3 lack the scheme)."""
+    uris = table.column("path").to_pylist()
+    if balanced.startswith("s3://"):
+        uris = [u if u.startswith("s3://") else "s3://" + u for u in uris]
+    return uris
 
 
 def dense_targets(table: pa.Table, num_classes: int) -> np.ndarray:
@@ -151,9 +152,7 @@ def load_pseudo(balanced: str, num_classes: int, image_size: int, in_chans: int 
     fs, path = filesystem_for(balanced)
     table = pq.read_table(path, filesystem=fs)
     table = table.sort_by("id")  # file order from a distributed write varies; training order must not
-    uris = table.column("path").to_pylist()
-    if balanced.startswith("s3://"):
-        uris = [u if u.startswith("s3://") else "s3://" + u for u in uris]
+    uris = pseudo_uris(table, balanced)
     images, ok = _decode_many(uris, image_size, in_chans)
     if not all(ok):
         raise ValueError(f"{sum(not o for o in ok)} pseudo-labeled images no longer decode; re-run labeling")

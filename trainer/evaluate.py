@@ -18,23 +18,36 @@ from trainer.data import ImageSet
 
 
 @torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module, images: np.ndarray, spec: ModelSpec, device, batch: int = 256
+) -> torch.Tensor:
+    """Logits (N, classes), on the CPU, of ``model`` in its current mode on uint8 images at model size."""
+    out = [
+        model(normalize(images[i : i + batch], spec.mean, spec.std).to(device)).float().cpu()
+        for i in range(0, len(images), batch)
+    ]
+    return torch.cat(out) if out else torch.zeros((0, spec.num_classes))
+
+
+def accuracy_metrics(logits: torch.Tensor, labels: np.ndarray, prefix: str = "test") -> dict:
+    """``{prefix}_top1``, ``_top5`` and ``_loss`` (mean cross entropy) of logits against class indices."""
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    n = max(1, len(y))
+    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return {
+        f"{prefix}_top1": (topk[:, 0] == y).sum().item() / n,
+        f"{prefix}_top5": (topk == y[:, None]).any(dim=1).sum().item() / n,
+        f"{prefix}_loss": torch.nn.functional.cross_entropy(logits, y, reduction="sum").item() / n,
+    }
+
+
 def evaluate(model: torch.nn.Module, data: ImageSet, spec: ModelSpec, device, batch: int = 256) -> dict:
     """top-1, top-5 and mean cross entropy of the un-noised model."""
     was_training = model.training
     model.eval()
-    top1 = top5 = loss = 0.0
-    for i in range(0, len(data), batch):
-        x = normalize(data.images[i : i + batch], spec.mean, spec.std).to(device)
-        y = torch.from_numpy(data.targets[i : i + batch].argmax(axis=1)).to(device)
-        logits = model(x).float()
-        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        top1 += (topk[:, 0] == y).sum().item()
-        top5 += (topk == y[:, None]).any(dim=1).sum().item()
+    logits = predict_logits(model, data.images, spec, device, batch)
     model.train(was_training)
-    n = max(1, len(data))
-    return {"test_top1": top1 / n, "test_top5": top5 / n, "test_loss": loss / n}
+    return accuracy_metrics(logits, data.targets.argmax(axis=1))
 
 
 def recalibrate_batchnorm(

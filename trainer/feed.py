@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 
 from labeler.images import RejectedImage, decode_image, normalize, resize_center_crop
-from labeler.storage import filesystem_for, is_s3, read_bytes
-from trainer.data import dense_targets, list_class_folders, parquet_files
+from labeler.storage import filesystem_for, read_bytes
+from trainer.data import class_indices, dense_targets, list_class_folders, parquet_files, pseudo_uris
 from trainer.noise import randaugment, smooth
 
 DECODE_BATCH = 64
@@ -25,33 +27,34 @@ def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
     """Rows (path, one-hot target) of a class-folder tree, in a stable order."""
     if parquet_files(root):
         raise ValueError(f"{root} is a Parquet labeled set; feed: ray_data reads class folders, use feed: memory")
-    found, pairs = list_class_folders(root)
-    extra = sorted(set(found) - set(classes))
-    if extra:
-        raise ValueError(f"{root} has classes {extra} that the model does not know ({classes})")
-    index = {c: i for i, c in enumerate(classes)}
+    _, pairs = list_class_folders(root)
+    indices = class_indices([c for _, c in pairs], classes, root)
     eye = np.eye(len(classes), dtype=np.float32)
-    return ray.data.from_items([{"path": uri, "target": eye[index[c]]} for uri, c in pairs])
+    return ray.data.from_items([{"path": uri, "target": eye[i]} for (uri, _), i in zip(pairs, indices)])
 
 
-def _expand(table: pa.Table, num_classes: int, hard: bool, s3: bool) -> dict[str, np.ndarray]:
+def _expand(table: pa.Table, num_classes: int, hard: bool, balanced: str) -> dict[str, np.ndarray]:
     """Balanced rows -> one row per copy, with dense soft (or one-hot) targets."""
     reps = table.column("copies").to_numpy()
     if hard:
         targets = np.eye(num_classes, dtype=np.float32)[table.column("label").to_numpy()]
     else:
         targets = dense_targets(table, num_classes)
-    paths = np.asarray(table.column("path").to_pylist(), dtype=object)
-    if s3:
-        paths = np.asarray([p if p.startswith("s3://") else "s3://" + p for p in paths], dtype=object)
+    paths = np.asarray(pseudo_uris(table, balanced), dtype=object)
     return {"path": np.repeat(paths, reps), "target": np.repeat(targets, reps, axis=0)}
 
 
 def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Dataset:
     fs, path = filesystem_for(balanced)
     ds = ray.data.read_parquet(path, filesystem=fs)
-    kwargs = {"num_classes": num_classes, "hard": hard, "s3": is_s3(balanced)}
+    kwargs = {"num_classes": num_classes, "hard": hard, "balanced": balanced}
     return ds.map_batches(_expand, batch_format="pyarrow", fn_kwargs=kwargs)
+
+
+def pseudo_row_count(balanced: str) -> int:
+    """Rows the balanced set expands to (the sum of ``copies``), reading that column only."""
+    fs, path = filesystem_for(balanced)
+    return int(pc.sum(pq.read_table(path, filesystem=fs, columns=["copies"])["copies"]).as_py() or 0)
 
 
 def decode_and_augment(batch: dict, spec: dict, ops: int, magnitude: int, smoothing: float) -> dict[str, np.ndarray]:

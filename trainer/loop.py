@@ -170,7 +170,6 @@ class _Step:
 
     def __init__(self, model, opt, sched, ema, s: TrainSettings, device: torch.device):
         self.model, self.opt, self.sched, self.ema, self.s, self.device = model, opt, sched, ema, s, device
-        self.count = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -183,7 +182,6 @@ class _Step:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.s.grad_clip_norm)
         self.opt.step()
         self.sched.step()
-        self.count += 1
         if self.ema is not None:
             self.ema.update(self.model, step=self.sched.last_epoch)
         return loss.item()
