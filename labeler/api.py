@@ -14,29 +14,46 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from labeler.images import DEFAULT_MAX_PIXELS
+from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import ModelSpec, load_spec
-from labeler.predict import Predictor, decode_batch
+from labeler.predict import PRECISIONS, Predictor
 from labeler.sources import read_source
 from labeler.storage import filesystem_for, list_files, write_bytes
+
+GPU_BATCH_SIZE = 256
+# On CPU, large batches are slower: efficientnet_b0 at 224 px on 2 cores ran at 57-85 images/s with
+# batches of 16 and 39-41 with 64 (activations outgrow the caches and memory is re-faulted each call)
+CPU_BATCH_SIZE = 16
+# glibc malloc in a CPU inference actor: every forward pass frees and re-allocates activations of
+# tens of MB; by default those are fresh mmaps (page faults: most of the time went to the kernel),
+# and Ray Data calls the model from a worker thread, whose arena cannot hold them at all. One arena
+# that keeps its memory makes them reuse it: efficientnet_b0 at 224 px in a thread on 2 cores went
+# from 46-61 to 72-87 images/s, kernel time from 7.7 s to 1.1 s (benchmarks/labeler_throughput.py
+# has the end-to-end effect). The actor's resident memory then stays at its peak.
+CPU_INFERENCE_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(2**32),
+    "MALLOC_TRIM_THRESHOLD_": str(2**32),
+}
 
 
 @dataclass
 class LabelOptions:
     """Execution options; the defaults suit a laptop and scale up by setting them."""
 
-    batch_size: int = 256
+    batch_size: int | None = None  # per inference call; None: 256 on GPU actors, 16 on CPU (see CPU_BATCH_SIZE)
     num_actors: int = 1
     max_actors: int | None = None
     num_gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
-    decode_cpus: float = 0.5  # per decode task; decoding runs in CPU tasks beside the inference actors
-    read_cpus: float = 1.0  # per read task
+    decode_cpus: float = 0.5  # per read task and per decode task, which run beside the inference actors
     threads_per_actor: int | None = None  # CPU inference threads per actor; None: the node's cores
     temperature: float = 1.0
     hard: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    wait_for_actors_s: float = 600.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 (autocast)
+    optimize: bool = True  # fold batch norms into convolutions + channels_last (same fp32 results, faster)
+    wait_for_actors_s: float = 0.0  # 0: read and decode while actors start (a pool that never starts: stall_timeout_s)
     stall_timeout_s: float = 900.0  # fail when no output file appears for this long (a stalled pool)
     format: str = "auto"  # auto | folder | parquet | webdataset
     image_column: str = "image"  # Parquet inputs
@@ -67,15 +84,19 @@ def label_images(
     Nothing runs until the dataset is consumed.
     """
     opts = options or LabelOptions()
+    if opts.precision not in PRECISIONS:  # checked here, not only in the actors: fail before any work
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {opts.precision!r}")
     spec = _resolve_spec(checkpoint, spec)
-    ds = read_source(source, opts.format, opts.image_column, opts.id_column, opts.read_cpus)
+    # the actors' CPUs differ from decode_cpus (by default) so Ray Data does not fuse decoding into
+    # the actors, where it would run in turn with inference instead of beside it
+    ds = read_source(source, opts.format, opts.image_column, opts.id_column, opts.decode_cpus)
     if skip_ids:
-        ds = ds.map_batches(_skip_done, batch_format="numpy", fn_kwargs={"done": skip_ids})
+        ds = ds.map_batches(_skip_done, batch_format="numpy", num_cpus=opts.decode_cpus, fn_kwargs={"done": skip_ids})
     ds = ds.map_batches(
         decode_batch,
         batch_size=64,
         batch_format="numpy",
-        num_cpus=opts.decode_cpus,  # differs from the actors' so decoding is not fused into them
+        num_cpus=opts.decode_cpus,
         fn_kwargs={
             "image_size": spec.image_size,
             "crop_pct": spec.crop_pct,
@@ -97,12 +118,15 @@ def label_images(
             "hard": opts.hard,
             "topk": opts.topk,
             "threads": opts.threads_per_actor,
+            "optimize": opts.optimize,
+            "precision": opts.precision,
         },
-        batch_size=opts.batch_size,
+        batch_size=opts.batch_size or (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=opts.num_actors, max_size=opts.max_actors or opts.num_actors),
         num_gpus=gpus,
         num_cpus=opts.cpus_per_actor,
+        runtime_env=None if gpus else {"env_vars": CPU_INFERENCE_ENV},
     )
 
 

@@ -14,6 +14,7 @@ import sys
 
 from labeler.api import LabelingStalled, LabelOptions, run_labeling
 from labeler.model import ModelSpec
+from labeler.predict import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="number of classes (bare state-dict files only)")
     p.add_argument("--image-size", type=int, default=224, help="eval input size (bare state-dict files only)")
     p.add_argument("--crop-pct", type=float, default=0.875, help="eval centre-crop fraction (bare files only)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, help="images per inference call (default: 256 on GPU, 16 on CPU)")
     p.add_argument("--num-actors", type=int, default=1, help="inference actors (min of the pool)")
     p.add_argument("--max-actors", type=int, help="max inference actors (autoscaling pool)")
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 when the cluster has GPUs, else 0")
     p.add_argument("--temperature", type=float, default=1.0, help="soft labels are softmax(logits / T)")
     p.add_argument("--hard", action="store_true", help="one-hot labels instead of soft")
     p.add_argument("--topk", type=int, default=0, help="store top-k classes + fp16 probs + rest mass (0: full)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--no-optimize", action="store_true", help="run the model as loaded (no batch-norm folding, no channels_last)"
+    )
     p.add_argument("--stall-timeout", type=float, default=900.0, help="fail after this many seconds without output")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
     return p
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, num_actors=args.num_actors, max_actors=args.max_actors,
         num_gpus_per_actor=args.gpus_per_actor, temperature=args.temperature, hard=args.hard,
         format=args.format, image_column=args.image_column, id_column=args.id_column, topk=args.topk,
-        stall_timeout_s=args.stall_timeout,
+        stall_timeout_s=args.stall_timeout, optimize=not args.no_optimize, precision=args.precision,
     )  # fmt: skip
     if not ray.is_initialized():
         ray.init(address=args.address)

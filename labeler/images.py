@@ -92,3 +92,27 @@ def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, 
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], image_size: int, crop_pct: float, in_chans: int, max_pixels: int
+) -> dict[str, np.ndarray]:
+    """bytes -> fixed-size uint8 images; a bad image becomes a row with a reject reason.
+
+    A row whose optional ``read_error`` is set (the file could not be read) is rejected as
+    ``unreadable``.
+    """
+    n = len(batch["path"])
+    images = np.zeros((n, image_size, image_size, in_chans), dtype=np.uint8)
+    reasons = np.full(n, "", dtype=object)
+    read_errors = batch.get("read_error")
+    for i, data in enumerate(batch["bytes"]):
+        if read_errors is not None and isinstance(read_errors[i], str):  # nulls may arrive as None or NaN
+            reasons[i] = "unreadable"
+            continue
+        try:
+            img = decode_image(bytes(data) if data is not None else b"", in_chans, max_pixels)
+            images[i] = resize_center_crop(img, image_size, crop_pct)
+        except RejectedImage as err:
+            reasons[i] = err.reason
+    return {"id": batch["id"], "path": batch["path"], "image": images, "reject_reason": reasons}

@@ -19,10 +19,12 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from labeler.storage import read_bytes, write_bytes
+
+if TYPE_CHECKING:  # torch is imported on use: drivers that only read specs start faster
+    import torch
 
 WEIGHTS_FILE = "model.safetensors"
 SPEC_FILE = "model.json"
@@ -118,6 +120,8 @@ def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load
 
         return load(blob)
+    import torch
+
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

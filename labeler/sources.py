@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
+from labeler.file_reader import ImageFilesDatasource, relative_id
 from labeler.images import IMAGE_EXTENSIONS
 from labeler.storage import filesystem_for, list_files
 
@@ -52,16 +53,6 @@ def _format_of(source: str, names: list[str]) -> str:
     return "folder"
 
 
-def _relative(path: str, root: str) -> str:
-    root = root.rstrip("/") + "/"
-    return path[len(root) :] if path.startswith(root) else path.rsplit("/", 1)[-1]
-
-
-def _folder_rows(batch: dict, root: str) -> dict:
-    return {"id": np.array([_relative(str(p), root) for p in batch["path"]], dtype=object),
-            "path": batch["path"], "bytes": batch["bytes"]}  # fmt: skip
-
-
 def image_bytes(col: pa.ChunkedArray) -> pa.ChunkedArray:
     """An image column as plain bytes: binary as is, or the ``bytes`` field of a Hugging Face struct."""
     if pa.types.is_struct(col.type):
@@ -75,7 +66,7 @@ def _parquet_rows(batch: pa.Table, root: str, image_column: str, id_column: str 
     if id_column:
         ids = [str(v) for v in batch[id_column].to_pylist()]
     else:
-        ids = [f"{_relative(p, root)}#{hashlib.sha1(d or b'').hexdigest()[:16]}" for p, d in zip(paths, data)]
+        ids = [f"{relative_id(p, root)}#{hashlib.sha1(d or b'').hexdigest()[:16]}" for p, d in zip(paths, data)]
     return pa.table({"id": ids, "path": paths, "bytes": pa.array(data, pa.binary())})
 
 
@@ -87,7 +78,7 @@ def _webdataset_rows(batch: dict, root: str) -> dict:
         found = next((batch[e][i] for e in exts if batch[e][i] is not None), None)
         data.append(bytes(found) if found is not None else b"")
     paths = [str(p) for p in batch["path"]] if "path" in batch else [root] * n
-    ids = [f"{_relative(p, root)}/{k}" for p, k in zip(paths, batch["__key__"])]
+    ids = [f"{relative_id(p, root)}/{k}" for p, k in zip(paths, batch["__key__"])]
     return {
         "id": np.array(ids, dtype=object),
         "path": np.array(paths, dtype=object),
@@ -98,7 +89,10 @@ def _webdataset_rows(batch: dict, root: str) -> dict:
 def read_source(
     source: str, fmt: str = "auto", image_column: str = "image", id_column: str | None = None, num_cpus: float = 1.0
 ) -> ray.data.Dataset:
-    """A lazy dataset of (id, path, bytes) rows, one per image; read tasks reserve ``num_cpus``."""
+    """A lazy dataset of (id, path, bytes[, read_error]) rows, one per image; tasks reserve ``num_cpus``.
+
+    Row mappings reserve the same, so Ray Data fuses them into the read tasks.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     files = _listing(source) if fmt in ("auto", "folder") else None  # listed once, also for the folder read
@@ -107,19 +101,16 @@ def read_source(
     if fmt == "folder":
         if not files:
             raise ValueError(f"input {source} holds no files")
-        # a block per FILES_PER_BLOCK files: Ray's default (200+ read tasks) spends more on task
-        # overhead than on reading when the files are small
-        blocks = max(1, -(-len(files) // FILES_PER_BLOCK))
-        ds = ray.data.read_binary_files(
-            files, include_paths=True, filesystem=fs, num_cpus=num_cpus, override_num_blocks=blocks
-        )
-        return ds.map_batches(_folder_rows, batch_format="numpy", fn_kwargs={"root": root})
+        # a block per FILES_PER_BLOCK files: a task per file spends more on overhead than on reading
+        blocks = -(-len(files) // FILES_PER_BLOCK)  # pinned: Ray would split each block in ~20 otherwise
+        source = ImageFilesDatasource(fs, root, files, FILES_PER_BLOCK)
+        return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=blocks)
     if fmt == "parquet":
         columns = [image_column] + ([id_column] if id_column else [])
         ds = ray.data.read_parquet(root, filesystem=fs, columns=columns, include_paths=True, num_cpus=num_cpus)
         kwargs = {"root": root, "image_column": image_column, "id_column": id_column}
-        return ds.map_batches(_parquet_rows, batch_format="pyarrow", fn_kwargs=kwargs)
+        return ds.map_batches(_parquet_rows, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=kwargs)
     ds = ray.data.read_webdataset(
         root, filesystem=fs, decoder=None, include_paths=True, file_extensions=["tar"], num_cpus=num_cpus
     )
-    return ds.map_batches(_webdataset_rows, batch_format="numpy", fn_kwargs={"root": root})
+    return ds.map_batches(_webdataset_rows, batch_format="numpy", num_cpus=num_cpus, fn_kwargs={"root": root})

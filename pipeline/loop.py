@@ -119,6 +119,7 @@ def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, 
         opts = LabelOptions(
             batch_size=lab["batch_size"], num_actors=lab["num_actors"], num_gpus_per_actor=lab["num_gpus_per_actor"],
             temperature=lab["temperature"], hard=not lab["soft"], topk=lab["topk"],
+            precision=lab.get("precision", "auto"),
         )  # fmt: skip
         run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts)
     stats_path = join(round_dir, "balance_stats.json")

@@ -17,7 +17,7 @@ def main(out: str) -> None:
         with open(os.path.join(out, "images", f"{i}.png"), "wb") as f:
             f.write(png_bytes(seed=i))
     random_checkpoint(os.path.join(out, "teacher"))
-    opts = LabelOptions(num_actors=2, cpus_per_actor=1.0, read_cpus=1.0, stall_timeout_s=20, wait_for_actors_s=300)
+    opts = LabelOptions(num_actors=2, cpus_per_actor=1.0, decode_cpus=1.0, stall_timeout_s=20, wait_for_actors_s=300)
     try:
         run_labeling(os.path.join(out, "images"), os.path.join(out, "teacher"), os.path.join(out, "labels"), opts)
     except LabelingStalled as err:

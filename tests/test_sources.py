@@ -4,6 +4,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from labeler.sources import detect_format, read_source
 from tests.helpers import png_bytes
@@ -51,3 +52,27 @@ def test_webdataset_shards(ray_local, tmp_path):
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         detect_format(str(tmp_path / "nope"))
+
+
+def test_folder_blocks_keep_order_and_a_vanished_file_is_an_unreadable_row(ray_local, tmp_path):
+    """Files listed and then deleted (or otherwise unreadable) must not fail the job: the read
+    gives a row with ``read_error`` and decoding rejects it as ``unreadable``."""
+    import pyarrow.fs as pafs
+
+    from labeler.file_reader import ImageFilesDatasource
+    from labeler.images import decode_batch
+
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    names = ["a.png", "sub/b.png", "gone.png", "c.png"]
+    for i, name in enumerate(names):
+        (root / name).write_bytes(png_bytes(seed=i))
+    paths = [str(root / n) for n in names]
+    (root / "gone.png").unlink()
+    source = ImageFilesDatasource(pafs.LocalFileSystem(), str(root), paths, files_per_block=3)
+    assert [t.metadata.num_rows for t in source.get_read_tasks(1)] == [3, 1]
+    ds = ray.data.read_datasource(source, override_num_blocks=2)
+    kwargs = {"image_size": 8, "crop_pct": 1.0, "in_chans": 3, "max_pixels": 10**6}
+    rows = ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs=kwargs).take_all()
+    expected = {"a.png": "", "sub/b.png": "", "gone.png": "unreadable", "c.png": ""}
+    assert {r["id"]: r["reject_reason"] for r in rows} == expected

@@ -1,0 +1,72 @@
+"""A Ray Data datasource that reads image files in blocks of (id, path, bytes, read_error).
+
+Why not ``ray.data.read_binary_files``: it builds a block per file and costs about 0.25 ms
+of CPU per small file on the development machine, 25 times the read itself, and one
+unreadable file (permission denied, deleted after the listing) fails the whole job. Here a
+read task reads a list of files into one block; a file that cannot be read becomes a row
+with ``read_error`` set, which the decode stage turns into an ``unreadable`` rejection.
+Remote files (S3) are fetched by a small thread pool per task, since each GET is latency-bound.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("bytes", pa.binary()), ("read_error", pa.string())])
+REMOTE_READ_THREADS = 16
+
+
+def relative_id(path: str, root: str) -> str:
+    """An image's stable id: its path relative to the corpus root."""
+    root = root.rstrip("/") + "/"
+    return path[len(root) :] if path.startswith(root) else path.rsplit("/", 1)[-1]
+
+
+def _read_one(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]:
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read(), None
+    except OSError as err:
+        return None, f"{type(err).__name__}: {err}"[:300]
+
+
+def read_files(fs: pafs.FileSystem, root: str, paths: list[str]) -> pa.Table:
+    """One block with a row per file, in the order given; read failures are rows too."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        results = [_read_one(fs, p) for p in paths]
+    else:
+        with ThreadPoolExecutor(REMOTE_READ_THREADS) as pool:
+            results = list(pool.map(lambda p: _read_one(fs, p), paths))
+    return pa.table(
+        [[relative_id(p, root) for p in paths], paths, [r[0] for r in results], [r[1] for r in results]],
+        schema=SCHEMA,
+    )
+
+
+class ImageFilesDatasource(Datasource):
+    """``files_per_block`` files per read task, each task's files read into one block."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, paths: list[str], files_per_block: int):
+        super().__init__()
+        self._fs, self._root, self._paths, self._per_block = fs, root, paths, files_per_block
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None  # the listing has names only; sizes would cost a request per file on S3
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
+        fs, root = self._fs, self._root
+        chunks = [self._paths[i : i + self._per_block] for i in range(0, len(self._paths), self._per_block)]
+        return [
+            ReadTask(
+                lambda chunk=chunk: [read_files(fs, root, chunk)],
+                BlockMetadata(num_rows=len(chunk), size_bytes=None, input_files=None, exec_stats=None),
+                schema=SCHEMA,
+                per_task_row_limit=per_task_row_limit,
+            )
+            for chunk in chunks
+        ]
