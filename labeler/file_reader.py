@@ -3,7 +3,7 @@
 Why not ``ray.data.read_binary_files``: it builds a block per file and costs about 0.25 ms
 of CPU per small file on the development machine, 25 times the read itself, and one
 unreadable file (permission denied, deleted after the listing) fails the whole job. Here a
-read task reads a list of files into one block; a file that cannot be read becomes a row
+read task reads a list of files into a few large blocks; a file that cannot be read becomes a row
 with ``read_error`` set, which the decode stage turns into an ``unreadable`` rejection.
 Remote files (S3) are fetched by a small thread pool per task, since each GET is latency-bound.
 """
@@ -19,6 +19,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("bytes", pa.binary()), ("read_error", pa.string())])
 REMOTE_READ_THREADS = 16
+MAX_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 def relative_id(path: str, root: str) -> str:
@@ -35,21 +36,34 @@ def _read_one(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]
         return None, f"{type(err).__name__}: {err}"[:300]
 
 
-def read_files(fs: pafs.FileSystem, root: str, paths: list[str]) -> pa.Table:
-    """One block with a row per file, in the order given; read failures are rows too."""
+def read_files(fs: pafs.FileSystem, root: str, paths: list[str], max_block_bytes: int = MAX_BLOCK_BYTES):
+    """Blocks with a row per file, in the order given, each at most about ``max_block_bytes`` of
+    image bytes (so a task of large images does not build one huge block); failures are rows too."""
     if isinstance(fs, pafs.LocalFileSystem):
-        results = [_read_one(fs, p) for p in paths]
-    else:
-        with ThreadPoolExecutor(REMOTE_READ_THREADS) as pool:
-            results = list(pool.map(lambda p: _read_one(fs, p), paths))
-    return pa.table(
-        [[relative_id(p, root) for p in paths], paths, [r[0] for r in results], [r[1] for r in results]],
-        schema=SCHEMA,
-    )
+        yield from _blocks(root, paths, (_read_one(fs, p) for p in paths), max_block_bytes)
+        return
+    with ThreadPoolExecutor(REMOTE_READ_THREADS) as pool:
+        yield from _blocks(root, paths, pool.map(lambda p: _read_one(fs, p), paths), max_block_bytes)
+
+
+def _blocks(root: str, paths: list[str], results, max_block_bytes: int):
+    rows, size = [], 0
+    for path, (data, error) in zip(paths, results):
+        rows.append((relative_id(path, root), path, data, error))
+        size += len(data or b"")
+        if size >= max_block_bytes:
+            yield _table(rows)
+            rows, size = [], 0
+    if rows:
+        yield _table(rows)
+
+
+def _table(rows: list[tuple]) -> pa.Table:
+    return pa.table([list(column) for column in zip(*rows)], schema=SCHEMA)
 
 
 class ImageFilesDatasource(Datasource):
-    """``files_per_block`` files per read task, each task's files read into one block."""
+    """``files_per_block`` files per read task; a task's blocks hold at most about 64 MB of bytes each."""
 
     def __init__(self, fs: pafs.FileSystem, root: str, paths: list[str], files_per_block: int):
         super().__init__()
@@ -63,7 +77,7 @@ class ImageFilesDatasource(Datasource):
         chunks = [self._paths[i : i + self._per_block] for i in range(0, len(self._paths), self._per_block)]
         return [
             ReadTask(
-                lambda chunk=chunk: [read_files(fs, root, chunk)],
+                lambda chunk=chunk: read_files(fs, root, chunk),
                 BlockMetadata(num_rows=len(chunk), size_bytes=None, input_files=None, exec_stats=None),
                 schema=SCHEMA,
                 per_task_row_limit=per_task_row_limit,

@@ -89,7 +89,7 @@ class Predictor:
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         dtype = str(self.autocast or torch.float32).replace("torch.", "")
-        print(f"labeler: predictor for {self.spec.model_id} on node {node}, {self.device} {dtype}, model {note}")
+        print(f"labeler: predictor for {self.spec.model_id} on node {node}, device {self.device} {dtype}, {note}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch

@@ -76,3 +76,17 @@ def test_folder_blocks_keep_order_and_a_vanished_file_is_an_unreadable_row(ray_l
     rows = ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs=kwargs).take_all()
     expected = {"a.png": "", "sub/b.png": "", "gone.png": "unreadable", "c.png": ""}
     assert {r["id"]: r["reject_reason"] for r in rows} == expected
+
+
+def test_a_read_task_splits_large_reads_into_blocks_in_file_order(tmp_path):
+    import pyarrow.fs as pafs
+
+    from labeler.file_reader import read_files
+
+    paths = []
+    for i in range(5):
+        (tmp_path / f"{i}.png").write_bytes(b"x" * 100)
+        paths.append(str(tmp_path / f"{i}.png"))
+    blocks = list(read_files(pafs.LocalFileSystem(), str(tmp_path), paths, max_block_bytes=250))
+    assert [b.num_rows for b in blocks] == [3, 2]
+    assert [i for b in blocks for i in b.column("id").to_pylist()] == [f"{i}.png" for i in range(5)]
