@@ -22,13 +22,13 @@ from labeler.storage import filesystem_for, list_files, write_bytes
 
 GPU_BATCH_SIZE = 256
 # On CPU, large batches are slower: efficientnet_b0 at 224 px on 2 cores ran at 57-85 images/s with
-# batches of 16 and 39-41 with 64 (activations outgrow the caches and memory is re-faulted each call)
+# batches of 16 and 39-41 with 64 or 128 (activations outgrow the caches and memory is re-faulted each call)
 CPU_BATCH_SIZE = 16
 # glibc malloc in a CPU inference actor: every forward pass frees and re-allocates activations of
 # tens of MB; by default those are fresh mmaps (page faults: most of the time went to the kernel),
 # and Ray Data calls the model from a worker thread, whose arena cannot hold them at all. One arena
 # that keeps its memory makes them reuse it: efficientnet_b0 at 224 px in a thread on 2 cores went
-# from 46-61 to 72-87 images/s, kernel time from 7.7 s to 1.1 s (benchmarks/labeler_throughput.py
+# from 46-61 to 72-98 images/s, kernel time from 7.7 s to 1.0-1.1 s (benchmarks/labeler_throughput.py
 # has the end-to-end effect). The actor's resident memory then stays at its peak.
 CPU_INFERENCE_ENV = {
     "MALLOC_ARENA_MAX": "1",
