@@ -37,7 +37,7 @@ from PIL import Image
 from labeler.images import decode_image, normalize, resize_center_crop
 from labeler.inference import optimize_for_inference
 from labeler.model import ModelSpec, create_model, load_checkpoint, save_checkpoint
-from labeler.predict import autocast_dtype
+from labeler.predict import PRECISIONS, autocast_dtype
 
 
 def make_corpus(root: str, n: int, size: int) -> list[str]:
@@ -158,7 +158,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--actors", type=int, default=1, help="labeler inference actors")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--threads", type=int, help="torch threads per actor (default: the node's cores)")
-    p.add_argument("--precision", default="auto", help="the labeler's: auto (fp32 on CPU) | fp32 | bf16")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="the labeler's (auto: fp32 on CPU)")
     p.add_argument("--no-optimize", action="store_true", help="labeler runs the model as loaded")
     p.add_argument("--repeats", type=int, default=1, help="alternate labeler and DataLoader runs this often")
     return p.parse_args()

@@ -16,7 +16,7 @@ import ray
 
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import ModelSpec, load_spec
-from labeler.predict import PRECISIONS, Predictor
+from labeler.predict import Predictor, check_precision
 from labeler.sources import read_source
 from labeler.storage import filesystem_for, list_files, write_bytes
 
@@ -84,8 +84,7 @@ def label_images(
     Nothing runs until the dataset is consumed.
     """
     opts = options or LabelOptions()
-    if opts.precision not in PRECISIONS:  # checked here, not only in the actors: fail before any work
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {opts.precision!r}")
+    check_precision(opts.precision)  # here too, not only in the actors: fail before any work
     spec = _resolve_spec(checkpoint, spec)
     # the actors' CPUs differ from decode_cpus (by default) so Ray Data does not fuse decoding into
     # the actors, where it would run in turn with inference instead of beside it

@@ -30,6 +30,12 @@ def prediction_schema(topk: int = 0) -> pa.Schema:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def check_precision(precision: str) -> None:
+    """Torch-free, so drivers can reject a bad value before any actor starts."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+
+
 def autocast_dtype(precision: str, device_type: str):
     """The autocast dtype for inference, or None for plain fp32.
 
@@ -38,8 +44,7 @@ def autocast_dtype(precision: str, device_type: str):
     """
     import torch
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    check_precision(precision)
     if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
         return torch.bfloat16
     return None
