@@ -220,12 +220,14 @@ def summarize_predictions(predictions: str, rejected_out: str | None = None) -> 
     """Counts from the written predictions, in one streaming pass over them, file by file.
 
     With ``rejected_out``, the rejected images (id, path, reject_reason) are written there too.
+    ``damaged_shards`` names the WebDataset shards that were cut off or corrupt (their readable
+    samples are labeled; one ``damaged_shard`` row stands for the rest).
     """
     from collections import Counter
 
     schema = pa.schema([("id", pa.string()), ("path", pa.string()), ("reject_reason", pa.string())])
     fs, files = list_files(predictions)
-    rows, reasons, per_class = 0, Counter(), Counter()
+    rows, reasons, per_class, damaged = 0, Counter(), Counter(), set()  # damaged: shards, few
     writer = sink = None
     if rejected_out:
         ofs, opath = filesystem_for(rejected_out)
@@ -238,6 +240,7 @@ def summarize_predictions(predictions: str, rejected_out: str | None = None) -> 
             bad = pc.is_valid(t["reject_reason"])
             reasons.update(pc.filter(t["reject_reason"], bad).to_pylist())
             per_class.update(pc.filter(t["label"], pc.invert(bad)).to_pylist())
+            damaged.update(pc.filter(t["path"], pc.equal(t["reject_reason"], "damaged_shard")).to_pylist())
             if writer:
                 writer.write_table(t.filter(bad).select(schema.names).cast(schema))
     finally:
@@ -250,5 +253,6 @@ def summarize_predictions(predictions: str, rejected_out: str | None = None) -> 
         "labeled": rows - rejected,
         "rejected": rejected,
         "reject_reasons": dict(sorted(reasons.items())),
+        "damaged_shards": sorted(damaged),
         "per_class": {int(k): v for k, v in sorted(per_class.items())},
     }

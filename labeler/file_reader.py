@@ -10,12 +10,16 @@ Remote files (S3) are fetched by a small thread pool per task, since each GET is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
+
+from labeler.images import read_failure
+from labeler.storage import local_path
 
 SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("bytes", pa.binary()), ("read_error", pa.string())])
 REMOTE_READ_THREADS = 16
@@ -30,55 +34,69 @@ def relative_id(path: str, root: str) -> str:
 
 def _read_one(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]:
     try:
+        if isinstance(fs, pafs.LocalFileSystem):  # Python's open: names may be escaped non-UTF-8 bytes
+            with open(local_path(path), "rb") as f:
+                return f.read(), None
         with fs.open_input_stream(path) as f:
             return f.read(), None
     except OSError as err:
-        return None, f"{type(err).__name__}: {err}"[:300]
+        return None, read_failure("unreadable", f"{type(err).__name__}: {err}")
 
 
 def read_files(fs: pafs.FileSystem, root: str, paths: list[str], max_block_bytes: int = MAX_BLOCK_BYTES):
     """Blocks with a row per file, in the order given, each at most about ``max_block_bytes`` of
     image bytes (so a task of large images does not build one huge block); failures are rows too."""
     if isinstance(fs, pafs.LocalFileSystem):
-        yield from _blocks(root, paths, (_read_one(fs, p) for p in paths), max_block_bytes)
+        results: Iterable = (_read_one(fs, p) for p in paths)
+        yield from blocks(((relative_id(p, root), p, *r) for p, r in zip(paths, results)), max_block_bytes)
         return
     with ThreadPoolExecutor(REMOTE_READ_THREADS) as pool:
-        yield from _blocks(root, paths, pool.map(lambda p: _read_one(fs, p), paths), max_block_bytes)
+        results = pool.map(lambda p: _read_one(fs, p), paths)
+        yield from blocks(((relative_id(p, root), p, *r) for p, r in zip(paths, results)), max_block_bytes)
 
 
-def _blocks(root: str, paths: list[str], results, max_block_bytes: int):
-    rows, size = [], 0
-    for path, (data, error) in zip(paths, results):
-        rows.append((relative_id(path, root), path, data, error))
-        size += len(data or b"")
+def blocks(rows: Iterable[tuple], max_block_bytes: int = MAX_BLOCK_BYTES) -> Iterator[pa.Table]:
+    """(id, path, bytes, read_error) rows -> :data:`SCHEMA` tables of about ``max_block_bytes`` each."""
+    batch, size = [], 0
+    for row in rows:
+        batch.append(row)
+        size += len(row[2] or b"")
         if size >= max_block_bytes:
-            yield _table(rows)
-            rows, size = [], 0
-    if rows:
-        yield _table(rows)
+            yield _table(batch)
+            batch, size = [], 0
+    if batch:
+        yield _table(batch)
 
 
 def _table(rows: list[tuple]) -> pa.Table:
     return pa.table([list(column) for column in zip(*rows)], schema=SCHEMA)
 
 
-class ImageFilesDatasource(Datasource):
-    """``files_per_block`` files per read task; a task's blocks hold at most about 64 MB of bytes each."""
+Reader = Callable[[pafs.FileSystem, str, list[str]], Iterator[pa.Table]]
 
-    def __init__(self, fs: pafs.FileSystem, root: str, paths: list[str], files_per_block: int):
+
+class ImageFilesDatasource(Datasource):
+    """``files_per_block`` files per read task, read by ``reader`` (:func:`read_files`: a row
+    per image file; the WebDataset reader: a row per sample of each shard); a task's blocks
+    hold at most about 64 MB of bytes each."""
+
+    def __init__(
+        self, fs: pafs.FileSystem, root: str, paths: list[str], files_per_block: int, reader: Reader = read_files
+    ):
         super().__init__()
         self._fs, self._root, self._paths, self._per_block = fs, root, paths, files_per_block
+        self._reader, self._rows_known = reader, reader is read_files
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None  # the listing has names only; sizes would cost a request per file on S3
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
-        fs, root = self._fs, self._root
+        fs, root, reader, known = self._fs, self._root, self._reader, self._rows_known
         chunks = [self._paths[i : i + self._per_block] for i in range(0, len(self._paths), self._per_block)]
         return [
             ReadTask(
-                lambda chunk=chunk: read_files(fs, root, chunk),
-                BlockMetadata(num_rows=len(chunk), size_bytes=None, input_files=None, exec_stats=None),
+                lambda chunk=chunk: reader(fs, root, chunk),
+                BlockMetadata(len(chunk) if known else None, size_bytes=None, input_files=None, exec_stats=None),
                 schema=SCHEMA,
                 per_task_row_limit=per_task_row_limit,
             )

@@ -2,6 +2,10 @@
 
 One bad file must never fail a job: :func:`decode_image` raises :class:`RejectedImage`
 with a short machine-readable reason, and callers record it.
+
+Every reader of images (the labeler, the trainer's feeds, evaluation) decodes through
+:func:`decode_image`, so an image means the same pixels everywhere: as an image viewer shows
+it (EXIF orientation applied; transparency flattened onto :data:`BACKGROUND`).
 """
 
 from __future__ import annotations
@@ -10,10 +14,16 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
+# Transparent pixels become white, as image viewers and browsers show them on a page. Flattening
+# (rather than dropping alpha, PIL's convert("RGB")) keeps drawings that live only in the alpha
+# channel: black RGB everywhere with ink in alpha would otherwise decode as a blank image.
+BACKGROUND = (255, 255, 255)
+# Reasons a row can be rejected before decoding, set by the readers (``read_error`` starts with one)
+READ_REASONS = ("unreadable", "no_image", "damaged_shard")
 
 
 class RejectedImage(Exception):
@@ -25,7 +35,9 @@ class RejectedImage(Exception):
 
 
 def _to_mode(img: Image.Image, in_chans: int) -> Image.Image:
-    """Convert odd modes (CMYK, 16-bit, palette, LA, ...) rather than reject them."""
+    """Convert odd modes (CMYK, 16-bit, palette, LA, ...) rather than reject them; any
+    transparency (RGBA, LA, PA, palette or single-colour ``transparency``) is flattened onto
+    :data:`BACKGROUND` first."""
     target = "L" if in_chans == 1 else "RGB"
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
@@ -33,13 +45,29 @@ def _to_mode(img: Image.Image, in_chans: int) -> Image.Image:
         img = Image.fromarray((arr * (255.0 / hi)).clip(0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
         img = Image.fromarray((np.asarray(img) * 255.0).clip(0, 255).astype(np.uint8), "L")
-    elif img.mode in ("P", "PA") or "transparency" in img.info:
-        img = img.convert("RGBA")
+    elif img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba)
     return img.convert(target)
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """The pixels as a viewer shows them: the EXIF Orientation tag applied (phones store photos
+    rotated and set the tag). A malformed EXIF block leaves the pixels as stored."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # a broken tag is not a broken image
+        return img
+
+
 def decode_image(data: bytes, in_chans: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode bytes into a PIL image in ``L`` or ``RGB`` mode, or raise RejectedImage."""
+    """Decode bytes into a PIL image in ``L`` (``in_chans`` 1) or ``RGB`` mode, upright (EXIF
+    orientation applied) and with transparency flattened onto :data:`BACKGROUND`.
+
+    Raises:
+        RejectedImage: ``empty``, ``too_large`` (over ``max_pixels`` pixels), ``not_an_image``,
+            ``truncated``, ``undecodable`` or ``unsupported_mode``.
+    """
     if not data:
         raise RejectedImage("empty")
     try:
@@ -61,9 +89,21 @@ def decode_image(data: bytes, in_chans: int = 3, max_pixels: int = DEFAULT_MAX_P
     except Exception as err:  # any decoder bug is still one bad file, not a failed job
         raise RejectedImage("undecodable", f"{type(err).__name__}: {err}") from err
     try:
-        return _to_mode(img, in_chans)
+        return _to_mode(_upright(img), in_chans)
     except Exception as err:
         raise RejectedImage("unsupported_mode", f"{img.mode}: {err}") from err
+
+
+def read_failure(reason: str, detail: str) -> str:
+    """The ``read_error`` text of a row a reader could not produce: ``"<reason>: <detail>"``."""
+    assert reason in READ_REASONS, reason
+    return f"{reason}: {detail}"[:300]
+
+
+def read_reason(read_error: str) -> str:
+    """The reject reason of a ``read_error`` text (``unreadable`` when it names none)."""
+    reason = read_error.split(":", 1)[0]
+    return reason if reason in READ_REASONS else "unreadable"
 
 
 def resize_center_crop(img: Image.Image, image_size: int, crop_pct: float = 1.0) -> np.ndarray:
@@ -99,8 +139,8 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """bytes -> fixed-size uint8 images; a bad image becomes a row with a reject reason.
 
-    A row whose optional ``read_error`` is set (the file could not be read) is rejected as
-    ``unreadable``.
+    A row whose optional ``read_error`` is set (the reader could not produce its bytes) is
+    rejected with the reason that ``read_error`` starts with (one of :data:`READ_REASONS`).
     """
     n = len(batch["path"])
     images = np.zeros((n, image_size, image_size, in_chans), dtype=np.uint8)
@@ -108,7 +148,7 @@ def decode_batch(
     read_errors = batch.get("read_error")
     for i, data in enumerate(batch["bytes"]):
         if read_errors is not None and isinstance(read_errors[i], str):  # nulls may arrive as None or NaN
-            reasons[i] = "unreadable"
+            reasons[i] = read_reason(read_errors[i])
             continue
         try:
             img = decode_image(bytes(data) if data is not None else b"", in_chans, max_pixels)

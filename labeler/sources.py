@@ -6,8 +6,10 @@ Formats, each a local path or an s3:// URI:
 * ``parquet``: Parquet files with an image-bytes column (plain binary, or a struct with a
   ``bytes`` field as Hugging Face datasets write it) and an optional id column; without
   one, id = ``<file relative to root>#<row hash>``;
-* ``webdataset``: ``.tar`` shards; id = ``<shard relative to root>/<__key__>``; the first
-  member with an image extension is the image.
+* ``webdataset``: ``.tar`` shards; id = ``<shard relative to root>/<key>``; read by
+  :mod:`labeler.tar_reader` (webdataset's key and extension rules, damaged shards as rows).
+
+Hidden files and folders (names starting with ``.``) are skipped by every reader.
 
 Nothing is decoded here: decoding happens per image in the decode stage so one bad
 image is one rejection, never a failed block.
@@ -17,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
 from labeler.file_reader import ImageFilesDatasource, relative_id
-from labeler.images import IMAGE_EXTENSIONS
 from labeler.storage import filesystem_for, list_files
+from labeler.tar_reader import read_shards
 
 FORMATS = ("auto", "folder", "parquet", "webdataset")
 FILES_PER_BLOCK = 1000
@@ -70,22 +71,6 @@ def _parquet_rows(batch: pa.Table, root: str, image_column: str, id_column: str 
     return pa.table({"id": ids, "path": paths, "bytes": pa.array(data, pa.binary())})
 
 
-def _webdataset_rows(batch: dict, root: str) -> dict:
-    n = len(batch["__key__"])
-    exts = [e for e in batch if e.lower() in IMAGE_EXTENSIONS]
-    data = []
-    for i in range(n):
-        found = next((batch[e][i] for e in exts if batch[e][i] is not None), None)
-        data.append(bytes(found) if found is not None else b"")
-    paths = [str(p) for p in batch["path"]] if "path" in batch else [root] * n
-    ids = [f"{relative_id(p, root)}/{k}" for p, k in zip(paths, batch["__key__"])]
-    return {
-        "id": np.array(ids, dtype=object),
-        "path": np.array(paths, dtype=object),
-        "bytes": np.array(data, dtype=object),
-    }
-
-
 def read_source(
     source: str, fmt: str = "auto", image_column: str = "image", id_column: str | None = None, num_cpus: float = 1.0
 ) -> ray.data.Dataset:
@@ -107,10 +92,15 @@ def read_source(
         return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=blocks)
     if fmt == "parquet":
         columns = [image_column] + ([id_column] if id_column else [])
-        ds = ray.data.read_parquet(root, filesystem=fs, columns=columns, include_paths=True, num_cpus=num_cpus)
+        files = list_files(source, suffix=".parquet")[1]  # hidden files left out, as in every reader
+        if not files:
+            raise ValueError(f"input {source} holds no .parquet files")
+        ds = ray.data.read_parquet(files, filesystem=fs, columns=columns, include_paths=True, num_cpus=num_cpus)
         kwargs = {"root": root, "image_column": image_column, "id_column": id_column}
         return ds.map_batches(_parquet_rows, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=kwargs)
-    ds = ray.data.read_webdataset(
-        root, filesystem=fs, decoder=None, include_paths=True, file_extensions=["tar"], num_cpus=num_cpus
-    )
-    return ds.map_batches(_webdataset_rows, batch_format="numpy", num_cpus=num_cpus, fn_kwargs={"root": root})
+    shards = list_files(source, suffix=".tar")[1]
+    if not shards:
+        raise ValueError(f"input {source} holds no .tar shards")
+    # a read task per shard, which it streams member by member (labeler/tar_reader.py says why not read_webdataset)
+    source = ImageFilesDatasource(fs, root, shards, 1, reader=read_shards)
+    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=len(shards))

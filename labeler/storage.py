@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pyarrow.fs as pafs
 
@@ -32,7 +33,38 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def escape_name(name: str) -> str:
+    """A local file name as valid UTF-8 text: bytes that are not UTF-8 (Python holds them as
+    ``surrogateescape`` surrogates) are written ``\\xNN``, as ``repr`` shows them, so ids, paths
+    and Parquet strings stay valid. :func:`local_path` reverses it. (Ambiguous only for a name
+    that already holds the literal text ``\\x80``..``\\xff``.)"""
+    if not any("\udc80" <= ch <= "\udcff" for ch in name):
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def local_path(path: str) -> str:
+    """The operating-system path of a local path that :func:`escape_name` may have escaped."""
+    if "\\x" not in path:
+        return path
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), path)
+
+
 def read_bytes(uri: str) -> bytes:
+    """Every byte of a local file or an ``s3://`` object.
+
+    Raises:
+        FileNotFoundError: naming ``uri`` when nothing is there.
+    """
+    if not is_s3(uri):  # Python's open: pyarrow cannot open names that are not UTF-8
+        try:
+            with open(local_path(os.path.abspath(uri)), "rb") as f:
+                return f.read()
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{uri} does not exist") from err
     fs, path = filesystem_for(uri)
     try:
         with fs.open_input_stream(path) as f:
@@ -55,17 +87,41 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_hidden(relative: str) -> bool:
+    """True for a path (relative to a corpus root) with a hidden part: a file or folder whose
+    name starts with ``.`` (``.ipynb_checkpoints/``, ``.DS_Store``, ``._photo.jpg``). Hidden
+    entries are neither images nor classes in any reader."""
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
+def _walk_local(root: str) -> list[str]:
+    """Files under a local folder, hidden ones left out (not descended into), names escaped
+    with :func:`escape_name`. Python's walk rather than pyarrow's listing, which fails the
+    whole listing on one file name that is not UTF-8."""
+    paths = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths += [escape_name(os.path.join(folder, f)) for f in files if not f.startswith(".")]
+    return paths
+
+
 def list_files(uri: str, suffix: str | None = None) -> tuple[pafs.FileSystem, list[str]]:
     """(filesystem, sorted file paths) under ``uri``: recursive for a folder, ``[uri]`` for a file,
-    ``[]`` when nothing is there. ``suffix`` keeps only names ending with it."""
+    ``[]`` when nothing is there. ``suffix`` keeps only names ending with it. Hidden files and
+    folders (:func:`is_hidden`) are left out; local names that are not UTF-8 come escaped
+    (:func:`escape_name`; :func:`read_bytes` and the labeler's reader open them)."""
     fs, root = filesystem_for(uri)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         return fs, []
     if info.type == pafs.FileType.File:
         paths = [root]
+    elif isinstance(fs, pafs.LocalFileSystem):
+        paths = sorted(_walk_local(root))
     else:
-        paths = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.is_file)
+        listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        base = len(root.rstrip("/")) + 1
+        paths = sorted(i.path for i in listed if i.is_file and not is_hidden(i.path[base:]))
     return fs, [p for p in paths if suffix is None or p.endswith(suffix)]
 
 

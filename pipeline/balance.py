@@ -55,6 +55,7 @@ class BalancePlan:
     predictions: np.ndarray
     passing: np.ndarray
     top_rows: np.ndarray = None
+    max_confidence: np.ndarray = None  # per class, over its predictions (0 when it has none)
     passes: int = 0
     stats: dict = field(default_factory=dict)
 
@@ -70,9 +71,12 @@ def _count_batch(table: pa.Table, threshold: float, num_classes: int) -> dict:
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"predictions hold labels outside 0..{num_classes - 1}; pass the model's number of classes")
     passing = _passing(table, threshold)["label"].to_numpy()
+    top = np.zeros(num_classes, np.float64)  # confidences are >= 0, so 0 stands for "no prediction"
+    np.maximum.at(top, labels, good["confidence"].to_numpy().astype(np.float64))
     return {
         "predictions": np.bincount(labels, minlength=num_classes)[None, :],
         "passing": np.bincount(passing, minlength=num_classes)[None, :],
+        "max_confidence": top[None, :],
     }
 
 
@@ -171,10 +175,13 @@ def plan_balance(
         raise ValueError(f"threshold must be within [0, 1], not {threshold}")
     run = ray_runner(data) if isinstance(data, ray.data.Dataset) else data
     pred, passing = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+    top = np.zeros(num_classes, np.float64)
     for b in run(_count_batch, {"threshold": threshold, "num_classes": num_classes}):
         pred += b["predictions"].sum(axis=0)
         passing += b["passing"].sum(axis=0)
+        top = np.maximum(top, b["max_confidence"].max(axis=0))
     plan, need = _new_plan(pred, passing, per_class, threshold, duplicate)
+    plan.max_confidence = top
     todo = ~(plan.all_top | plan.none_top)
     prefix, level = np.zeros(num_classes, np.uint64), np.zeros(num_classes, np.int64)
     bucket = passing.copy()  # rows of each class that match its current prefix
@@ -243,9 +250,11 @@ def balance_stats(plan: BalancePlan) -> dict:
             cut = float(np.array([int(plan.cut_key[k]) >> 32], np.uint32).view(np.float32)[0])
         n = int(plan.passing[k])
         final = plan.per_class if plan.base[k] > 0 else min(n, plan.per_class)
+        top = float(plan.max_confidence[k]) if plan.predictions[k] else None
         classes.append({
-            "class": k, "predictions": int(plan.predictions[k]), "passing": n, "cutoff_confidence": cut,
-            "base_copies": int(plan.base[k]), "rows_with_extra_copy": int(plan.top_rows[k]), "final": final,
+            "class": k, "predictions": int(plan.predictions[k]), "passing": n, "max_confidence": top,
+            "cutoff_confidence": cut, "base_copies": int(plan.base[k]), "rows_with_extra_copy": int(plan.top_rows[k]),
+            "final": final,
         })  # fmt: skip
     return {
         "threshold": plan.threshold,
@@ -257,15 +266,44 @@ def balance_stats(plan: BalancePlan) -> dict:
     }
 
 
+class NothingPassed(ValueError):
+    """No prediction reached the confidence threshold: every class is empty, there is no student to train."""
+
+
+def check_something_passed(stats: dict) -> None:
+    """Raise :class:`NothingPassed`, saying how many passed and what to change, when no row survived."""
+    if stats["total_rows"] > 0:
+        return
+    predictions = sum(c["predictions"] for c in stats["classes"])
+    if predictions == 0:
+        raise NothingPassed(
+            "balancing found no labeled prediction at all (every image was rejected; see the labeling "
+            "manifest's reject_reasons and rejected.parquet), so there is nothing to train a student on"
+        )
+    top = max(c["max_confidence"] or 0.0 for c in stats["classes"])
+    raise NothingPassed(
+        f"0 of {predictions:,} pseudo labels reached the confidence threshold {stats['threshold']} "
+        f"(the most confident was {top:.3f}), so every class is empty and there is nothing to train a "
+        f"student on. Lower balance.threshold (--threshold) below {top:.3f}, or make the teacher stronger "
+        "(more labeled images or teacher.epochs)."
+    )
+
+
 def balance_predictions(
     predictions: str, out: str, num_classes: int, per_class: int, threshold: float = 0.3, duplicate: bool = True
 ) -> dict:
-    """Read predictions Parquet, write the balanced set to ``out/balanced`` and ``out/balance_stats.json``."""
+    """Read predictions Parquet, write the balanced set to ``out/balanced`` and ``out/balance_stats.json``.
+
+    Raises:
+        NothingPassed: (a ValueError) no prediction reached ``threshold``; nothing is written, so a
+            run with a lower threshold starts balancing afresh.
+    """
     from labeler.storage import filesystem_for, write_bytes
 
     fs, path = filesystem_for(predictions)
     stats_ds = ray.data.read_parquet(path, filesystem=fs, columns=STAT_COLUMNS)
     plan = plan_balance(stats_ds, num_classes, per_class, threshold, duplicate)
+    check_something_passed(plan.stats)
     ofs, opath = filesystem_for(out.rstrip("/") + "/balanced")
     apply_balance(ray.data.read_parquet(path, filesystem=fs), plan).write_parquet(opath, filesystem=ofs)
     write_bytes(out.rstrip("/") + "/balance_stats.json", json.dumps(plan.stats, indent=2).encode())

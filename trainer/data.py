@@ -31,7 +31,10 @@ class ImageSet:
 
 
 def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """(sorted class names, [(file uri, class name)]) of a ``root/<class>/...`` tree."""
+    """(sorted class names, [(file uri, class name)]) of a ``root/<class>/...`` tree.
+
+    Hidden folders and files (``.ipynb_checkpoints/``, ``.DS_Store``) are neither classes nor images.
+    """
     _, base = filesystem_for(root)
     fs, files = list_files(root)
     if not files and fs.get_file_info(base).type == pafs.FileType.NotFound:
@@ -40,7 +43,7 @@ def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     pairs = []
     for path in files:
         rel = path[len(base.rstrip("/")) + 1 :]
-        if "/" in rel and not rel.rsplit("/", 1)[-1].startswith("."):
+        if "/" in rel:  # files directly under root belong to no class; hidden ones are never listed
             pairs.append((prefix + path, rel.split("/", 1)[0]))
     classes = sorted({c for _, c in pairs})
     if not classes:

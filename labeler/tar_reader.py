@@ -1,0 +1,94 @@
+"""WebDataset ``.tar`` shards read sample by sample, by the webdataset format's own rules.
+
+Why not ``ray.data.read_webdataset``: it makes one column per member extension, so a sample
+whose image is ``left.png``, or a shard mixing ``.jpg`` and ``.png`` samples, cannot be read
+as "the image of the sample" (the second case failed whole jobs with a ``TypeError``), and a
+shard cut off mid-member fails the whole dataset, taking the good shards with it.
+
+The convention (webdataset's ``base_plus_ext``): a member's *key* is its path up to the first
+dot of its base name, its *extension* everything after that dot; consecutive members with one
+key form a sample. The image of a sample is its first member whose extension's last part
+(``left.png`` -> ``png``), matched case-insensitively, is an image extension. Members without
+a key (no dot, or hidden: ``.``-prefixed) are not samples and are skipped, as webdataset does.
+
+Every sample is one row: a sample without an image member is a ``no_image`` row, a shard that
+cannot be opened an ``unreadable`` row, and damage (a truncated or corrupt shard) a
+``damaged_shard`` row naming the shard, after the rows of every sample read before it.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zlib
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from labeler.file_reader import blocks, relative_id
+from labeler.images import IMAGE_EXTENSIONS, read_failure
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member name by the webdataset convention, or None when the
+    member belongs to no sample (no dot in its base name, or a hidden one).
+
+    >>> split_member_name("train/s0001.left.png")
+    ('train/s0001', 'left.png')
+    """
+    folder, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem or any(p.startswith(".") for p in name.split("/")):
+        return None
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def is_image_extension(ext: str) -> bool:
+    """True when the last part of a member extension names an image format (``left.PNG`` -> png)."""
+    return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+
+
+def _sample_row(shard_id: str, path: str, key: str, members: list[tuple[str, bytes]]) -> tuple:
+    image = next((data for ext, data in members if is_image_extension(ext)), None)
+    if image is None:
+        exts = ", ".join(ext for ext, _ in members) or "none"
+        return (f"{shard_id}/{key}", path, None, read_failure("no_image", f"members: {exts}"))
+    return (f"{shard_id}/{key}", path, image, None)
+
+
+def shard_rows(fs: pafs.FileSystem, root: str, path: str) -> Iterator[tuple]:
+    """(id, path, bytes, read_error) rows, one per sample of the shard at ``path``, in order.
+
+    id = ``<shard relative to root>/<key>``; the damage row's id is ``<shard>#damaged``.
+    """
+    shard_id = relative_id(path, root)
+    key, members = None, []
+    try:
+        stream = fs.open_input_stream(path)
+    except OSError as err:
+        yield (f"{shard_id}#unreadable", path, None, read_failure("unreadable", f"{type(err).__name__}: {err}"))
+        return
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                parts = split_member_name(info.name) if info.isfile() else None
+                if parts is None:
+                    continue
+                if parts[0] != key and key is not None:
+                    yield _sample_row(shard_id, path, key, members)
+                    members = []
+                key = parts[0]
+                members.append((parts[1], tar.extractfile(info).read()))
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        # the sample being read when the damage was found is lost with the rest of the shard
+        detail = f"{shard_id} after {key or 'its start'}: {type(err).__name__}: {err}"
+        yield (f"{shard_id}#damaged", path, None, read_failure("damaged_shard", detail))
+        return
+    if key is not None:
+        yield _sample_row(shard_id, path, key, members)
+
+
+def read_shards(fs: pafs.FileSystem, root: str, paths: list[str]) -> Iterator[pa.Table]:
+    """Blocks of sample rows for each shard in ``paths``, in order (a reader for ImageFilesDatasource)."""
+    for path in paths:
+        yield from blocks(shard_rows(fs, root, path))
