@@ -59,6 +59,11 @@ class LabelOptions:
     image_column: str = "image"  # Parquet inputs
     id_column: str | None = None  # Parquet inputs; None = file + content hash
     topk: int = 0  # 0: store the full distribution; k: top-k classes + fp16 probabilities + remaining mass
+    # keep each labeled image's encoded bytes in the predictions (column ``image``), so the balanced set
+    # is a self-contained training set whatever the corpus format (no reads back into .tar shards);
+    # only for predictions with confidence >= image_bytes_min_confidence (the balancing threshold)
+    keep_image_bytes: bool = False
+    image_bytes_min_confidence: float = 0.0
 
 
 def _resolve_spec(checkpoint: str, spec: ModelSpec | None) -> ModelSpec:
@@ -101,6 +106,7 @@ def label_images(
             "crop_pct": spec.crop_pct,
             "in_chans": spec.in_chans,
             "max_pixels": opts.max_pixels,
+            "keep_bytes": opts.keep_image_bytes,
         },
     )
     gpus = opts.num_gpus_per_actor
@@ -119,6 +125,8 @@ def label_images(
             "threads": opts.threads_per_actor,
             "optimize": opts.optimize,
             "precision": opts.precision,
+            "keep_image_bytes": opts.keep_image_bytes,
+            "image_bytes_min_confidence": opts.image_bytes_min_confidence,
         },
         batch_size=opts.batch_size or (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE),
         batch_format="numpy",

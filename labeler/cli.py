@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="soft labels are softmax(logits / T)")
     p.add_argument("--hard", action="store_true", help="one-hot labels instead of soft")
     p.add_argument("--topk", type=int, default=0, help="store top-k classes + fp16 probs + rest mass (0: full)")
+    p.add_argument(
+        "--keep-image-bytes",
+        action="store_true",
+        help="write each labeled image's bytes into the predictions (column image): a self-contained training set",
+    )
+    p.add_argument(
+        "--image-bytes-min-confidence", type=float, default=0.0, help="keep bytes only at or above this confidence"
+    )
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument(
         "--no-optimize", action="store_true", help="run the model as loaded (no batch-norm folding, no channels_last)"
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         num_gpus_per_actor=args.gpus_per_actor, temperature=args.temperature, hard=args.hard,
         format=args.format, image_column=args.image_column, id_column=args.id_column, topk=args.topk,
         stall_timeout_s=args.stall_timeout, optimize=not args.no_optimize, precision=args.precision,
+        keep_image_bytes=args.keep_image_bytes, image_bytes_min_confidence=args.image_bytes_min_confidence,
     )  # fmt: skip
     if not ray.is_initialized():
         ray.init(address=args.address)

@@ -135,12 +135,18 @@ def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, 
 
 
 def decode_batch(
-    batch: dict[str, np.ndarray], image_size: int, crop_pct: float, in_chans: int, max_pixels: int
+    batch: dict[str, np.ndarray],
+    image_size: int,
+    crop_pct: float,
+    in_chans: int,
+    max_pixels: int,
+    keep_bytes: bool = False,
 ) -> dict[str, np.ndarray]:
     """bytes -> fixed-size uint8 images; a bad image becomes a row with a reject reason.
 
     A row whose optional ``read_error`` is set (the reader could not produce its bytes) is
     rejected with the reason that ``read_error`` starts with (one of :data:`READ_REASONS`).
+    With ``keep_bytes`` the encoded bytes ride along as ``encoded`` (for ``LabelOptions.keep_image_bytes``).
     """
     n = len(batch["path"])
     images = np.zeros((n, image_size, image_size, in_chans), dtype=np.uint8)
@@ -155,4 +161,7 @@ def decode_batch(
             images[i] = resize_center_crop(img, image_size, crop_pct)
         except RejectedImage as err:
             reasons[i] = err.reason
-    return {"id": batch["id"], "path": batch["path"], "image": images, "reject_reason": reasons}
+    out = {"id": batch["id"], "path": batch["path"], "image": images, "reject_reason": reasons}
+    if keep_bytes:
+        out["encoded"] = batch["bytes"]
+    return out

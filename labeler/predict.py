@@ -22,9 +22,14 @@ TOPK_FIELDS = [
 ]
 
 
-def prediction_schema(topk: int = 0) -> pa.Schema:
-    """Full soft labels (``probs``), or top-k classes + fp16 probabilities + the mass left over."""
-    return pa.schema(BASE_FIELDS + (TOPK_FIELDS if topk else FULL_FIELDS) + TAIL_FIELDS)
+IMAGE_FIELDS = [("image", pa.binary())]
+
+
+def prediction_schema(topk: int = 0, image_bytes: bool = False) -> pa.Schema:
+    """Full soft labels (``probs``), or top-k classes + fp16 probabilities + the mass left over;
+    with ``image_bytes``, the image's encoded bytes as read (``image``, null where not kept)."""
+    fields = BASE_FIELDS + (TOPK_FIELDS if topk else FULL_FIELDS) + TAIL_FIELDS
+    return pa.schema(fields + (IMAGE_FIELDS if image_bytes else []))
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -59,7 +64,9 @@ class Predictor:
     """Callable class for ``map_batches``: the un-noised teacher in eval mode.
 
     ``confidence`` is the top probability at T=1 (what the threshold applies to); ``probs``
-    holds the soft labels at the chosen temperature, or one-hot when ``hard``.
+    holds the soft labels at the chosen temperature, or one-hot when ``hard``. With
+    ``keep_image_bytes``, ``image`` holds the encoded bytes of every labeled image whose
+    confidence is at least ``image_bytes_min_confidence`` (null otherwise).
     """
 
     def __init__(
@@ -72,6 +79,8 @@ class Predictor:
         threads: int | None = None,
         optimize: bool = True,
         precision: str = "auto",
+        keep_image_bytes: bool = False,
+        image_bytes_min_confidence: float = 0.0,
     ):
         import torch
 
@@ -89,7 +98,8 @@ class Predictor:
         self.temperature = temperature
         self.hard = hard
         self.topk = min(topk, self.spec.num_classes) if topk else 0
-        self.schema = prediction_schema(self.topk)
+        self.keep_bytes, self.bytes_min_confidence = keep_image_bytes, image_bytes_min_confidence
+        self.schema = prediction_schema(self.topk, keep_image_bytes)
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
@@ -132,6 +142,9 @@ class Predictor:
             "model_id": [self.spec.model_id] * n,
         }
         columns.update(self._soft_columns(probs) if self.topk else {"probs": probs})
+        if self.keep_bytes:
+            keep = ok & (conf >= self.bytes_min_confidence)
+            columns["image"] = [bytes(b) if k else None for b, k in zip(batch["encoded"], keep)]
         return pa.Table.from_pydict(columns, schema=self.schema)
 
     def _soft_columns(self, probs: list) -> dict:

@@ -143,6 +143,13 @@ def write_json(uri: str, obj) -> None:
     write_bytes(uri, json.dumps(obj, indent=2).encode())
 
 
+def delete_file(uri: str) -> None:
+    """Remove one file (or object); nothing there is fine."""
+    fs, path = filesystem_for(uri)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def delete_tree(uri: str) -> None:
     """Remove a folder (or prefix) and everything under it; nothing there is fine."""
     fs, path = filesystem_for(uri)

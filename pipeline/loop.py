@@ -120,6 +120,8 @@ def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, 
             batch_size=lab["batch_size"], num_actors=lab["num_actors"], num_gpus_per_actor=lab["num_gpus_per_actor"],
             temperature=lab["temperature"], hard=not lab["soft"], topk=lab["topk"],
             precision=lab.get("precision", "auto"),
+            # the balanced set then carries the images: students read them from any corpus format
+            keep_image_bytes=True, image_bytes_min_confidence=cfg["balance"]["threshold"],
         )  # fmt: skip
         run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts)
     stats_path = join(round_dir, "balance_stats.json")
@@ -186,6 +188,7 @@ def _entry(iteration: int, role: str, arch: str, directory: str, train: dict, ev
         entry[key] = evaluation.get(key, train.get(key))
     entry.update({k: v for k, v in evaluation.items() if k not in entry})
     entry.update(pseudo_rows=pseudo_rows, train_seconds=train.get("train_seconds"), checkpoint=directory)
+    entry.update({k: train[k] for k in ("unreadable_labeled", "unreadable_pseudo") if k in train})
     return entry
 
 

@@ -10,7 +10,8 @@ import pytest
 from labeler.model import ModelSpec
 from pipeline.digits import write_digits_corpus
 from trainer.api import streaming_datasets, train_model
-from trainer.feed import _expand, decode_and_augment
+from trainer.data_check import counts_by_reason, reason_histogram
+from trainer.feed import _pseudo_rows, decode_and_augment
 from trainer.settings import TrainSettings
 
 SPEC = ModelSpec("test_resnet", [str(i) for i in range(10)], 16, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -32,23 +33,49 @@ def corpus(tmp_path_factory):
     return paths, str(root / "balanced")
 
 
-def test_expand_repeats_rows_by_their_copies(corpus):
+SPEC_DICT = {"image_size": 16, "in_chans": 3, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+
+
+def _run(batch, **kwargs) -> dict:
+    """decode_and_augment's output chunks, joined."""
+    parts = list(decode_and_augment(batch, SPEC_DICT, **{"ops": 2, "magnitude": 9, "smoothing": 0.0, **kwargs}))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def test_pseudo_rows_expand_by_their_copies_after_one_decode(corpus):
     _, balanced = corpus
-    out = _expand(pq.read_table(balanced), 10, hard=True, balanced=balanced)
-    assert len(out["path"]) == len(out["target"]) == 60
-    assert out["path"][1] == out["path"][2] and out["target"].sum(axis=1).tolist() == [1.0] * 60
+    rows = _pseudo_rows(pq.read_table(balanced), 10, hard=True, balanced=balanced)
+    assert len(rows["path"]) == len(rows["target"]) == 40 and rows["copies"].sum() == 60
+    out = _run(rows)
+    assert len(out["image"]) == len(out["target"]) == 60 and out["ok"].all()
+    assert (out["target"][1] == out["target"][2]).all() and out["target"].sum(axis=1).tolist() == [1.0] * 60
+    assert not np.array_equal(out["image"][1], out["image"][2])  # each copy draws its own RandAugment noise
 
 
-def test_decode_and_augment_drops_bad_images_and_smooths(corpus, tmp_path):
+def test_decode_and_augment_keeps_bad_rows_flagged_and_smooths(corpus, tmp_path):
     paths, _ = corpus
     good = os.path.join(paths["test"], "3", sorted(os.listdir(os.path.join(paths["test"], "3")))[0])
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    batch = {"path": np.array([good, str(bad), good], dtype=object), "target": np.eye(10, dtype=np.float32)[[3, 1, 3]]}
-    spec = {"image_size": 16, "in_chans": 3, "mean": (0.5,) * 3, "std": (0.5,) * 3}
-    out = decode_and_augment(batch, spec, ops=2, magnitude=9, smoothing=0.1)
-    assert out["image"].shape == (2, 3, 16, 16) and out["image"].dtype == np.float32
-    assert out["target"][:, 3].tolist() == pytest.approx([0.91, 0.91])
+    batch = {"path": np.array([good, str(bad), good, str(tmp_path / "gone.png")], dtype=object),
+             "target": np.eye(10, dtype=np.float32)[[3, 1, 3, 2]]}  # fmt: skip
+    out = _run(batch, smoothing=0.1)
+    assert out["image"].shape == (4, 3, 16, 16) and out["image"].dtype == np.float32
+    assert out["ok"].tolist() == [1, 0, 1, 0]
+    assert counts_by_reason(reason_histogram(out["reason"])) == {"not_an_image": 1, "unreadable": 1}
+    assert out["target"][[0, 2], 3].tolist() == pytest.approx([0.91, 0.91])
+
+
+def test_bytes_in_the_balanced_set_are_read_instead_of_the_path(corpus, tmp_path):
+    """A pseudo row from a .tar shard has the shard as its path: the kept bytes are what the feed reads."""
+    paths, _ = corpus
+    good = os.path.join(paths["test"], "3", sorted(os.listdir(os.path.join(paths["test"], "3")))[0])
+    with open(good, "rb") as f:
+        data = f.read()
+    batch = {"path": np.array([str(tmp_path / "shard.tar"), good], dtype=object),
+             "image": np.array([data, None], dtype=object), "target": np.eye(10, dtype=np.float32)[[3, 3]]}  # fmt: skip
+    out = _run(batch, ops=0)
+    assert out["ok"].tolist() == [1, 1] and np.array_equal(out["image"][0], out["image"][1])
 
 
 def test_streaming_training_run(ray_local, corpus, tmp_path):
@@ -60,3 +87,4 @@ def test_streaming_training_run(ray_local, corpus, tmp_path):
                         pseudo=balanced, test=paths["test"])  # fmt: skip
     assert final["final"] and final["epoch"] == 2 and 0.0 <= final["test_top1"] <= 1.0
     assert final["images_per_s"] > 0 and final["images"] == steps * (8 + 16)  # each step: b labeled + ratio x b
+    assert final["unreadable_labeled"] == 0 and final["unreadable_pseudo"] == 0

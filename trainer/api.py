@@ -12,6 +12,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
+from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
 from trainer.loop import train_loop_per_worker
 from trainer.settings import TrainSettings
 
@@ -34,8 +35,16 @@ def train_model(
 
     ``out_dir`` and ``storage_path`` are local paths or ``s3://`` URIs. Running again with the
     same ``storage_path``/``name`` resumes from the last epoch's checkpoint (Ray Train V2
-    semantics). Returns the final metrics.
+    semantics). Returns the final metrics; each epoch's ``unreadable_labeled`` and
+    ``unreadable_pseudo`` count the rows of that set the epoch could not read or decode.
+
+    Raises:
+        TrainingDataError: a set is mostly unreadable, found in a sample before training starts
+            or by the workers (which then stop without Ray Train retrying a data error).
     """
+    preflight(labeled, pseudo, spec.classes, spec.image_size, spec.in_chans)  # a bad set fails here, not in retries
+    error_file = join(out_dir, "data_error.json")
+    clear_recorded_error(error_file)
     init_state = None
     if init_from:
         init_state = load_checkpoint(init_from)[0].state_dict()
@@ -48,6 +57,7 @@ def train_model(
         "hard": hard,
         "init_state": init_state,
         "label": label,
+        "data_error_file": error_file,
     }
     datasets = {}
     if settings.feed == "ray_data":
@@ -71,6 +81,7 @@ def train_model(
         ),
     )
     result = trainer.fit()
+    raise_recorded_error(error_file)  # the workers stopped on a data error
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
     with result.checkpoint.as_directory() as d:
@@ -85,7 +96,15 @@ def train_model(
             "run the same command again to resume from its last checkpoint"
         )
     write_bytes(join(out_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
-    return history[-1]
+    final = dict(history[-1])
+    for key in UNREADABLE_KEYS:  # for the summary: the most rows of a set any epoch could not read
+        values = [h[key] for h in history if key in h]
+        if values:
+            final[key] = max(values)
+    return final
+
+
+UNREADABLE_KEYS = ("unreadable_labeled", "unreadable_pseudo")
 
 
 def streaming_datasets(

@@ -6,7 +6,9 @@ At the scale of the embedded corpus every worker decodes its images once into me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +22,18 @@ from labeler.storage import filesystem_for, list_files, read_bytes
 
 @dataclass
 class ImageSet:
-    """Decoded images (N,H,W,C uint8) with soft targets (N,classes) and names."""
+    """Decoded images (N,H,W,C uint8) with soft targets (N,classes float32) and names.
+
+    ``unreadable`` counts the rows that could not be read or decoded, by reject reason (a
+    pseudo-labeled row counts once per copy); ``first_unreadable`` names the first of them
+    (``"<id>: <reason>"``). They are left out of ``images``.
+    """
 
     images: np.ndarray
     targets: np.ndarray
     ids: list[str]
+    unreadable: dict[str, int] = field(default_factory=dict)
+    first_unreadable: str = ""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,17 +60,45 @@ def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     return classes, pairs
 
 
-def _decode_many(sources: list, image_size: int, in_chans: int, read=read_bytes) -> tuple[np.ndarray, list[bool]]:
-    """Decode ``read(source)`` for each source (a URI by default) at the model's size; ok flags per image."""
+def read_source_bytes(src: bytes | str) -> bytes:
+    """Bytes carried in a table (returned as they are) or read from a URI.
+
+    Raises:
+        RejectedImage: ``unreadable`` when the URI cannot be read.
+    """
+    if isinstance(src, bytes | bytearray | memoryview):
+        return bytes(src)
+    try:
+        return read_bytes(src)
+    except OSError as err:  # FileNotFoundError, permissions, S3 errors
+        raise RejectedImage("unreadable", f"{type(err).__name__}: {err}") from err
+
+
+def _decode_many(
+    sources: list, image_size: int, in_chans: int, read: Callable = read_source_bytes
+) -> tuple[np.ndarray, list[str | None]]:
+    """Decode ``read(source)`` for each source (bytes or a URI) at the model's size; the reject
+    reason of each image (None when it decoded)."""
     out = np.zeros((len(sources), image_size, image_size, in_chans), dtype=np.uint8)
-    ok = []
+    reasons: list[str | None] = []
     for i, src in enumerate(sources):
         try:
             out[i] = resize_center_crop(decode_image(read(src), in_chans), image_size)
-            ok.append(True)
-        except RejectedImage:
-            ok.append(False)
-    return out, ok
+            reasons.append(None)
+        except RejectedImage as err:
+            reasons.append(err.reason)
+    return out, reasons
+
+
+def _rejections(reasons: list[str | None], ids: list[str], weights=None) -> tuple[dict[str, int], str]:
+    """(count per reject reason, ``"<id>: <reason>"`` of the first) of :func:`_decode_many`'s reasons."""
+    counts: Counter = Counter()
+    first = ""
+    for i, reason in enumerate(reasons):
+        if reason is not None:
+            counts[reason] += 1 if weights is None else int(weights[i])
+            first = first or f"{ids[i]}: {reason}"
+    return dict(sorted(counts.items())), first
 
 
 def class_indices(names: list[str], classes: list[str], root: str) -> np.ndarray:
@@ -73,11 +110,12 @@ def class_indices(names: list[str], classes: list[str], root: str) -> np.ndarray
     return np.asarray([index[n] for n in names], dtype=np.int64)
 
 
-def _one_hot(images: np.ndarray, ok: list[bool], indices: np.ndarray, ids: list[str], num_classes: int) -> ImageSet:
-    keep = np.flatnonzero(ok)
+def _one_hot(images: np.ndarray, reasons: list, indices: np.ndarray, ids: list[str], num_classes: int) -> ImageSet:
+    keep = np.flatnonzero([r is None for r in reasons])
     targets = np.zeros((len(keep), num_classes), dtype=np.float32)
     targets[np.arange(len(keep)), indices[keep]] = 1.0
-    return ImageSet(images[keep], targets, [ids[k] for k in keep])
+    unreadable, first = _rejections(reasons, ids)
+    return ImageSet(images[keep], targets, [ids[k] for k in keep], unreadable, first)
 
 
 def parquet_files(root: str) -> list[str]:
@@ -111,16 +149,16 @@ def labeled_classes(root: str) -> list[str]:
 
 def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int = 3) -> ImageSet:
     """Labeled images with one-hot targets, from class folders or Parquet (``image``, ``label``);
-    undecodable images are skipped."""
+    images that cannot be read or decoded are left out and counted in ``ImageSet.unreadable``."""
     if parquet_files(root):
         cols = _parquet_columns(root, ["image", "label"])
         indices = class_indices(cols["label"], classes, root)
-        images, ok = _decode_many(cols["image"], image_size, in_chans, read=lambda blob: blob or b"")
-        return _one_hot(images, ok, indices, [f"{root}#{k}" for k in range(len(ok))], len(classes))
+        images, reasons = _decode_many([b or b"" for b in cols["image"]], image_size, in_chans)
+        return _one_hot(images, reasons, indices, [f"{root}#{k}" for k in range(len(reasons))], len(classes))
     _, pairs = list_class_folders(root)
     indices = class_indices([c for _, c in pairs], classes, root)
-    images, ok = _decode_many([u for u, _ in pairs], image_size, in_chans)
-    return _one_hot(images, ok, indices, [u for u, _ in pairs], len(classes))
+    images, reasons = _decode_many([u for u, _ in pairs], image_size, in_chans)
+    return _one_hot(images, reasons, indices, [u for u, _ in pairs], len(classes))
 
 
 def pseudo_uris(table: pa.Table, balanced: str) -> list[str]:
@@ -129,6 +167,15 @@ def pseudo_uris(table: pa.Table, balanced: str) -> list[str]:
     if balanced.startswith("s3://"):
         uris = [u if u.startswith("s3://") else "s3://" + u for u in uris]
     return uris
+
+
+def pseudo_sources(table: pa.Table, balanced: str) -> list[bytes | str]:
+    """Where each pseudo-labeled row's image comes from: the ``image`` bytes the labeler kept
+    (``keep_image_bytes``), else its ``path`` (only a loose image file can be read that way)."""
+    uris = pseudo_uris(table, balanced)
+    if "image" not in table.column_names:
+        return uris
+    return [b if b is not None else u for b, u in zip(table.column("image").to_pylist(), uris)]
 
 
 def dense_targets(table: pa.Table, num_classes: int) -> np.ndarray:
@@ -150,18 +197,26 @@ def dense_targets(table: pa.Table, num_classes: int) -> np.ndarray:
     return out / out.sum(axis=1, keepdims=True)
 
 
+def pseudo_targets(table: pa.Table, num_classes: int, hard: bool) -> np.ndarray:
+    """(rows, classes) float32 targets of balanced rows: one-hot pseudo labels, or the soft ones."""
+    if hard:
+        return np.eye(num_classes, dtype=np.float32)[table.column("label").to_numpy()]
+    return dense_targets(table, num_classes)
+
+
 def load_pseudo(balanced: str, num_classes: int, image_size: int, in_chans: int = 3, hard: bool = False) -> ImageSet:
-    """The balanced pseudo-labeled set, each row repeated ``copies`` times."""
+    """The balanced pseudo-labeled set, each row repeated ``copies`` times; rows that cannot be
+    read or decoded are left out and counted (once per copy) in ``ImageSet.unreadable``."""
     fs, path = filesystem_for(balanced)
     table = pq.read_table(path, filesystem=fs)
     table = table.sort_by("id")  # file order from a distributed write varies; training order must not
-    uris = pseudo_uris(table, balanced)
-    images, ok = _decode_many(uris, image_size, in_chans)
-    if not all(ok):
-        raise ValueError(f"{sum(not o for o in ok)} pseudo-labeled images no longer decode; re-run labeling")
-    if hard:
-        probs = np.eye(num_classes, dtype=np.float32)[table.column("label").to_numpy()]
-    else:
-        probs = dense_targets(table, num_classes)
+    ids = table.column("id").to_pylist()
+    images, reasons = _decode_many(pseudo_sources(table, balanced), image_size, in_chans)
+    probs = pseudo_targets(table, num_classes, hard)
     reps = table.column("copies").to_numpy()
-    return ImageSet(np.repeat(images, reps, axis=0), np.repeat(probs, reps, axis=0), list(np.repeat(uris, reps)))
+    unreadable, first = _rejections(reasons, ids, reps)
+    ok = np.asarray([r is None for r in reasons], dtype=bool)
+    reps = np.where(ok, reps, 0)
+    return ImageSet(
+        np.repeat(images, reps, axis=0), np.repeat(probs, reps, axis=0), list(np.repeat(ids, reps)), unreadable, first
+    )

@@ -5,9 +5,17 @@ For training sets that do not fit in a worker's memory, and so CPU nodes can fee
 (The default ``feed: memory`` decodes the sets once per worker and augments in the worker:
 faster for small sets, and bit-for-bit reproducible.) Augmentation runs in the tasks, so every
 pass over the data draws fresh noise; the order is shuffled per pass but not reproducible.
+
+A pseudo-labeled row is decoded once and augmented once per copy (``copies``); its image comes
+from the ``image`` bytes the labeler kept, so any corpus format streams (no reads into shards).
+A row that cannot be read or decoded is not dropped silently: it stays in the stream with
+``ok = 0`` and its reject reason's code (``trainer.data_check.reason_codes``), and the worker
+counts it per set and per epoch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -16,8 +24,16 @@ import pyarrow.parquet as pq
 import ray
 
 from labeler.images import RejectedImage, decode_image, normalize, resize_center_crop
-from labeler.storage import filesystem_for, read_bytes
-from trainer.data import class_indices, dense_targets, list_class_folders, parquet_files, pseudo_uris
+from labeler.storage import filesystem_for
+from trainer.data import (
+    class_indices,
+    list_class_folders,
+    parquet_files,
+    pseudo_targets,
+    pseudo_uris,
+    read_source_bytes,
+)
+from trainer.data_check import reason_codes
 from trainer.noise import randaugment, smooth
 
 DECODE_BATCH = 64
@@ -33,22 +49,23 @@ def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
     return ray.data.from_items([{"path": uri, "target": eye[i]} for (uri, _), i in zip(pairs, indices)])
 
 
-def _expand(table: pa.Table, num_classes: int, hard: bool, balanced: str) -> dict[str, np.ndarray]:
-    """Balanced rows -> one row per copy, with dense soft (or one-hot) targets."""
-    reps = table.column("copies").to_numpy()
-    if hard:
-        targets = np.eye(num_classes, dtype=np.float32)[table.column("label").to_numpy()]
-    else:
-        targets = dense_targets(table, num_classes)
-    paths = np.asarray(pseudo_uris(table, balanced), dtype=object)
-    return {"path": np.repeat(paths, reps), "target": np.repeat(targets, reps, axis=0)}
+def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool, balanced: str) -> dict[str, np.ndarray]:
+    """Balanced rows -> (path, image bytes or None, copies, dense soft or one-hot target)."""
+    n = table.num_rows
+    image = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
+    return {
+        "path": np.asarray(pseudo_uris(table, balanced), dtype=object),
+        "image": np.asarray(image, dtype=object),
+        "copies": table.column("copies").to_numpy(),
+        "target": pseudo_targets(table, num_classes, hard),
+    }
 
 
 def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Dataset:
     fs, path = filesystem_for(balanced)
     ds = ray.data.read_parquet(path, filesystem=fs)
     kwargs = {"num_classes": num_classes, "hard": hard, "balanced": balanced}
-    return ds.map_batches(_expand, batch_format="pyarrow", fn_kwargs=kwargs)
+    return ds.map_batches(_pseudo_rows, batch_format="pyarrow", fn_kwargs=kwargs)
 
 
 def pseudo_row_count(balanced: str) -> int:
@@ -57,28 +74,56 @@ def pseudo_row_count(balanced: str) -> int:
     return int(pc.sum(pq.read_table(path, filesystem=fs, columns=["copies"])["copies"]).as_py() or 0)
 
 
-def decode_and_augment(batch: dict, spec: dict, ops: int, magnitude: int, smoothing: float) -> dict[str, np.ndarray]:
-    """Read, decode, RandAugment and normalise a batch; undecodable images are dropped."""
+def _decode(src, size: int, chans: int) -> tuple[np.ndarray | None, int]:
+    """(uint8 HxWxC image or None, reject reason code: 0 when it decoded)."""
+    try:
+        return resize_center_crop(decode_image(read_source_bytes(src), chans), size), 0
+    except RejectedImage as err:
+        codes = reason_codes()
+        return None, codes.index(err.reason) if err.reason in codes else codes.index("undecodable")
+
+
+def decode_and_augment(
+    batch: dict, spec: dict, ops: int, magnitude: int, smoothing: float
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read, decode, RandAugment (once per copy) and normalise; yields at most DECODE_BATCH rows at a time.
+
+    Out: ``image`` float32 (n, C, H, W), ``target`` float32 (n, classes), ``ok`` uint8 (n,) and
+    ``reason`` int64 (n,): a row that failed keeps its place with a zero image, ``ok = 0``.
+    """
     from PIL import Image
 
     size, chans = spec["image_size"], spec["in_chans"]
     transform = randaugment(ops, magnitude, size)
-    images, keep = [], []
-    for i, uri in enumerate(batch["path"]):
-        try:
-            arr = resize_center_crop(decode_image(read_bytes(uri), chans), size)
-        except (RejectedImage, FileNotFoundError):
-            continue
-        if transform is not None:
-            img = Image.fromarray(arr[:, :, 0] if chans == 1 else arr)
-            arr = np.asarray(transform(img), dtype=np.uint8).reshape(size, size, chans)
-        images.append(arr)
-        keep.append(i)
-    x = normalize(np.stack(images) if images else np.zeros((0, size, size, chans), np.uint8), spec["mean"], spec["std"])
-    y = np.asarray(batch["target"], dtype=np.float32)[keep]
-    if smoothing > 0:
-        y = smooth(y, smoothing)
-    return {"image": x.numpy(), "target": y}
+    images = batch.get("image", [None] * len(batch["path"]))  # bytes the labeler kept; null (None/NaN): path
+    sources = [i if isinstance(i, bytes) else p for i, p in zip(images, batch["path"])]
+    copies = batch["copies"] if "copies" in batch else np.ones(len(sources), np.int64)
+    targets = np.stack(list(batch["target"])).astype(np.float32, copy=False)
+    out: dict[str, list] = {"image": [], "target": [], "ok": [], "reason": []}
+    for src, reps, target in zip(sources, copies, targets):
+        arr, code = _decode(src, size, chans)
+        for _ in range(int(reps)):
+            img = np.zeros((size, size, chans), np.uint8) if arr is None else arr
+            if transform is not None and arr is not None:
+                pil = Image.fromarray(arr[:, :, 0] if chans == 1 else arr)
+                img = np.asarray(transform(pil), dtype=np.uint8).reshape(size, size, chans)
+            for key, value in (("image", img), ("target", target), ("ok", int(arr is not None)), ("reason", code)):
+                out[key].append(value)
+            if len(out["ok"]) == DECODE_BATCH:
+                yield _finish(out, spec, smoothing)
+                out = {k: [] for k in out}
+    if out["ok"]:
+        yield _finish(out, spec, smoothing)
+
+
+def _finish(out: dict[str, list], spec: dict, smoothing: float) -> dict[str, np.ndarray]:
+    y = np.stack(out["target"])
+    return {
+        "image": normalize(np.stack(out["image"]), spec["mean"], spec["std"]).numpy(),
+        "target": smooth(y, smoothing) if smoothing > 0 else y,
+        "ok": np.asarray(out["ok"], dtype=np.uint8),
+        "reason": np.asarray(out["reason"], dtype=np.int64),
+    }
 
 
 def augmented(ds: ray.data.Dataset, spec: dict, ops: int, magnitude: int, smoothing: float) -> ray.data.Dataset:

@@ -19,6 +19,14 @@ from timm.utils import ModelEmaV3
 
 from labeler.model import ModelSpec, create_model, save_checkpoint
 from trainer.data import load_labeled, load_pseudo
+from trainer.data_check import (
+    TrainingDataError,
+    check_image_set,
+    check_unreadable,
+    counts_by_reason,
+    reason_histogram,
+    record_data_error,
+)
 from trainer.evaluate import evaluate, recalibrate_batchnorm, recalibrate_batchnorm_on
 from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
 from trainer.settings import TrainSettings
@@ -97,6 +105,9 @@ class MemoryFeed:
                 config["pseudo"], spec.num_classes, spec.image_size, spec.in_chans, config["hard"]
             )
         self.s, self.spec, self.hard = s, spec, config["hard"]
+        for name, data in (("labeled", self.labeled), ("pseudo", self.pseudo)):
+            if data is not None:
+                check_image_set(name, data)
         self.steps = _steps_per_epoch(len(self.labeled), len(self.pseudo) if self.pseudo else None, s)
         self.transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
         per_worker = s.batch_size // world
@@ -121,6 +132,13 @@ class MemoryFeed:
                 x, y = torch.cat([x, px]), torch.cat([y, py])
             yield x, y
 
+    def epoch_counts(self) -> dict:
+        """Rows of each set the epoch trained from and could not read (decoded once: the same every epoch)."""
+        out = {"unreadable_labeled": sum(self.labeled.unreadable.values())}
+        if self.pseudo is not None:
+            out.update(pseudo_rows=len(self.pseudo), unreadable_pseudo=sum(self.pseudo.unreadable.values()))
+        return out
+
     def recalibrate(self, model: torch.nn.Module, device) -> None:
         clean = np.concatenate([self.labeled.images] + ([self.pseudo.images] if self.pseudo is not None else []))
         recalibrate_batchnorm(model, clean, self.spec, device)
@@ -134,28 +152,57 @@ class StreamFeed:
         self.steps = config["stream_steps"]
         self.lab = _endless("labeled", per_worker)
         self.pse = _endless("pseudo", per_worker * s.ratio) if config.get("pseudo") and s.ratio > 0 else None
+        self.codes = {"labeled": [], "pseudo": []}  # reject reason codes of this epoch's rows, per set
 
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.codes = {"labeled": [], "pseudo": []}
         for _ in range(self.steps):  # a fixed count: every DDP worker must take the same number of steps
-            x, y = next(self.lab)
+            x, y = self._readable("labeled", next(self.lab))
             if self.pse is not None:
-                px, py = next(self.pse)
+                px, py = self._readable("pseudo", next(self.pse))
                 x, y = torch.cat([x, px]), torch.cat([y, py])
             yield x, y
+
+    def _readable(self, name: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows that decoded; the others are counted, never silently dropped."""
+        self.codes[name].append(batch["reason"])
+        ok = batch["ok"].bool()
+        return batch["image"][ok], batch["target"][ok]
+
+    def epoch_counts(self) -> dict:
+        """Rows met this epoch that could not be read, per set and reason, summed over every worker.
+
+        Raises:
+            TrainingDataError: when a set's rows this epoch were mostly unreadable (every worker
+                raises alike, since the counts are all-reduced).
+        """
+        out = {}
+        for name, parts in self.codes.items():
+            codes = torch.cat(parts).numpy() if parts else np.zeros(0, np.int64)
+            hist = torch.from_numpy(reason_histogram(codes))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(hist)
+            unreadable = counts_by_reason(hist.numpy())
+            if name == "labeled" or self.pse is not None:
+                out[f"unreadable_{name}"] = sum(unreadable.values())
+                where = f"rows of this epoch's stream rejected as {unreadable}"
+                check_unreadable(name, unreadable, int(hist.sum().item()), where)
+        return out
 
     def recalibrate(self, model: torch.nn.Module, device) -> None:
         clean = ray.train.get_dataset_shard("clean").iter_torch_batches(batch_size=256)
         recalibrate_batchnorm_on(model, (b["image"] for b in clean), device)
 
 
-def _endless(name: str, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Pass after pass over this worker's shard; each pass re-runs decode + augmentation."""
+def _endless(name: str, batch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Pass after pass over this worker's shard (batches of image, target, ok, reason); each pass
+    re-runs decode + augmentation."""
     shard = ray.train.get_dataset_shard(name)
     while True:
         empty = True
         for b in shard.iter_torch_batches(batch_size=batch, drop_last=True):
             empty = False
-            yield b["image"], b["target"]
+            yield b
         if empty:
             raise ValueError(f"the {name} shard holds fewer than {batch} images; lower batch_size or num_workers")
 
@@ -197,6 +244,16 @@ def _last_state() -> dict | None:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """What each TorchTrainer worker runs. A data error (a set mostly unreadable) is not a lost
+    node: the workers stop cleanly, rank 0 records it, and the driver raises it (no retries)."""
+    try:
+        _train_worker(config)
+    except TrainingDataError as err:
+        if ray.train.get_context().get_world_rank() == 0 and config.get("data_error_file"):
+            record_data_error(config["data_error_file"], err)
+
+
+def _train_worker(config: dict) -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match")
     s = TrainSettings.from_dict(config["settings"])
     spec = ModelSpec(**config["spec"])
@@ -247,7 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
         final = epoch + 1 == s.epochs
         metrics = {"epoch": epoch + 1, "train_loss": total / steps, "lr": sched.get_last_lr()[0], "final": final,
                    "images": seen, "images_per_s": seen / (time.perf_counter() - started),
-                   "resumed_from": resumed_from}  # fmt: skip
+                   "resumed_from": resumed_from, **feed.epoch_counts()}  # fmt: skip
         exported = ema.module if ema is not None else bare
         if rank == 0 and final and s.recalibrate_bn:
             feed.recalibrate(exported, device)
