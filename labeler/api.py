@@ -8,7 +8,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -17,8 +16,9 @@ import ray
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import ModelSpec, load_spec
 from labeler.predict import Predictor, check_precision
-from labeler.sources import read_source
-from labeler.storage import filesystem_for, list_files, write_bytes
+from labeler.sources import plan_units, read_source
+from labeler.storage import filesystem_for, join, list_files, write_bytes
+from labeler.units import UNIT_COLUMN, UNIT_LOG, finished_units
 
 GPU_BATCH_SIZE = 256
 # On CPU, large batches are slower: efficientnet_b0 at 224 px on 2 cores ran at 57-85 images/s with
@@ -59,6 +59,7 @@ class LabelOptions:
     image_column: str = "image"  # Parquet inputs
     id_column: str | None = None  # Parquet inputs; None = file + content hash
     topk: int = 0  # 0: store the full distribution; k: top-k classes + fp16 probabilities + remaining mass
+    files_per_unit: int = 1000  # folder inputs: files per read task, the unit of resume (labeler.units)
     # keep each labeled image's encoded bytes in the predictions (column ``image``), so the balanced set
     # is a self-contained training set whatever the corpus format (no reads back into .tar shards);
     # only for predictions with confidence >= image_bytes_min_confidence (the balancing threshold)
@@ -70,32 +71,27 @@ def _resolve_spec(checkpoint: str, spec: ModelSpec | None) -> ModelSpec:
     return spec if spec is not None else load_spec(checkpoint)
 
 
-def _skip_done(batch: dict, done: frozenset) -> dict:
-    keep = np.array([str(i) not in done for i in batch["id"]], dtype=bool)
-    return {k: v[keep] for k, v in batch.items()}
-
-
 def label_images(
     source: str,
     checkpoint: str,
     options: LabelOptions | None = None,
     spec: ModelSpec | None = None,
-    skip_ids: frozenset | None = None,
+    skip_units: frozenset = frozenset(),
+    unit_log: str | None = None,
 ) -> ray.data.Dataset:
     """Lazily label every image in ``source`` (folder tree, Parquet or WebDataset; local or s3://).
 
     Every input image yields exactly one row: a prediction, or a rejection with a
-    ``reject_reason`` (label -1). Images whose id is in ``skip_ids`` are left out (resume).
-    Nothing runs until the dataset is consumed.
+    ``reject_reason`` (label -1), with the key of its input ``unit`` (labeler.units). Units in
+    ``skip_units`` are not read (resume); with ``unit_log``, each read task records its unit's
+    row count there. Nothing runs until the dataset is consumed.
     """
     opts = options or LabelOptions()
     check_precision(opts.precision)  # here too, not only in the actors: fail before any work
     spec = _resolve_spec(checkpoint, spec)
     # the actors' CPUs differ from decode_cpus (by default) so Ray Data does not fuse decoding into
     # the actors, where it would run in turn with inference instead of beside it
-    ds = read_source(source, opts.format, opts.image_column, opts.id_column, opts.decode_cpus)
-    if skip_ids:
-        ds = ds.map_batches(_skip_done, batch_format="numpy", num_cpus=opts.decode_cpus, fn_kwargs={"done": skip_ids})
+    ds = read_source(source, opts, frozenset(skip_units), unit_log)
     ds = ds.map_batches(
         decode_batch,
         batch_size=64,
@@ -137,45 +133,29 @@ def label_images(
     )
 
 
-def completed_ids(predictions: str) -> frozenset:
-    """Ids already written under ``predictions`` by an earlier, interrupted run.
-
-    A file that is not valid Parquet (cut off mid-write) is deleted, so its rows are redone.
-    Memory: the ids of finished rows; split very large corpora into several jobs.
-    """
-    fs, files = list_files(predictions)
-    done: set[str] = set()
-    for path in files:
-        try:
-            with fs.open_input_file(path) as f:
-                done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
-        except (pa.ArrowInvalid, OSError):
-            print(f"labeler: removing incomplete output file {path}")
-            fs.delete_file(path)
-    return frozenset(done)
-
-
 def run_labeling(
     source: str, checkpoint: str, out: str, options: LabelOptions | None = None, spec: ModelSpec | None = None
 ) -> dict:
-    """Label ``source`` into Parquet shards under ``out/predictions`` and write ``out/manifest.json``.
+    """Label ``source`` into Parquet under ``out/predictions/unit=<key>/`` and write ``out/manifest.json``.
 
-    Running it again with the same ``out`` resumes: images already in ``out/predictions`` are
-    not labeled again and no row is written twice.
+    Running it again with the same ``out`` resumes by input unit (labeler.units): finished units
+    are kept as written, anything else is redone whole, so no row is written twice or lost.
     """
     start = time.time()
+    opts = options or LabelOptions()
     out = out.rstrip("/")
-    done = completed_ids(out + "/predictions")
+    _, units, _ = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    done, resumed = finished_units(out, units)
     if done:
-        print(f"labeler: resuming, {len(done)} images already labeled in {out}/predictions")
-    fs, path = filesystem_for(out + "/predictions")
-    ds = label_images(source, checkpoint, options, spec, skip_ids=done)
-    _write_watched(ds, out + "/predictions", (options or LabelOptions()).stall_timeout_s)
+        print(f"labeler: resuming, {len(done)} of {len(units)} input units ({resumed} images) already labeled")
+    if len(done) < len(units):
+        ds = label_images(source, checkpoint, opts, spec, frozenset(done), join(out, UNIT_LOG))
+        _write_watched(ds, out + "/predictions", opts.stall_timeout_s)
     manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
     seconds = time.time() - start
     manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(seconds, 2)})
-    manifest["resumed_from"] = len(done)
-    manifest["images_per_s"] = round((manifest["rows"] - len(done)) / max(seconds, 1e-9), 1)
+    manifest.update(units=len(units), resumed_from=resumed)
+    manifest["images_per_s"] = round((manifest["rows"] - resumed) / max(seconds, 1e-9), 1)
     write_bytes(out + "/manifest.json", json.dumps(manifest, indent=2).encode())
     print(
         f"labeled {manifest['labeled']} images, rejected {manifest['rejected']} "
@@ -200,7 +180,7 @@ def _write_watched(ds: ray.data.Dataset, predictions: str, stall_timeout_s: floa
 
     def write() -> None:
         try:
-            ds.write_parquet(path, filesystem=fs)
+            ds.write_parquet(path, filesystem=fs, partition_cols=[UNIT_COLUMN])
         except BaseException as err:  # re-raised in the caller's thread
             errors.append(err)
 

@@ -1,4 +1,4 @@
-"""A Ray Data datasource that reads image files in blocks of (id, path, bytes, read_error).
+"""Reading image files into blocks of (id, path, bytes, read_error) rows (for :mod:`labeler.units`).
 
 Why not ``ray.data.read_binary_files``: it builds a block per file and costs about 0.25 ms
 of CPU per small file on the development machine, 25 times the read itself, and one
@@ -10,13 +10,11 @@ Remote files (S3) are fetched by a small thread pool per task, since each GET is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from labeler.images import read_failure
 from labeler.storage import local_path
@@ -70,35 +68,3 @@ def blocks(rows: Iterable[tuple], max_block_bytes: int = MAX_BLOCK_BYTES) -> Ite
 
 def _table(rows: list[tuple]) -> pa.Table:
     return pa.table([list(column) for column in zip(*rows)], schema=SCHEMA)
-
-
-Reader = Callable[[pafs.FileSystem, str, list[str]], Iterator[pa.Table]]
-
-
-class ImageFilesDatasource(Datasource):
-    """``files_per_block`` files per read task, read by ``reader`` (:func:`read_files`: a row
-    per image file; the WebDataset reader: a row per sample of each shard); a task's blocks
-    hold at most about 64 MB of bytes each."""
-
-    def __init__(
-        self, fs: pafs.FileSystem, root: str, paths: list[str], files_per_block: int, reader: Reader = read_files
-    ):
-        super().__init__()
-        self._fs, self._root, self._paths, self._per_block = fs, root, paths, files_per_block
-        self._reader, self._rows_known = reader, reader is read_files
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None  # the listing has names only; sizes would cost a request per file on S3
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
-        fs, root, reader, known = self._fs, self._root, self._reader, self._rows_known
-        chunks = [self._paths[i : i + self._per_block] for i in range(0, len(self._paths), self._per_block)]
-        return [
-            ReadTask(
-                lambda chunk=chunk: reader(fs, root, chunk),
-                BlockMetadata(len(chunk) if known else None, size_bytes=None, input_files=None, exec_stats=None),
-                schema=SCHEMA,
-                per_task_row_limit=per_task_row_limit,
-            )
-            for chunk in chunks
-        ]

@@ -164,4 +164,6 @@ def decode_batch(
     out = {"id": batch["id"], "path": batch["path"], "image": images, "reject_reason": reasons}
     if keep_bytes:
         out["encoded"] = batch["bytes"]
+    if "unit" in batch:  # the input unit (labeler.units), for resumable writes
+        out["unit"] = batch["unit"]
     return out

@@ -145,7 +145,10 @@ class Predictor:
         if self.keep_bytes:
             keep = ok & (conf >= self.bytes_min_confidence)
             columns["image"] = [bytes(b) if k else None for b, k in zip(batch["encoded"], keep)]
-        return pa.Table.from_pydict(columns, schema=self.schema)
+        table = pa.Table.from_pydict(columns, schema=self.schema)
+        if "unit" in batch:  # passed through for the partitioned, resumable write (labeler.units)
+            table = table.append_column("unit", pa.array([str(u) for u in batch["unit"]], pa.string()))
+        return table
 
     def _soft_columns(self, probs: list) -> dict:
         classes, values, rest = [], [], []

@@ -1,4 +1,4 @@
-"""Corpus readers: every format becomes rows of (id, path, bytes) for the decode stage.
+"""Corpus readers: every format becomes rows of (id, path, bytes, read_error, unit) for the decode stage.
 
 Formats, each a local path or an s3:// URI:
 
@@ -17,15 +17,20 @@ image is one rejection, never a failed block.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
-from labeler.file_reader import ImageFilesDatasource, relative_id
+from labeler.file_reader import SCHEMA, blocks, read_files, relative_id
+from labeler.images import read_failure
 from labeler.storage import filesystem_for, list_files
 from labeler.tar_reader import read_shards
+from labeler.units import UNIT_COLUMN, Reader, Unit, UnitsDatasource, make_units
 
 FORMATS = ("auto", "folder", "parquet", "webdataset")
 FILES_PER_BLOCK = 1000
@@ -61,46 +66,83 @@ def image_bytes(col: pa.ChunkedArray) -> pa.ChunkedArray:
     return col
 
 
-def _parquet_rows(batch: pa.Table, root: str, image_column: str, id_column: str | None) -> pa.Table:
+def _parquet_rows(batch: pa.Table, path: str, root: str, image_column: str, id_column: str | None) -> list[tuple]:
     data = image_bytes(batch[image_column]).to_pylist()
-    paths = batch["path"].to_pylist()
     if id_column:
         ids = [str(v) for v in batch[id_column].to_pylist()]
     else:
-        ids = [f"{relative_id(p, root)}#{hashlib.sha1(d or b'').hexdigest()[:16]}" for p, d in zip(paths, data)]
-    return pa.table({"id": ids, "path": paths, "bytes": pa.array(data, pa.binary())})
+        rel = relative_id(path, root)
+        ids = [f"{rel}#{hashlib.sha1(d or b'').hexdigest()[:16]}" for d in data]
+    return [(i, path, d, None) for i, d in zip(ids, data)]
 
 
-def read_source(
-    source: str, fmt: str = "auto", image_column: str = "image", id_column: str | None = None, num_cpus: float = 1.0
-) -> ray.data.Dataset:
-    """A lazy dataset of (id, path, bytes[, read_error]) rows, one per image; tasks reserve ``num_cpus``.
+def read_parquet_files(
+    fs: pafs.FileSystem, root: str, paths: list[str], image_column: str = "image", id_column: str | None = None
+) -> Iterator[pa.Table]:
+    """(id, path, bytes, read_error) blocks of Parquet files, streamed a record batch at a time; a
+    file that cannot be opened, or lacks the columns, is one ``unreadable`` row naming it."""
+    columns = [image_column] + ([id_column] if id_column else [])
 
-    Row mappings reserve the same, so Ray Data fuses them into the read tasks.
+    def rows():
+        for path in paths:
+            try:
+                with fs.open_input_file(path) as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=256, columns=columns):
+                        yield from _parquet_rows(pa.Table.from_batches([batch]), path, root, image_column, id_column)
+            except (OSError, pa.ArrowException, KeyError) as err:
+                detail = f"{relative_id(path, root)}: {type(err).__name__}: {err}"
+                yield (f"{relative_id(path, root)}#unreadable", path, None, read_failure("unreadable", detail))
+
+    yield from blocks(rows())
+
+
+def plan_units(
+    source: str,
+    fmt: str = "auto",
+    image_column: str = "image",
+    id_column: str | None = None,
+    files_per_unit: int = FILES_PER_BLOCK,
+) -> tuple[str, list[Unit], Reader]:
+    """(format, units, reader) of a corpus: the deterministic read tasks of labeling (labeler.units).
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist. ValueError: an unknown format, or no input files.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
-    files = _listing(source) if fmt in ("auto", "folder") else None  # listed once, also for the folder read
+    files = _listing(source)
     fmt = _format_of(source, files) if fmt == "auto" else fmt
-    fs, root = filesystem_for(source)
     if fmt == "folder":
-        if not files:
-            raise ValueError(f"input {source} holds no files")
-        # a block per FILES_PER_BLOCK files: a task per file spends more on overhead than on reading
-        blocks = -(-len(files) // FILES_PER_BLOCK)  # pinned: Ray would split each block in ~20 otherwise
-        source = ImageFilesDatasource(fs, root, files, FILES_PER_BLOCK)
-        return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=blocks)
-    if fmt == "parquet":
-        columns = [image_column] + ([id_column] if id_column else [])
-        files = list_files(source, suffix=".parquet")[1]  # hidden files left out, as in every reader
-        if not files:
-            raise ValueError(f"input {source} holds no .parquet files")
-        ds = ray.data.read_parquet(files, filesystem=fs, columns=columns, include_paths=True, num_cpus=num_cpus)
-        kwargs = {"root": root, "image_column": image_column, "id_column": id_column}
-        return ds.map_batches(_parquet_rows, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=kwargs)
-    shards = list_files(source, suffix=".tar")[1]
-    if not shards:
-        raise ValueError(f"input {source} holds no .tar shards")
-    # a read task per shard, which it streams member by member (labeler/tar_reader.py says why not read_webdataset)
-    source = ImageFilesDatasource(fs, root, shards, 1, reader=read_shards)
-    return ray.data.read_datasource(source, num_cpus=num_cpus, override_num_blocks=len(shards))
+        units, reader = make_units(files, files_per_unit), read_files
+    elif fmt == "parquet":
+        files = [f for f in files if f.endswith(".parquet")]
+        units = make_units(files, 1)
+        reader = functools.partial(read_parquet_files, image_column=image_column, id_column=id_column)
+    else:
+        units, reader = make_units([f for f in files if f.endswith(".tar")], 1), read_shards
+    if not units:
+        raise ValueError(f"input {source} holds no {fmt} input files")
+    return fmt, units, reader
+
+
+def read_source(
+    source: str, options=None, skip_units: frozenset = frozenset(), unit_log: str | None = None
+) -> ray.data.Dataset:
+    """A lazy dataset of (id, path, bytes, read_error, unit) rows, one per image.
+
+    ``options``: a ``labeler.api.LabelOptions`` (format, image_column, id_column, files_per_unit;
+    read tasks reserve ``decode_cpus``). A read task per unit (``labeler.units``), except those in
+    ``skip_units`` (finished before); with ``unit_log``, each task records its unit's row count
+    there. Row mappings reserve the same CPUs, so Ray Data fuses them into the read tasks.
+    """
+    from labeler.api import LabelOptions
+
+    opts = options or LabelOptions()
+    _, units, reader = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    fs, root = filesystem_for(source)
+    todo = [u for u in units if u.key not in skip_units]
+    if not todo:
+        return ray.data.from_arrow(SCHEMA.append(pa.field(UNIT_COLUMN, pa.string())).empty_table())
+    datasource = UnitsDatasource(fs, root, todo, reader, unit_log)
+    # pinned to a block per unit: Ray would split each read task's output in ~20 otherwise
+    return ray.data.read_datasource(datasource, num_cpus=opts.decode_cpus, override_num_blocks=len(todo))

@@ -94,29 +94,38 @@ def test_parquet_input_end_to_end(ray_local, tmp_path):
     assert sorted(ids) == [f"u{i}" for i in range(6)]
 
 
-def test_interrupted_run_resumes_without_relabeling_or_duplicates(ray_local, tmp_path):
-    """First run labels part of the corpus (T=1), a half-written file is left behind, then the
-    full run (T=3) must add only the missing images: exact counts, the old rows untouched."""
+def test_interrupted_run_resumes_by_unit_without_relabeling_or_duplicates(ray_local, tmp_path):
+    """A run (T=1) in units of 3 files, then the damage an interruption leaves: a unit whose rows
+    were never written (its count file only), one whose count file was never written, one with a
+    file cut off mid-write. The resumed run (T=3) redoes exactly those units: exact counts, no
+    duplicate, and the finished units' rows untouched."""
     import shutil
 
-    expected = write_bad_and_good_folder(str(tmp_path / "corpus"))
-    part = tmp_path / "part"
-    part.mkdir()
-    for name in ("good_0.png", "good_1.png", "empty.png"):
-        shutil.copy(tmp_path / "corpus" / name, part / name)
+    expected = write_bad_and_good_folder(str(tmp_path / "corpus"))  # 13 files: units u0..u4
     random_checkpoint(str(tmp_path / "ckpt"))
     out = tmp_path / "out"
-    run_labeling(str(part), str(tmp_path / "ckpt"), str(out), LabelOptions(temperature=1.0))
-    (out / "predictions" / "zz_cut_off.parquet").write_bytes(b"PAR1 half a file")
+    first = run_labeling(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(files_per_unit=3))
+    assert first["units"] == 5 and first["rows"] == len(expected) == 13
+    unit_dir = {u: out / "predictions" / f"unit=u000000{u}" for u in range(4)}
+    shutil.rmtree(unit_dir[1])  # rows never written
+    (out / "units" / "u0000002.json").unlink()  # the read task never finished
+    cut = sorted(unit_dir[3].iterdir())[0]
+    cut.write_bytes(cut.read_bytes()[:40])  # a file cut off mid-write
     (out / "manifest.json").unlink()
-    manifest = run_labeling(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(temperature=3.0))
+    kept = pq.read_table(unit_dir[0]).to_pandas().set_index("id")
+    manifest = run_labeling(
+        str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(temperature=3.0, files_per_unit=3)
+    )
     table = pq.read_table(out / "predictions").to_pandas()
-    assert sorted(table["id"]) == sorted(expected) and manifest["rows"] == len(expected)
-    assert manifest["resumed_from"] == 3 and not (out / "predictions" / "zz_cut_off.parquet").exists()
-    sharp = {i: max(p) for i, p in zip(table["id"], table["probs"]) if p is not None}
-    # the T=1 row from the first run is kept as it was (its top prob is the confidence); new rows are T=3
-    assert table.set_index("id").loc["good_0.png", "confidence"] == pytest.approx(sharp["good_0.png"])
-    assert table.set_index("id").loc["good_2.png", "confidence"] > sharp["good_2.png"]
+    assert sorted(table["id"]) == sorted(expected) and manifest["rows"] == len(expected)  # each id exactly once
+    assert manifest["resumed_from"] == 13 - 9 and manifest["units"] == 5  # units 1-3 redone
+    again = table.set_index("id")
+    assert len(kept) == 3
+    for i in kept.index:  # unit 0 kept as it was (T=1: its top probability is the confidence)
+        assert again.loc[i, "confidence"] == kept.loc[i, "confidence"] and again.loc[i, "unit"] == "u0000000"
+    redone = again[again["unit"].isin(["u0000001", "u0000002", "u0000003"])].dropna(subset=["probs"])
+    assert len(redone) >= 6
+    assert all(max(p) < c for p, c in zip(redone["probs"], redone["confidence"]))  # T=3 soft labels
     rejected = pq.read_table(out / "rejected.parquet").to_pydict()
     assert sorted(rejected["reject_reason"]) == ["empty", "not_an_image", "truncated"]
 

@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
+from labeler.api import LabelOptions
 from labeler.sources import detect_format, read_source
 from tests.helpers import png_bytes
 
@@ -19,7 +20,7 @@ def test_parquet_with_and_without_id_column(ray_local, tmp_path):
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table({"key": [f"k{i}" for i in range(6)], "image": imgs}), tmp_path / "pq" / "a.parquet")
     assert detect_format(str(tmp_path / "pq")) == "parquet"
-    rows = _rows(read_source(str(tmp_path / "pq"), id_column="key", image_column="image"))
+    rows = _rows(read_source(str(tmp_path / "pq"), LabelOptions(id_column="key", image_column="image")))
     assert rows == {f"k{i}": imgs[i] for i in range(6)}
     no_id = _rows(read_source(str(tmp_path / "pq")))
     assert len(no_id) == 6 and all(k.startswith("a.parquet#") for k in no_id)
@@ -30,7 +31,7 @@ def test_parquet_struct_image_column(ray_local, tmp_path):
     img = png_bytes()
     col = pa.array([{"bytes": img, "path": "x.png"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     pq.write_table(pa.table({"image": col}), tmp_path / "hf.parquet")
-    assert list(_rows(read_source(str(tmp_path / "hf.parquet"), fmt="parquet")).values()) == [img]
+    assert list(_rows(read_source(str(tmp_path / "hf.parquet"), LabelOptions(format="parquet"))).values()) == [img]
 
 
 def test_webdataset_shards(ray_local, tmp_path):
@@ -54,13 +55,17 @@ def test_missing_input_is_a_clear_error(tmp_path):
         detect_format(str(tmp_path / "nope"))
 
 
-def test_folder_blocks_keep_order_and_a_vanished_file_is_an_unreadable_row(ray_local, tmp_path):
+def test_folder_units_keep_order_and_a_vanished_file_is_an_unreadable_row(ray_local, tmp_path):
     """Files listed and then deleted (or otherwise unreadable) must not fail the job: the read
-    gives a row with ``read_error`` and decoding rejects it as ``unreadable``."""
+    gives a row with ``read_error`` and decoding rejects it as ``unreadable``; each unit's read
+    task records its row count."""
+    import json
+
     import pyarrow.fs as pafs
 
-    from labeler.file_reader import ImageFilesDatasource
+    from labeler.file_reader import read_files
     from labeler.images import decode_batch
+    from labeler.units import UnitsDatasource, make_units
 
     root = tmp_path / "imgs"
     (root / "sub").mkdir(parents=True)
@@ -69,13 +74,16 @@ def test_folder_blocks_keep_order_and_a_vanished_file_is_an_unreadable_row(ray_l
         (root / name).write_bytes(png_bytes(seed=i))
     paths = [str(root / n) for n in names]
     (root / "gone.png").unlink()
-    source = ImageFilesDatasource(pafs.LocalFileSystem(), str(root), paths, files_per_block=3)
-    assert [t.metadata.num_rows for t in source.get_read_tasks(1)] == [3, 1]
+    units = make_units(paths, 3)
+    assert [(u.key, len(u.paths)) for u in units] == [("u0000000", 3), ("u0000001", 1)]
+    source = UnitsDatasource(pafs.LocalFileSystem(), str(root), units, read_files, str(tmp_path / "log"))
     ds = ray.data.read_datasource(source, override_num_blocks=2)
     kwargs = {"image_size": 8, "crop_pct": 1.0, "in_chans": 3, "max_pixels": 10**6}
     rows = ds.map_batches(decode_batch, batch_format="numpy", fn_kwargs=kwargs).take_all()
     expected = {"a.png": "", "sub/b.png": "", "gone.png": "unreadable", "c.png": ""}
     assert {r["id"]: r["reject_reason"] for r in rows} == expected
+    assert {r["id"]: r["unit"] for r in rows}["c.png"] == "u0000001"
+    assert json.loads((tmp_path / "log" / "u0000000.json").read_text()) == {"rows": 3, "first": paths[0]}
 
 
 def test_a_read_task_splits_large_reads_into_blocks_in_file_order(tmp_path):

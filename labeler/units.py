@@ -1,0 +1,125 @@
+"""Input units: the deterministic blocks of a corpus that labeling reads, writes and resumes by.
+
+A unit is one read task: 1,000 files of a folder (in sorted order), one WebDataset shard, or
+one Parquet file. Its key (``u0000042``: its index in the sorted listing) names the folder its
+predictions are written to (``predictions/unit=u0000042/``), and when its read task has read
+every row it writes ``units/u0000042.json`` with its row count. A unit is finished when its
+predictions hold exactly that many rows; resuming skips finished units and redoes the rest
+from scratch. So resume costs memory per unit, never per image, and rows in = predictions +
+rejections stays exact across any number of interruptions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from labeler.file_reader import SCHEMA
+from labeler.storage import delete_file, delete_tree, join, list_files, read_bytes, write_bytes
+
+UNIT_COLUMN = "unit"
+UNIT_LOG = "units"  # beside predictions/: one <key>.json per fully read unit
+
+Reader = Callable[[pafs.FileSystem, str, list[str]], Iterator[pa.Table]]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One read task's input: ``paths`` (files or shards) under the corpus root, and its ``key``."""
+
+    key: str
+    paths: tuple[str, ...]
+
+
+def make_units(paths: list[str], per_unit: int) -> list[Unit]:
+    """Consecutive groups of ``per_unit`` paths (in the order given: sorted), keyed by index."""
+    return [Unit(f"u{i // per_unit:07d}", tuple(paths[i : i + per_unit])) for i in range(0, len(paths), per_unit)]
+
+
+def _read_unit(fs: pafs.FileSystem, root: str, unit: Unit, reader: Reader, log: str | None) -> Iterator[pa.Table]:
+    rows = 0
+    for table in reader(fs, root, list(unit.paths)):
+        rows += table.num_rows
+        yield table.append_column(UNIT_COLUMN, pa.array([unit.key] * table.num_rows, pa.string()))
+    if log:  # every row of the unit is on its way: record how many there are
+        write_bytes(join(log, unit.key + ".json"), json.dumps({"rows": rows, "first": unit.paths[0]}).encode())
+
+
+class UnitsDatasource(Datasource):
+    """A read task per unit, read by ``reader`` into (id, path, bytes, read_error, unit) blocks of
+    at most about 64 MB of bytes; with ``log``, each task records its unit's row count there."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, units: list[Unit], reader: Reader, log: str | None = None):
+        super().__init__()
+        self._fs, self._root, self._units, self._reader, self._log = fs, root, units, reader, log
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None  # the listing has names only; sizes would cost a request per file on S3
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
+        fs, root, reader, log = self._fs, self._root, self._reader, self._log
+        schema = SCHEMA.append(pa.field(UNIT_COLUMN, pa.string()))
+        return [
+            ReadTask(
+                lambda unit=unit: _read_unit(fs, root, unit, reader, log),
+                BlockMetadata(None, size_bytes=None, input_files=None, exec_stats=None),
+                schema=schema,
+                per_task_row_limit=per_task_row_limit,
+            )
+            for unit in self._units
+        ]
+
+
+def unit_of(path: str) -> str | None:
+    """The unit key of a predictions file (``.../unit=u0000042/part.parquet``), or None."""
+    part = next((p for p in path.split("/") if p.startswith(UNIT_COLUMN + "=")), None)
+    return part.split("=", 1)[1] if part else None
+
+
+def _rows_written(predictions: str) -> tuple[Counter, set[str]]:
+    """(rows per unit from the Parquet footers, units with a file that is not valid Parquet)."""
+    fs, files = list_files(predictions)
+    rows, broken = Counter(), set()
+    for path in files:
+        unit = unit_of(path)
+        try:
+            with fs.open_input_file(path) as f:
+                rows[unit] += pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowInvalid, OSError):  # cut off mid-write
+            broken.add(unit)
+    return rows, broken
+
+
+def finished_units(out: str, units: list[Unit]) -> tuple[set[str], int]:
+    """(keys of the units already labeled under ``out``, their rows); everything written for any
+    other unit is deleted so it is redone whole. A unit counts as finished when its recorded first
+    path still matches (same corpus) and its predictions hold exactly its recorded row count."""
+    log, predictions = join(out, UNIT_LOG), join(out, "predictions")
+    by_key = {u.key: u for u in units}
+    rows, broken = _rows_written(predictions)
+    done, resumed = set(), 0
+    for path in list_files(log, suffix=".json")[1]:
+        key = path.rsplit("/", 1)[-1][: -len(".json")]
+        uri = join(log, key + ".json")
+        record = json.loads(read_bytes(uri))
+        unit = by_key.get(key)
+        if unit and key not in broken and record["first"] == unit.paths[0] and rows[key] == record["rows"]:
+            done.add(key)
+            resumed += record["rows"]
+        else:
+            delete_file(uri)
+    for key in (set(rows) | broken) - done - {None}:
+        delete_tree(join(predictions, f"{UNIT_COLUMN}={key}"))
+    fs, files = list_files(predictions)
+    for path in files:
+        if unit_of(path) is None:  # an older layout, or a stray file: its rows are redone by their units
+            fs.delete_file(path)
+    return done, resumed
