@@ -55,7 +55,7 @@ class LabelOptions:
     optimize: bool = True  # fold batch norms into convolutions + channels_last (same fp32 results, faster)
     wait_for_actors_s: float = 0.0  # 0: read and decode while actors start (a pool that never starts: stall_timeout_s)
     stall_timeout_s: float = 900.0  # fail when no output file appears for this long (a stalled pool)
-    format: str = "auto"  # auto | folder | parquet | webdataset
+    format: str = "auto"  # auto | folder | parquet | webdataset | manifest (a .txt of URIs is detected)
     image_column: str = "image"  # Parquet inputs
     id_column: str | None = None  # Parquet inputs; None = file + content hash
     topk: int = 0  # 0: store the full distribution; k: top-k classes + fp16 probabilities + remaining mass

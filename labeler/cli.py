@@ -15,6 +15,7 @@ import sys
 from labeler.api import LabelingStalled, LabelOptions, run_labeling
 from labeler.model import ModelSpec
 from labeler.predict import PRECISIONS
+from labeler.sources import FORMATS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,9 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="labeler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--input", required=True, help="image folder tree, Parquet or WebDataset .tar shards (path or s3://)"
+        "--input",
+        required=True,
+        help="image folder tree, Parquet, WebDataset .tar shards or a manifest of URIs (.txt; local or s3://)",
     )
-    p.add_argument("--format", default="auto", choices=["auto", "folder", "parquet", "webdataset"])
+    p.add_argument("--format", default="auto", choices=list(FORMATS))
     p.add_argument("--image-column", default="image", help="Parquet: column with the image bytes")
     p.add_argument("--id-column", help="Parquet: column with a stable id (default: file + content hash)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir with model.json, or a .safetensors/.pth file")

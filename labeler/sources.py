@@ -6,6 +6,8 @@ Formats, each a local path or an s3:// URI:
 * ``parquet``: Parquet files with an image-bytes column (plain binary, or a struct with a
   ``bytes`` field as Hugging Face datasets write it) and an optional id column; without
   one, id = ``<file relative to root>#<row hash>``;
+* ``manifest``: a ``.txt`` file of image URIs, one per line, or a ``.parquet`` file with a
+  ``uri`` column (:mod:`labeler.manifest`); id = the URI as written;
 * ``webdataset``: ``.tar`` shards; id = ``<shard relative to root>/<key>``; read by
   :mod:`labeler.tar_reader` (webdataset's key and extension rules, damaged shards as rows).
 
@@ -28,11 +30,12 @@ import ray
 
 from labeler.file_reader import SCHEMA, blocks, read_files, relative_id
 from labeler.images import read_failure
+from labeler.manifest import is_manifest, parquet_units, read_manifest_range, text_units
 from labeler.storage import filesystem_for, list_files
 from labeler.tar_reader import read_shards
 from labeler.units import UNIT_COLUMN, Reader, Unit, UnitsDatasource, make_units
 
-FORMATS = ("auto", "folder", "parquet", "webdataset")
+FORMATS = ("auto", "folder", "parquet", "webdataset", "manifest")
 FILES_PER_BLOCK = 1000
 
 
@@ -110,6 +113,8 @@ def plan_units(
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+    if fmt == "manifest" or (fmt == "auto" and is_manifest(source)):
+        return "manifest", _manifest_units(source, files_per_unit), read_manifest_range
     files = _listing(source)
     fmt = _format_of(source, files) if fmt == "auto" else fmt
     if fmt == "folder":
@@ -123,6 +128,17 @@ def plan_units(
     if not units:
         raise ValueError(f"input {source} holds no {fmt} input files")
     return fmt, units, reader
+
+
+def _manifest_units(source: str, per_unit: int) -> list[Unit]:
+    fs, path = filesystem_for(source)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"manifest {source} is not a file (a .txt of URIs, or a .parquet with a uri column)")
+    units = (parquet_units if path.endswith(".parquet") else text_units)(fs, path, per_unit)
+    if not units:
+        raise ValueError(f"manifest {source} lists no images")
+    return units
 
 
 def read_source(

@@ -1,12 +1,12 @@
 """Input units: the deterministic blocks of a corpus that labeling reads, writes and resumes by.
 
-A unit is one read task: 1,000 files of a folder (in sorted order), one WebDataset shard, or
-one Parquet file. Its key (``u0000042``: its index in the sorted listing) names the folder its
-predictions are written to (``predictions/unit=u0000042/``), and when its read task has read
-every row it writes ``units/u0000042.json`` with its row count. A unit is finished when its
-predictions hold exactly that many rows; resuming skips finished units and redoes the rest
-from scratch. So resume costs memory per unit, never per image, and rows in = predictions +
-rejections stays exact across any number of interruptions.
+A unit is one read task: 1,000 files of a folder (in sorted order), one WebDataset shard, one
+Parquet file, or 1,000 entries of a manifest. Its key (``u0000042``: its index in the sorted
+listing) names the folder its predictions are written to (``predictions/unit=u0000042/``),
+and when its read task has read every row it writes ``units/u0000042.json`` with its row
+count. A unit is finished when its predictions hold exactly that many rows; resuming skips
+finished units and redoes the rest from scratch. So resume costs memory per unit, never per
+image, and rows in = predictions + rejections stays exact across any number of interruptions.
 """
 
 from __future__ import annotations
@@ -33,10 +33,19 @@ Reader = Callable[[pafs.FileSystem, str, list[str]], Iterator[pa.Table]]
 
 @dataclass(frozen=True)
 class Unit:
-    """One read task's input: ``paths`` (files or shards) under the corpus root, and its ``key``."""
+    """One read task's input: ``paths`` (files or shards) under the corpus root, and its ``key``;
+    for a manifest, the one manifest file and the range [start, stop) of it (lines: byte
+    offsets; Parquet: rows) that the task reads."""
 
     key: str
     paths: tuple[str, ...]
+    start: int = 0
+    stop: int | None = None
+
+    @property
+    def first(self) -> str:
+        """What identifies the unit's input across runs (checked on resume)."""
+        return self.paths[0] if self.stop is None else f"{self.paths[0]}@{self.start}"
 
 
 def make_units(paths: list[str], per_unit: int) -> list[Unit]:
@@ -46,11 +55,12 @@ def make_units(paths: list[str], per_unit: int) -> list[Unit]:
 
 def _read_unit(fs: pafs.FileSystem, root: str, unit: Unit, reader: Reader, log: str | None) -> Iterator[pa.Table]:
     rows = 0
-    for table in reader(fs, root, list(unit.paths)):
+    tables = reader(fs, root, list(unit.paths)) if unit.stop is None else reader(fs, root, unit.start, unit.stop)
+    for table in tables:
         rows += table.num_rows
         yield table.append_column(UNIT_COLUMN, pa.array([unit.key] * table.num_rows, pa.string()))
     if log:  # every row of the unit is on its way: record how many there are
-        write_bytes(join(log, unit.key + ".json"), json.dumps({"rows": rows, "first": unit.paths[0]}).encode())
+        write_bytes(join(log, unit.key + ".json"), json.dumps({"rows": rows, "first": unit.first}).encode())
 
 
 class UnitsDatasource(Datasource):
@@ -111,7 +121,7 @@ def finished_units(out: str, units: list[Unit]) -> tuple[set[str], int]:
         uri = join(log, key + ".json")
         record = json.loads(read_bytes(uri))
         unit = by_key.get(key)
-        if unit and key not in broken and record["first"] == unit.paths[0] and rows[key] == record["rows"]:
+        if unit and key not in broken and record["first"] == unit.first and rows[key] == record["rows"]:
             done.add(key)
             resumed += record["rows"]
         else:

@@ -98,3 +98,37 @@ def test_a_read_task_splits_large_reads_into_blocks_in_file_order(tmp_path):
     blocks = list(read_files(pafs.LocalFileSystem(), str(tmp_path), paths, max_block_bytes=250))
     assert [b.num_rows for b in blocks] == [3, 2]
     assert [i for b in blocks for i in b.column("id").to_pylist()] == [f"{i}.png" for i in range(5)]
+
+
+def test_manifest_inputs_text_and_parquet_local_and_s3(ray_local, s3, tmp_path):
+    """A manifest lists URIs (relative to it, absolute, s3://); units cut it without the driver
+    holding the URIs; a listed file that is missing is an unreadable row, never a failed job."""
+    from labeler.api import run_labeling
+    from labeler.manifest import text_units
+    from tests.helpers import random_checkpoint
+
+    s3.client().create_bucket(Bucket="manifests")
+    s3.client().put_object(Bucket="manifests", Key="imgs/remote.png", Body=png_bytes(seed=7))
+    (tmp_path / "imgs").mkdir()
+    for i in range(5):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(png_bytes(seed=i))
+    entries = ["imgs/0.png", str(tmp_path / "imgs" / "1.png"), "imgs/2.png", "imgs/missing.png",
+               "s3://manifests/imgs/remote.png", "imgs/3.png", "imgs/4.png"]  # fmt: skip
+    text = "# one URI per line\n" + "\n".join(entries[:4]) + "\n\n" + "\n".join(entries[4:])  # no final newline
+    (tmp_path / "list.txt").write_text(text)
+    import pyarrow.fs as pafs
+
+    units = text_units(pafs.LocalFileSystem(), str(tmp_path / "list.txt"), 3)
+    assert [u.key for u in units] == ["u0000000", "u0000001", "u0000002"]
+    rows = {r["id"]: r for r in read_source(str(tmp_path / "list.txt"), LabelOptions(files_per_unit=3)).take_all()}
+    assert sorted(rows) == sorted(entries)
+    assert bytes(rows["s3://manifests/imgs/remote.png"]["bytes"]) == png_bytes(seed=7)
+    assert rows["imgs/missing.png"]["read_error"].startswith("unreadable")
+    table = pa.table({"uri": entries, "other": list(range(7))})
+    pq.write_table(table, tmp_path / "list.parquet", row_group_size=2)  # ranges cross row groups
+    random_checkpoint(str(tmp_path / "ckpt"))
+    opts = LabelOptions(format="manifest", files_per_unit=3)
+    manifest = run_labeling(str(tmp_path / "list.parquet"), str(tmp_path / "ckpt"), str(tmp_path / "out"), opts)
+    labeled = pq.read_table(tmp_path / "out" / "predictions").to_pydict()
+    assert sorted(labeled["id"]) == sorted(entries) and manifest["units"] == 3
+    assert manifest["rows"] == 7 and manifest["reject_reasons"] == {"unreadable": 1}

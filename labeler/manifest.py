@@ -1,0 +1,112 @@
+"""Manifest inputs: a text file of image URIs (one per line) or a Parquet file with a ``uri``
+column, for corpora whose files are too many to list (listing 100M loose files is slow, Ray
+issue #40686, and a listing held in the driver grows with the corpus).
+
+The driver never holds the URIs: it reads the manifest once, streaming, to cut it into units of
+``files_per_unit`` entries (text: the byte offset where each unit starts; Parquet: row ranges
+from the footer alone), and each read task reads its own range. URIs may be local paths
+(absolute, or relative to the manifest's folder) or ``s3://`` URIs; the id of an image is its
+URI as written in the manifest. Blank lines and lines starting with ``#`` are not entries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from labeler.file_reader import REMOTE_READ_THREADS, _read_one, blocks
+from labeler.units import Unit
+
+URI_COLUMN = "uri"
+READ_CHUNK = 1 << 20
+
+
+def is_manifest(path: str) -> bool:
+    """A ``.txt`` file is a manifest (a Parquet manifest needs ``format: manifest``)."""
+    return path.lower().endswith(".txt")
+
+
+def _entry(line: bytes) -> str | None:
+    text = line.strip().decode("utf-8")
+    return text if text and not text.startswith("#") else None
+
+
+def text_units(fs: pafs.FileSystem, path: str, per_unit: int) -> list[Unit]:
+    """Units of ``per_unit`` entries of a text manifest, by the byte offset each one starts at."""
+    starts, entries, offset, tail = [], 0, 0, b""
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(READ_CHUNK):
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                if _entry(line) is not None:
+                    if entries % per_unit == 0:
+                        starts.append(offset)
+                    entries += 1
+                offset += len(line) + 1
+    if _entry(tail) is not None:
+        if entries % per_unit == 0:
+            starts.append(offset)
+        entries += 1
+    end = offset + len(tail)
+    return [Unit(f"u{i:07d}", (path,), s, e) for i, (s, e) in enumerate(zip(starts, [*starts[1:], end]))]
+
+
+def parquet_units(fs: pafs.FileSystem, path: str, per_unit: int) -> list[Unit]:
+    """Units of ``per_unit`` rows of a Parquet manifest (its footer only is read here)."""
+    with fs.open_input_file(path) as f:
+        rows = pq.ParquetFile(f).metadata.num_rows
+    return [Unit(f"u{i // per_unit:07d}", (path,), i, min(i + per_unit, rows)) for i in range(0, rows, per_unit)]
+
+
+def _text_entries(fs: pafs.FileSystem, path: str, start: int, stop: int) -> list[str]:
+    with fs.open_input_file(path) as f:
+        f.seek(start)
+        data = f.read(stop - start)
+    return [e for e in map(_entry, data.split(b"\n")) if e is not None]
+
+
+def _parquet_entries(fs: pafs.FileSystem, path: str, start: int, stop: int) -> list[str]:
+    """Rows [start, stop) of the ``uri`` column, reading only the row groups that hold them."""
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        groups, first, row = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n > start and row < stop:
+                groups.append(g)
+                first = row if first is None else first
+            row += n
+        table = pf.read_row_groups(groups, columns=[URI_COLUMN]) if groups else pa.table({URI_COLUMN: []})
+    return [str(u) for u in table.column(URI_COLUMN).slice(start - (first or 0), stop - start).to_pylist()]
+
+
+def read_manifest_range(fs: pafs.FileSystem, manifest: str, start: int, stop: int) -> Iterator[pa.Table]:
+    """(id, path, bytes, read_error) blocks of the images a manifest range lists, in its order.
+
+    ``fs``/``manifest``: the manifest's filesystem and path in it; relative entries are read
+    from the manifest's folder on that filesystem. A file that cannot be read is a row with
+    ``read_error`` set (an ``unreadable`` rejection), like in every reader.
+    """
+    from labeler.storage import filesystem_for, is_s3
+
+    entries = (_parquet_entries if manifest.endswith(".parquet") else _text_entries)(fs, manifest, start, stop)
+    folder = manifest.rsplit("/", 1)[0]
+    local, s3 = pafs.LocalFileSystem(), (filesystem_for("s3://bucket")[0] if any(map(is_s3, entries)) else None)
+
+    def where(entry: str) -> tuple[pafs.FileSystem, str]:
+        if is_s3(entry):
+            return s3, entry[len("s3://") :]
+        return (local, entry) if os.path.isabs(entry) else (fs, f"{folder}/{entry}")
+
+    def one(entry: str) -> tuple:
+        entry_fs, path = where(entry)
+        return (entry, path if entry_fs is not s3 else entry, *_read_one(entry_fs, path))
+
+    with ThreadPoolExecutor(REMOTE_READ_THREADS if s3 is not None else 1) as pool:
+        yield from blocks(pool.map(one, entries))
