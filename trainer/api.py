@@ -13,7 +13,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
 from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
-from trainer.loop import train_loop_per_worker
+from trainer.loop import steps_per_epoch, train_loop_per_worker
 from trainer.settings import TrainSettings
 
 
@@ -123,13 +123,13 @@ def streaming_datasets(
         "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, s.label_smoothing),
         "clean": augmented(rows, sp, 0, 0, 0.0),
     }
-    primary, per_step = rows.count(), s.batch_size
+    pseudo_rows = None
     if pseudo and s.ratio > 0:
-        pseudo_rows = pseudo_dataset(pseudo, spec.num_classes, hard)
         smoothing = s.label_smoothing if hard else 0.0
-        datasets["pseudo"] = augmented(pseudo_rows, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
-        primary, per_step = pseudo_row_count(pseudo), s.batch_size * s.ratio
-    return datasets, max(s.min_steps_per_epoch, primary // per_step)
+        rows_p = pseudo_dataset(pseudo, spec.num_classes, hard)
+        datasets["pseudo"] = augmented(rows_p, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
+        pseudo_rows = pseudo_row_count(pseudo)
+    return datasets, steps_per_epoch(rows.count(), pseudo_rows, s)
 
 
 def ddp_backend(use_gpu: bool) -> str:

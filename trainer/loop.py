@@ -82,8 +82,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _steps_per_epoch(labeled: int, pseudo: int | None, s: TrainSettings) -> int:
+def steps_per_epoch(labeled: int, pseudo: int | None, s: TrainSettings) -> int:
     """One epoch is one pass over the primary set: the pseudo labels if any, else the labels."""
+    if s.steps_per_epoch > 0:
+        return s.steps_per_epoch
     per_step = s.batch_size * (s.ratio if pseudo is not None and s.ratio > 0 else 1)
     n = pseudo if pseudo is not None and s.ratio > 0 else labeled
     return max(s.min_steps_per_epoch, n // per_step)
@@ -108,7 +110,7 @@ class MemoryFeed:
         for name, data in (("labeled", self.labeled), ("pseudo", self.pseudo)):
             if data is not None:
                 check_image_set(name, data)
-        self.steps = _steps_per_epoch(len(self.labeled), len(self.pseudo) if self.pseudo else None, s)
+        self.steps = steps_per_epoch(len(self.labeled), len(self.pseudo) if self.pseudo else None, s)
         self.transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
         per_worker = s.batch_size // world
         # after a resume the data order is deterministic, yet not a replay of the epochs already done

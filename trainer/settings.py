@@ -28,6 +28,7 @@ class TrainSettings:
     eval_every: int = 1  # epochs between test-split evaluations (the last epoch always evaluates)
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on clean images at the end
     min_steps_per_epoch: int = 1
+    steps_per_epoch: int = 0  # 0: one pass over the primary set (pseudo labels if any, else labels); N: fixed
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch always checkpoints)
     feed: str = "memory"  # memory: decode once per worker | ray_data: stream through Ray Data CPU tasks
     num_workers: int = 2

@@ -1,0 +1,279 @@
+"""The JFT-shaped path at two corpus sizes: labeling, balancing and a streaming student on shards.
+
+    pip install -e ".[bench]"
+    python benchmarks/scale_run.py                              # N = 100,000 and 1,000,000 (see README)
+    python benchmarks/scale_run.py --images 20000 200000        # quicker
+    python benchmarks/scale_run.py --images 100000 --kill-after 20   # SIGKILL labeling, resume, check counts
+
+Corpus: scikit-learn's 1,797 digits, each copy randomly shifted, scaled and noised (no two alike),
+16x16 grayscale PNGs in WebDataset shards of 10,000 (and the same images as Parquet files, for
+``--format parquet``). Teacher: timm's ``test_resnet`` at 16 px, trained here in-process for a
+few hundred steps on all the digits (a teacher that predicts every class, so balancing trims and
+fills). Stages, each timed: labeling (``run_labeling``), balancing to ``--per-class`` rows per
+class at threshold 0.3, and a student (``feed: ray_data``) for a fixed ``--steps`` steps, which
+reads the balanced set (the images travel in it) across many of its files.
+
+Memory is sampled every 0.2 s from the processes themselves (psutil): the driver's resident set,
+and the largest of the Ray processes this run started (its descendants: workers, raylet, GCS).
+Prints a table per N and the ratios of the largest N to the smallest; this machine is shared and
+noisy, so only same-run ratios mean much. The 1M-image run writes about 0.6 GB under --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHARD = 10_000
+SIZE = 16
+
+
+def synthetic_digits(n: int, seed: int):
+    """Yield (key, png bytes) of ``n`` distinct variants of the digits: shift, scale, noise."""
+    from sklearn.datasets import load_digits
+
+    base = load_digits().images / 16.0
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, SHARD):
+        m = min(SHARD, n - start)
+        idx = rng.integers(0, len(base), m)
+        scale = rng.uniform(1.5, 2.0, m)
+        shift = rng.integers(-2, 3, (m, 2))
+        noise = rng.normal(0, 0.08, (m, SIZE, SIZE))
+        for j in range(m):
+            side = int(round(8 * scale[j]))
+            img = Image.fromarray((base[idx[j]] * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR)
+            canvas = np.zeros((SIZE, SIZE), np.float32)
+            off = (SIZE - side) // 2
+            arr = np.asarray(img, np.float32) / 255.0
+            y0, x0 = off + shift[j, 0], off + shift[j, 1]
+            ys, xs = slice(max(0, y0), min(SIZE, y0 + side)), slice(max(0, x0), min(SIZE, x0 + side))
+            canvas[ys, xs] = arr[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+            out = ((canvas + noise[j]).clip(0, 1) * 255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(out, "L").save(buf, format="PNG")
+            yield f"img{start + j:09d}", buf.getvalue()
+
+
+def write_corpus(root: str, n: int, seed: int = 0) -> dict:
+    """WebDataset shards and Parquet files of the same ``n`` images (skipped when already there)."""
+    wds, parquet = os.path.join(root, "wds"), os.path.join(root, "parquet")
+    marker = os.path.join(root, "corpus.json")
+    if os.path.exists(marker) and json.load(open(marker))["images"] == n:
+        return {"webdataset": wds, "parquet": parquet}
+    os.makedirs(wds, exist_ok=True)
+    os.makedirs(parquet, exist_ok=True)
+    keys, blobs = [], []
+    for key, png in synthetic_digits(n, seed):
+        keys.append(key)
+        blobs.append(png)
+        if len(keys) == SHARD:
+            _flush(wds, parquet, keys, blobs)
+            keys, blobs = [], []
+    if keys:
+        _flush(wds, parquet, keys, blobs)
+    json.dump({"images": n}, open(marker, "w"))
+    return {"webdataset": wds, "parquet": parquet}
+
+
+def _flush(wds: str, parquet: str, keys: list, blobs: list) -> None:
+    shard = int(keys[0][3:]) // SHARD
+    with tarfile.open(os.path.join(wds, f"shard-{shard:05d}.tar"), "w") as tar:
+        for key, data in zip(keys, blobs):
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"key": keys, "image": blobs}), os.path.join(parquet, f"part-{shard:05d}.parquet"))
+
+
+def train_teacher(directory: str, steps: int = 300):
+    """test_resnet at 16 px on all 1,797 digits, in-process (a teacher that predicts every class)."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from labeler.model import ModelSpec, create_model, save_checkpoint
+
+    spec = ModelSpec("test_resnet", [str(i) for i in range(10)], SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
+    if os.path.exists(os.path.join(directory, "model.json")):
+        return spec
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16.0, dtype=torch.float32)[:, None]
+    x = torch.nn.functional.interpolate(x, size=SIZE, mode="bilinear").repeat(1, 3, 1, 1)
+    x, y = (x - 0.5) / 0.5, torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = create_model(spec)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    save_checkpoint(model, spec, directory)
+    return spec
+
+
+class MemorySampler:
+    """Peak resident memory of this process and of the largest of its descendants (Ray's)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.me = interval, psutil.Process()
+        self.driver = self.worker = 0
+        self.worker_name = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.driver = max(self.driver, self.me.memory_info().rss)
+                for child in self.me.children(recursive=True):
+                    try:
+                        rss = child.memory_info().rss
+                        if rss > self.worker:
+                            self.worker, self.worker_name = rss, " ".join(child.cmdline()[:1])[-40:]
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
+    """Label, balance and train a student on a corpus of ``n`` images; time and memory per stage."""
+    from labeler.api import LabelOptions, run_labeling
+    from pipeline.balance import balance_predictions
+    from trainer.api import train_model
+    from trainer.settings import TrainSettings
+
+    root = os.path.join(args.workdir, f"n{n}")
+    corpus = write_corpus(os.path.join(root, "corpus"), n)[args.format]
+    out = os.path.join(root, f"run-{time.time_ns()}")
+    opts = LabelOptions(batch_size=args.batch, keep_image_bytes=True, image_bytes_min_confidence=args.threshold)
+    stages: dict[str, dict] = {}
+
+    def stage(name, fn):
+        with MemorySampler() as mem:
+            start = time.perf_counter()
+            result = fn()
+            stages[name] = {"seconds": round(time.perf_counter() - start, 1), "driver_mb": mem.driver >> 20,
+                            "worker_mb": mem.worker >> 20, "worker": mem.worker_name}  # fmt: skip
+        print(f"  N={n:,} {name}: {stages[name]}", flush=True)
+        return result
+
+    manifest = stage("labeling", lambda: run_labeling(corpus, teacher, os.path.join(out, "labels"), opts))
+    assert manifest["rows"] == n, manifest
+    per_class = args.per_class or n // 20
+    stats = stage("balancing", lambda: balance_predictions(
+        os.path.join(out, "labels", "predictions"), out, 10, per_class, args.threshold))  # fmt: skip
+    settings = TrainSettings(epochs=1, steps_per_epoch=args.steps, batch_size=32, ratio=3, num_workers=1,
+                             feed="ray_data", warmup_epochs=0, recalibrate_bn=False)  # fmt: skip
+    final = stage("student", lambda: train_model(
+        settings, spec, labeled, os.path.join(out, "student"), os.path.join(out, "ray_train"), "student",
+        pseudo=os.path.join(out, "balanced")))  # fmt: skip
+    assert final["unreadable_pseudo"] == 0 and final["images"] == args.steps * 128, final
+    return {"n": n, "stages": stages, "balanced_rows": stats["total_rows"], "labeled": manifest["labeled"],
+            "passes": stats["refinement_passes"], "images_per_s": manifest["images_per_s"]}  # fmt: skip
+
+
+def kill_and_resume(n: int, args, teacher: str) -> None:
+    """SIGKILL a labeling job (its driver and every process it started) part-way, resume, check counts."""
+    root = os.path.join(args.workdir, f"n{n}")
+    corpus = write_corpus(os.path.join(root, "corpus"), n)[args.format]
+    out = os.path.join(root, f"killed-{time.time_ns()}")
+    cmd = [sys.executable, "-m", "labeler", "--input", corpus, "--checkpoint", teacher, "--output", out,
+           "--batch-size", str(args.batch)]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(args.kill_after)
+    family = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:  # only the processes this job started, by pid
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    units = len(os.listdir(os.path.join(out, "units"))) if os.path.exists(os.path.join(out, "units")) else 0
+    print(f"  killed after {args.kill_after} s with {units} input units recorded; resuming")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    ids = pq.read_table(os.path.join(out, "predictions"), columns=["id"])["id"]
+    distinct = pc.count_distinct(ids).as_py()
+    ok = len(ids) == distinct == n == manifest["labeled"] + manifest["rejected"]
+    print(f"  resumed_from={manifest['resumed_from']} rows={len(ids)} distinct ids={distinct} inputs={n}: "
+          f"{'exact' if ok else 'MISMATCH'}")  # fmt: skip
+    if not ok:
+        raise SystemExit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset")
+    parser.add_argument("--workdir", default="runs/scale")
+    parser.add_argument("--steps", type=int, default=200, help="student steps (128 images each)")
+    parser.add_argument("--per-class", type=int, default=0, help="balancing target (0: N / 20)")
+    parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--batch", type=int, default=256, help="inference batch")
+    parser.add_argument("--kill-after", type=float, help="kill-and-resume mode: SIGKILL labeling after this many s")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.makedirs(args.workdir, exist_ok=True)
+    args.workdir = os.path.abspath(args.workdir)
+    teacher = os.path.join(args.workdir, "teacher")
+    spec = train_teacher(teacher)
+    if args.kill_after:
+        for n in args.images:
+            kill_and_resume(n, args, teacher)
+        return
+    import ray
+
+    from pipeline.digits import write_digits_corpus
+
+    labeled = write_digits_corpus(os.path.join(args.workdir, "digits"), 20, 0.1, 0)["labeled"]
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = [run_size(n, args, teacher, spec, labeled) for n in args.images]
+    ray.shutdown()
+    print("\n| N | stage | seconds | driver peak MB | largest Ray process peak MB |\n|---|---|---|---|---|")
+    for r in results:
+        for name, st in r["stages"].items():
+            print(f"| {r['n']:,} | {name} | {st['seconds']} | {st['driver_mb']} | {st['worker_mb']} |")
+    lo, hi = results[0], results[-1]
+    print(f"\nratios N={hi['n']:,} / N={lo['n']:,} ({hi['n'] / lo['n']:.0f}x the images):")
+    for name in lo["stages"]:
+        a, b = lo["stages"][name], hi["stages"][name]
+        time_x, driver_x, ray_x = (b[k] / a[k] for k in ("seconds", "driver_mb", "worker_mb"))
+        print(f"  {name}: time {time_x:.2f}x, driver memory {driver_x:.2f}x, largest Ray process memory {ray_x:.2f}x")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
