@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -17,8 +18,11 @@ import ray
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import ModelSpec, load_spec
 from labeler.predict import Predictor, check_precision
+from labeler.progress import Progress, ProgressChannel
 from labeler.sources import read_source
 from labeler.storage import filesystem_for, list_files, write_bytes
+
+logger = logging.getLogger(__name__)
 
 GPU_BATCH_SIZE = 256
 # On CPU, large batches are slower: efficientnet_b0 at 224 px on 2 cores ran at 57-85 images/s with
@@ -76,19 +80,23 @@ def label_images(
     options: LabelOptions | None = None,
     spec: ModelSpec | None = None,
     skip_ids: frozenset | None = None,
+    progress: ProgressChannel | None = None,
+    sizes: dict | None = None,
 ) -> ray.data.Dataset:
     """Lazily label every image in ``source`` (folder tree, Parquet or WebDataset; local or s3://).
 
     Every input image yields exactly one row: a prediction, or a rejection with a
     ``reject_reason`` (label -1). Images whose id is in ``skip_ids`` are left out (resume).
-    Nothing runs until the dataset is consumed.
+    Nothing runs until the dataset is consumed. With ``progress``, the actors report the rows
+    they finish (``labeled`` and ``rejected`` counts) to it; ``sizes``, if given, receives
+    ``inputs``: the number of input images when the listing tells it (folders), else None.
     """
     opts = options or LabelOptions()
     check_precision(opts.precision)  # here too, not only in the actors: fail before any work
     spec = _resolve_spec(checkpoint, spec)
     # the actors' CPUs differ from decode_cpus (by default) so Ray Data does not fuse decoding into
     # the actors, where it would run in turn with inference instead of beside it
-    ds = read_source(source, opts.format, opts.image_column, opts.id_column, opts.decode_cpus)
+    ds = read_source(source, opts.format, opts.image_column, opts.id_column, opts.decode_cpus, sizes=sizes)
     if skip_ids:
         ds = ds.map_batches(_skip_done, batch_format="numpy", num_cpus=opts.decode_cpus, fn_kwargs={"done": skip_ids})
     ds = ds.map_batches(
@@ -119,6 +127,7 @@ def label_images(
             "threads": opts.threads_per_actor,
             "optimize": opts.optimize,
             "precision": opts.precision,
+            "progress": progress,
         },
         batch_size=opts.batch_size or (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE),
         batch_format="numpy",
@@ -142,7 +151,7 @@ def completed_ids(predictions: str) -> frozenset:
             with fs.open_input_file(path) as f:
                 done.update(pq.read_table(f, columns=["id"]).column("id").to_pylist())
         except (pa.ArrowInvalid, OSError):
-            print(f"labeler: removing incomplete output file {path}")
+            logger.warning(f"labeler: removing incomplete output file {path}")
             fs.delete_file(path)
     return frozenset(done)
 
@@ -159,17 +168,26 @@ def run_labeling(
     out = out.rstrip("/")
     done = completed_ids(out + "/predictions")
     if done:
-        print(f"labeler: resuming, {len(done)} images already labeled in {out}/predictions")
-    fs, path = filesystem_for(out + "/predictions")
-    ds = label_images(source, checkpoint, options, spec, skip_ids=done)
-    _write_watched(ds, out + "/predictions", (options or LabelOptions()).stall_timeout_s)
-    manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
+        logger.info(f"labeler: resuming, {len(done)} images already labeled in {out}/predictions")
+    channel, sizes = ProgressChannel.create(), {}
+    display = None
+    try:
+        ds = label_images(source, checkpoint, options, spec, skip_ids=done, progress=channel, sizes=sizes)
+        total = sizes.get("inputs")
+        display = Progress("labeling", total=total, unit="img", initial=len(done) if total else 0)
+        _write_watched(ds, out + "/predictions", (options or LabelOptions()).stall_timeout_s, channel, display)
+        manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
+        display.update(manifest["rows"] if total else manifest["rows"] - len(done), rejected=manifest["rejected"])
+    finally:
+        if display is not None:
+            display.close()
+        channel.shutdown()
     seconds = time.time() - start
     manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(seconds, 2)})
     manifest["resumed_from"] = len(done)
     manifest["images_per_s"] = round((manifest["rows"] - len(done)) / max(seconds, 1e-9), 1)
     write_bytes(out + "/manifest.json", json.dumps(manifest, indent=2).encode())
-    print(
+    logger.info(
         f"labeled {manifest['labeled']} images, rejected {manifest['rejected']} "
         f"({manifest['reject_reasons']}) in {manifest['seconds']} s: {manifest['images_per_s']} images/s"
     )
@@ -180,8 +198,15 @@ class LabelingStalled(RuntimeError):
     """No new output for ``stall_timeout_s``: the pipeline is stuck, not slow."""
 
 
-def _write_watched(ds: ray.data.Dataset, predictions: str, stall_timeout_s: float, poll_s: float = 10.0) -> None:
-    """``write_parquet`` with a progress line and a no-progress watchdog.
+def _write_watched(
+    ds: ray.data.Dataset,
+    predictions: str,
+    stall_timeout_s: float,
+    channel: ProgressChannel | None = None,
+    display: Progress | None = None,
+    poll_s: float = 10.0,
+) -> None:
+    """``write_parquet`` with a progress display (fed by ``channel``) and a no-progress watchdog.
 
     A pool that can never be scheduled (say, actors holding every CPU so reads never run)
     otherwise hangs silently forever; this raises instead. The job's Ray cluster must then be
@@ -200,12 +225,28 @@ def _write_watched(ds: ray.data.Dataset, predictions: str, stall_timeout_s: floa
     start = last_change = time.time()
     before = files = len(list_files(predictions)[1])
     writer.start()
+    labeled = rejected = 0
+    base = display.n if display is not None else 0
+    last_poll, clock_started = start, False
     while writer.is_alive():
-        writer.join(timeout=poll_s)
-        now, count = time.time(), len(list_files(predictions)[1])
+        writer.join(timeout=1.0 if display is not None else poll_s)
+        events = channel.drain() if channel is not None else []
+        for event in events:
+            labeled, rejected = labeled + event.get("labeled", 0), rejected + event.get("rejected", 0)
+        if events:
+            last_change = time.time()  # rows are being labeled: slow, not stalled
+            if display is not None and not clock_started:  # rate and ETA from the first batch, not start-up
+                display.restart_clock()
+                clock_started = True
+        if display is not None:
+            display.update(base + labeled + rejected, rejected=rejected)
+        now = time.time()
+        if now - last_poll < poll_s and writer.is_alive():
+            continue
+        last_poll, count = now, len(list_files(predictions)[1])
         if count != files:
             files, last_change = count, now
-            print(f"labeler: {files - before} output files written in {now - start:.0f} s")
+            logger.debug(f"labeler: {files - before} output files written in {now - start:.0f} s")
         elif writer.is_alive() and now - last_change > stall_timeout_s:
             raise LabelingStalled(
                 f"labeling made no progress for {now - last_change:.0f} s (no new file under {predictions}). "

@@ -72,6 +72,7 @@ class Predictor:
         threads: int | None = None,
         optimize: bool = True,
         precision: str = "auto",
+        progress=None,
     ):
         import torch
 
@@ -94,6 +95,8 @@ class Predictor:
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         dtype = str(self.autocast or torch.float32).replace("torch.", "")
+        self.progress = progress  # a labeler.progress.ProgressChannel, or None
+        # print, not logging: an actor's stdout goes to Ray's worker log (and to the driver with log_to_driver)
         print(f"labeler: predictor for {self.spec.model_id} on node {node}, device {self.device} {dtype}, {note}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -132,6 +135,9 @@ class Predictor:
             "model_id": [self.spec.model_id] * n,
         }
         columns.update(self._soft_columns(probs) if self.topk else {"probs": probs})
+        if self.progress is not None:
+            rejected = int(n - ok.sum())
+            self.progress.send({"labeled": n - rejected, "rejected": rejected, "add": ("labeled", "rejected")})
         return pa.Table.from_pydict(columns, schema=self.schema)
 
     def _soft_columns(self, probs: list) -> dict:

@@ -87,17 +87,26 @@ def _webdataset_rows(batch: dict, root: str) -> dict:
 
 
 def read_source(
-    source: str, fmt: str = "auto", image_column: str = "image", id_column: str | None = None, num_cpus: float = 1.0
+    source: str,
+    fmt: str = "auto",
+    image_column: str = "image",
+    id_column: str | None = None,
+    num_cpus: float = 1.0,
+    sizes: dict | None = None,
 ) -> ray.data.Dataset:
     """A lazy dataset of (id, path, bytes[, read_error]) rows, one per image; tasks reserve ``num_cpus``.
 
-    Row mappings reserve the same, so Ray Data fuses them into the read tasks.
+    Row mappings reserve the same, so Ray Data fuses them into the read tasks. ``sizes``, if
+    given, receives ``inputs``: the number of images for a folder (from its listing), else None
+    (counting Parquet rows or tar members would mean reading them).
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     files = _listing(source) if fmt in ("auto", "folder") else None  # listed once, also for the folder read
     fmt = _format_of(source, files) if fmt == "auto" else fmt
     fs, root = filesystem_for(source)
+    if sizes is not None:
+        sizes["inputs"] = len(files) if fmt == "folder" and files is not None else None
     if fmt == "folder":
         if not files:
             raise ValueError(f"input {source} holds no files")
