@@ -231,13 +231,13 @@ def _write_watched(
     while writer.is_alive():
         writer.join(timeout=1.0 if display is not None else poll_s)
         events = channel.drain() if channel is not None else []
+        if events and display is not None and not clock_started:  # rate and ETA from the first batch on
+            display.restart_clock(base)
+            clock_started = True
         for event in events:
             labeled, rejected = labeled + event.get("labeled", 0), rejected + event.get("rejected", 0)
         if events:
             last_change = time.time()  # rows are being labeled: slow, not stalled
-            if display is not None and not clock_started:  # rate and ETA from the first batch, not start-up
-                display.restart_clock()
-                clock_started = True
         if display is not None:
             display.update(base + labeled + rejected, rejected=rejected)
         now = time.time()

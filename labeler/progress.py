@@ -98,6 +98,7 @@ class Progress:
         self.closed = True
         if self.bar is not None:
             self.bar.close()
+            logger.debug(self.text())  # for log files (RUN_DIR/run.log); the terminal has the bar
         else:
             self._line()
         if message:
@@ -216,15 +217,35 @@ def configure_console(verbose: bool = False, stream: TextIO | None = None) -> No
     """
     handler = logging.StreamHandler(stream) if stream is not None else _Stdout()
     handler.setFormatter(_Console())
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler._noisy_student = True
     for name in PROJECT_LOGGERS:
         log = logging.getLogger(name)
         log.handlers = [h for h in log.handlers if not getattr(h, "_noisy_student", False)]
-        handler._noisy_student = True
         log.addHandler(handler)
-        log.setLevel(logging.DEBUG if verbose else logging.INFO)
+        log.setLevel(logging.DEBUG)  # debug lines reach file handlers (RUN_DIR/run.log); the console filters
         log.propagate = False
     os.environ["NOISY_STUDENT_VERBOSE"] = "1" if verbose else "0"
     quiet_ray(verbose)
+
+
+class log_file:  # noqa: N801 (a context manager used like a function)
+    """Our loggers' full output (debug lines included) also to the local file ``path`` while in the block."""
+
+    def __init__(self, path: str):
+        self.handler = logging.FileHandler(path)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.setLevel(logging.DEBUG)
+
+    def __enter__(self) -> log_file:
+        for name in PROJECT_LOGGERS:
+            logging.getLogger(name).addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in PROJECT_LOGGERS:
+            logging.getLogger(name).removeHandler(self.handler)
+        self.handler.close()
 
 
 def verbose() -> bool:

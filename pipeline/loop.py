@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 
 import ray
 
 from labeler.api import LabelOptions, run_labeling
 from labeler.model import SPEC_FILE, ModelSpec, count_parameters, create_model, load_spec
-from labeler.progress import quiet_ray, ray_init_kwargs, verbose
-from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_json
+from labeler.progress import log_file, quiet_ray, ray_init_kwargs, verbose
+from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
 from pipeline.digits import write_digits_corpus
 from pipeline.model_eval import PER_CLASS_KEYS, add_relative_errors, evaluate_model
@@ -28,6 +29,7 @@ from trainer.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
 RUN_INFO_FILE = "run_config.json"
+RUN_LOG = "run.log"
 
 RUNLOCAL = {
     "teacher.epochs": 4, "teacher.checkpoint_every": 2, "student.epochs": 2, "student.checkpoint_every": 1,
@@ -193,12 +195,29 @@ def _auto_per_class(labels_dir: str, num_classes: int, threshold: float) -> int:
 
 
 def run_loop(cfg: dict) -> list[dict]:
-    """Run all iterations; returns (and writes) the summary, one entry per trained model."""
+    """Run all iterations; returns (and writes) the summary, one entry per trained model.
+
+    The driver's full log (progress, debug lines) goes to ``RUN_DIR/run.log`` too (appended; for an
+    ``s3://`` run_dir it is uploaded at the end); Ray's own logs stay in its session folder.
+    """
     cfg = apply_runlocal(cfg)
-    init_ray(cfg)
     run_dir = cfg["run_dir"] = absolute(cfg["run_dir"])
     if not is_s3(run_dir):
         os.makedirs(run_dir, exist_ok=True)
+        with log_file(os.path.join(run_dir, RUN_LOG)):
+            return _run_loop(cfg, run_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, RUN_LOG)
+        try:
+            with log_file(local):
+                return _run_loop(cfg, run_dir)
+        finally:
+            with open(local, "rb") as f:
+                write_bytes(join(run_dir, RUN_LOG), f.read())
+
+
+def _run_loop(cfg: dict, run_dir: str) -> list[dict]:
+    init_ray(cfg)
     write_json(join(run_dir, RUN_INFO_FILE), {"config": cfg, "versions": software_versions(), "argv": sys.argv})
     data = prepare_data(cfg)
     classes = labeled_classes(data["labeled"])
