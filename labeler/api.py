@@ -249,7 +249,8 @@ def _write_watched(
             logger.debug(f"labeler: {files - before} output files written in {now - start:.0f} s")
         elif writer.is_alive() and now - last_change > stall_timeout_s:
             raise LabelingStalled(
-                f"labeling made no progress for {now - last_change:.0f} s (no new file under {predictions}). "
+                f"labeling made no progress for {now - last_change:.0f} s (no labeled batch, no new file under "
+                f"{predictions}). "
                 "Usually the actor pool and the read/decode tasks cannot all be scheduled: give actors fewer "
                 "CPUs (cpus_per_actor), use fewer actors, or add nodes; raise stall_timeout_s if the job is just slow."
             )
