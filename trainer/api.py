@@ -90,7 +90,10 @@ def train_model(
         if watcher:
             watcher.stop()
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
+        raise RuntimeError(
+            f"training run {name} finished without a checkpoint; see Ray Train's logs in Ray's session folder "
+            "(or run with --verbose)"
+        )
     with result.checkpoint.as_directory() as d:
         for f in (WEIGHTS_FILE, SPEC_FILE):
             with open(os.path.join(d, f), "rb") as src:
