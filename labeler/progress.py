@@ -76,7 +76,7 @@ class Progress:
         if initial is not None:
             self.initial = initial
         if self.bar is not None:
-            self.bar.start_t = self.bar._time()
+            self.bar.start_t = self.bar.last_print_t = self.bar._time()
             self.bar.initial = self.bar.last_print_n = self.initial
 
     def update(self, n: float | None = None, **fields: Any) -> None:
@@ -85,9 +85,8 @@ class Progress:
             self.n = n
         self.fields.update({k: v for k, v in fields.items() if v is not None})
         if self.bar is not None:
-            self.bar.n = self.n
             self.bar.set_postfix_str(self._postfix(), refresh=False)
-            self.bar.refresh()
+            self.bar.update(self.n - self.bar.n)  # tqdm redraws at most every mininterval
         elif time.monotonic() - self.last_line >= self.interval_s:
             self._line()
 
