@@ -164,7 +164,7 @@ def run_labeling(
     Running it again with the same ``out`` resumes: images already in ``out/predictions`` are
     not labeled again and no row is written twice.
     """
-    start = time.time()
+    start, started = time.time(), time.monotonic()
     out = out.rstrip("/")
     done = completed_ids(out + "/predictions")
     if done:
@@ -177,6 +177,8 @@ def run_labeling(
         display = Progress("labeling", total=total, unit="img", initial=len(done) if total else 0)
         _write_watched(ds, out + "/predictions", (options or LabelOptions()).stall_timeout_s, channel, display)
         manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
+        # the last line: the whole job's rate (the actors' last counts arrive with the manifest, not before)
+        display.restart_clock(display.initial, since=started)
         display.update(manifest["rows"] if total else manifest["rows"] - len(done), rejected=manifest["rejected"])
     finally:
         if display is not None:

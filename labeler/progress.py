@@ -70,13 +70,16 @@ class Progress:
                 total=total, desc=desc, unit=unit, initial=initial, file=stream, dynamic_ncols=True, mininterval=0.2
             )
 
-    def restart_clock(self, initial: float | None = None) -> None:
-        """Count the rate and ETA from now (e.g. from the first image, not from the workers' start-up)."""
-        self.start = time.monotonic()
+    def restart_clock(self, initial: float | None = None, since: float | None = None) -> None:
+        """Count the rate and ETA from now (e.g. from the first image, not from the workers' start-up),
+        or from ``since`` (a ``time.monotonic()`` value), with ``initial`` units done at that time."""
+        now = time.monotonic()
+        self.start = now if since is None else since
         if initial is not None:
             self.initial = initial
         if self.bar is not None:
-            self.bar.start_t = self.bar.last_print_t = self.bar._time()
+            self.bar.last_print_t = self.bar._time()
+            self.bar.start_t = self.bar.last_print_t - (now - self.start)
             self.bar.initial = self.bar.last_print_n = self.initial
 
     def update(self, n: float | None = None, **fields: Any) -> None:

@@ -371,7 +371,7 @@ STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
     "table.kv td,table.gallery td{text-align:left}figure{display:inline-block;margin:2px;text-align:center}"
-    "figcaption{font-size:11px}img.thumb{width:48px;height:auto;image-rendering:pixelated}pre{text-align:left}"
+    "figcaption{font-size:11px}img.thumb{width:48px;height:auto;max-width:none;image-rendering:pixelated}pre{text-align:left}"
 )
 
 
