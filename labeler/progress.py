@@ -281,9 +281,9 @@ def ray_init_kwargs(verbose: bool = False) -> dict:
     controller's state through the State API every second, and that API is served by the dashboard,
     which a cluster started without it (``include_dashboard=False``, or a ``pip install ray`` without
     ``ray[default]``) does not have, so it warns "Failed to query Ray Train Controller actor state"
-    once per poll; and Ray Train V2 patches ``print`` in its workers into its root logger (a console
-    handler, plus a copy through the original ``print`` when stdout is wrapped), which echoed the
-    epoch lines of rank 0 twice. Our workers now log instead of printing, and progress reaches the
+    once per poll; and Ray Train V2 patches ``print`` in its workers to go through its own logging
+    (``RAY_TRAIN_ENABLE_PRINT_PATCH``), and the epoch lines rank 0 printed came out twice. Our workers
+    now log instead of printing (once each, checked with ``--verbose``), and progress reaches the
     driver through ``ProgressChannel``. ``verbose``: Ray's defaults (everything echoed).
     """
     if verbose:

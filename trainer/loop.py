@@ -26,8 +26,8 @@ from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
 from trainer.settings import TrainSettings
 
 STATE_FILE = "train_state.pt"
-# logging, not print: Ray Train V2 turns a worker's print into a log record plus, when stdout is
-# wrapped, a second copy; a logger (the worker's root handler, set up by Ray Train) writes each line once
+# logging, not print: Ray Train V2 patches print in its workers into its logging, and rank 0's printed
+# lines came out twice; a logger (the worker's root handler, set up by Ray Train) writes each line once
 logger = logging.getLogger(__name__)
 
 
