@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -16,9 +17,12 @@ import ray
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import ModelSpec, load_spec
 from labeler.predict import Predictor, check_precision
+from labeler.progress import Progress, ProgressChannel
 from labeler.sources import plan_units, read_source
 from labeler.storage import filesystem_for, join, list_files, write_bytes
 from labeler.units import UNIT_COLUMN, UNIT_LOG, finished_units
+
+logger = logging.getLogger(__name__)
 
 GPU_BATCH_SIZE = 256
 # On CPU, large batches are slower: efficientnet_b0 at 224 px on 2 cores ran at 57-85 images/s with
@@ -78,13 +82,15 @@ def label_images(
     spec: ModelSpec | None = None,
     skip_units: frozenset = frozenset(),
     unit_log: str | None = None,
+    progress: ProgressChannel | None = None,
 ) -> ray.data.Dataset:
     """Lazily label every image in ``source`` (folder tree, Parquet or WebDataset; local or s3://).
 
     Every input image yields exactly one row: a prediction, or a rejection with a
     ``reject_reason`` (label -1), with the key of its input ``unit`` (labeler.units). Units in
     ``skip_units`` are not read (resume); with ``unit_log``, each read task records its unit's
-    row count there. Nothing runs until the dataset is consumed.
+    row count there. Nothing runs until the dataset is consumed. With ``progress``, the actors
+    report the rows they finish (``labeled`` and ``rejected`` counts) to it.
     """
     opts = options or LabelOptions()
     check_precision(opts.precision)  # here too, not only in the actors: fail before any work
@@ -123,6 +129,7 @@ def label_images(
             "precision": opts.precision,
             "keep_image_bytes": opts.keep_image_bytes,
             "image_bytes_min_confidence": opts.image_bytes_min_confidence,
+            "progress": progress,
         },
         batch_size=opts.batch_size or (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE),
         batch_format="numpy",
@@ -141,23 +148,36 @@ def run_labeling(
     Running it again with the same ``out`` resumes by input unit (labeler.units): finished units
     are kept as written, anything else is redone whole, so no row is written twice or lost.
     """
-    start = time.time()
+    start, started = time.time(), time.monotonic()
     opts = options or LabelOptions()
     out = out.rstrip("/")
-    _, units, _ = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    fmt, units, _ = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
     done, resumed = finished_units(out, units)
     if done:
-        print(f"labeler: resuming, {len(done)} of {len(units)} input units ({resumed} images) already labeled")
-    if len(done) < len(units):
-        ds = label_images(source, checkpoint, opts, spec, frozenset(done), join(out, UNIT_LOG))
-        _write_watched(ds, out + "/predictions", opts.stall_timeout_s)
-    manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
+        logger.info(f"labeler: resuming, {len(done)} of {len(units)} input units ({resumed} images) already labeled")
+    # a total only where the listing gives it (counting Parquet rows or tar members would mean reading them)
+    total = sum(len(u.paths) for u in units) if fmt == "folder" else None
+    channel, display = ProgressChannel.create(), None
+    try:
+        if len(done) < len(units):
+            ds = label_images(source, checkpoint, opts, spec, frozenset(done), join(out, UNIT_LOG), channel)
+            display = Progress("labeling", total=total, unit="img", initial=resumed if total else 0)
+            _write_watched(ds, out + "/predictions", opts.stall_timeout_s, channel, display)
+        manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
+        if display is not None:
+            # the last line: the whole job's rate (the actors' last counts arrive with the manifest, not before)
+            display.restart_clock(display.initial, since=started)
+            display.update(manifest["rows"] if total else manifest["rows"] - resumed, rejected=manifest["rejected"])
+    finally:
+        if display is not None:
+            display.close()
+        channel.shutdown()
     seconds = time.time() - start
     manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(seconds, 2)})
     manifest.update(units=len(units), resumed_from=resumed)
     manifest["images_per_s"] = round((manifest["rows"] - resumed) / max(seconds, 1e-9), 1)
     write_bytes(out + "/manifest.json", json.dumps(manifest, indent=2).encode())
-    print(
+    logger.info(
         f"labeled {manifest['labeled']} images, rejected {manifest['rejected']} "
         f"({manifest['reject_reasons']}) in {manifest['seconds']} s: {manifest['images_per_s']} images/s"
     )
@@ -168,8 +188,15 @@ class LabelingStalled(RuntimeError):
     """No new output for ``stall_timeout_s``: the pipeline is stuck, not slow."""
 
 
-def _write_watched(ds: ray.data.Dataset, predictions: str, stall_timeout_s: float, poll_s: float = 10.0) -> None:
-    """``write_parquet`` with a progress line and a no-progress watchdog.
+def _write_watched(
+    ds: ray.data.Dataset,
+    predictions: str,
+    stall_timeout_s: float,
+    channel: ProgressChannel | None = None,
+    display: Progress | None = None,
+    poll_s: float = 10.0,
+) -> None:
+    """``write_parquet`` with a progress display (fed by ``channel``) and a no-progress watchdog.
 
     A pool that can never be scheduled (say, actors holding every CPU so reads never run)
     otherwise hangs silently forever; this raises instead. The job's Ray cluster must then be
@@ -188,15 +215,32 @@ def _write_watched(ds: ray.data.Dataset, predictions: str, stall_timeout_s: floa
     start = last_change = time.time()
     before = files = len(list_files(predictions)[1])
     writer.start()
+    labeled = rejected = 0
+    base = display.n if display is not None else 0
+    last_poll, clock_started = start, False
     while writer.is_alive():
-        writer.join(timeout=poll_s)
-        now, count = time.time(), len(list_files(predictions)[1])
+        writer.join(timeout=1.0 if display is not None else poll_s)
+        events = channel.drain() if channel is not None else []
+        if events and display is not None and not clock_started:  # rate and ETA from the first batch on
+            display.restart_clock(base)
+            clock_started = True
+        for event in events:
+            labeled, rejected = labeled + event.get("labeled", 0), rejected + event.get("rejected", 0)
+        if events:
+            last_change = time.time()  # rows are being labeled: slow, not stalled
+        if display is not None:
+            display.update(base + labeled + rejected, rejected=rejected)
+        now = time.time()
+        if now - last_poll < poll_s and writer.is_alive():
+            continue
+        last_poll, count = now, len(list_files(predictions)[1])
         if count != files:
             files, last_change = count, now
-            print(f"labeler: {files - before} output files written in {now - start:.0f} s")
+            logger.debug(f"labeler: {files - before} output files written in {now - start:.0f} s")
         elif writer.is_alive() and now - last_change > stall_timeout_s:
             raise LabelingStalled(
-                f"labeling made no progress for {now - last_change:.0f} s (no new file under {predictions}). "
+                f"labeling made no progress for {now - last_change:.0f} s (no labeled batch, no new file under "
+                f"{predictions}). "
                 "Usually the actor pool and the read/decode tasks cannot all be scheduled: give actors fewer "
                 "CPUs (cpus_per_actor), use fewer actors, or add nodes; raise stall_timeout_s if the job is just slow."
             )

@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stall-timeout", type=float, default=900.0, help="fail after this many seconds without output")
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's worker logs and Ray Data's progress too")
     return p
 
 
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
 
+    from labeler.progress import configure_console, ray_init_kwargs
+
+    configure_console(args.verbose)
     spec = None
     if args.checkpoint.endswith((".safetensors", ".pth", ".pt")):
         if not (args.arch and args.num_classes):
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_image_bytes=args.keep_image_bytes, image_bytes_min_confidence=args.image_bytes_min_confidence,
     )  # fmt: skip
     if not ray.is_initialized():
-        ray.init(address=args.address)
+        ray.init(address=args.address, **ray_init_kwargs(args.verbose))
     try:
         run_labeling(args.input, args.checkpoint, args.output, opts, spec)
     except (ValueError, FileNotFoundError, LabelingStalled) as err:

@@ -81,6 +81,7 @@ class Predictor:
         precision: str = "auto",
         keep_image_bytes: bool = False,
         image_bytes_min_confidence: float = 0.0,
+        progress=None,
     ):
         import torch
 
@@ -104,6 +105,8 @@ class Predictor:
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         dtype = str(self.autocast or torch.float32).replace("torch.", "")
+        self.progress = progress  # a labeler.progress.ProgressChannel, or None
+        # print, not logging: an actor's stdout goes to Ray's worker log (and to the driver with log_to_driver)
         print(f"labeler: predictor for {self.spec.model_id} on node {node}, device {self.device} {dtype}, {note}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -145,6 +148,9 @@ class Predictor:
         if self.keep_bytes:
             keep = ok & (conf >= self.bytes_min_confidence)
             columns["image"] = [bytes(b) if k else None for b, k in zip(batch["encoded"], keep)]
+        if self.progress is not None:
+            rejected = int(n - ok.sum())
+            self.progress.send({"labeled": n - rejected, "rejected": rejected, "add": ("labeled", "rejected")})
         table = pa.Table.from_pydict(columns, schema=self.schema)
         if "unit" in batch:  # passed through for the partitioned, resumable write (labeler.units)
             table = table.append_column("unit", pa.array([str(u) for u in batch["unit"]], pa.string()))

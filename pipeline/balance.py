@@ -19,6 +19,8 @@ in a class's final cut-off bucket.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -36,6 +38,8 @@ from pipeline.balance_core import (
     prefix_match,
     sort_keys,
 )
+
+logger = logging.getLogger(__name__)
 
 STAT_COLUMNS = ["id", "label", "confidence", "reject_reason"]
 
@@ -183,6 +187,8 @@ def plan_balance(
     plan, need = _new_plan(pred, passing, per_class, threshold, duplicate)
     plan.max_confidence = top
     todo = ~(plan.all_top | plan.none_top)
+    logger.info(f"balancing: counting pass done: {int(pred.sum())} predictions, {int(passing.sum())} pass the "
+                f"threshold; {int(todo.sum())} classes need a cut-off")  # fmt: skip
     prefix, level = np.zeros(num_classes, np.uint64), np.zeros(num_classes, np.int64)
     bucket = passing.copy()  # rows of each class that match its current prefix
     tying = np.zeros(num_classes, bool)
@@ -192,6 +198,7 @@ def plan_balance(
         kwargs = {"threshold": threshold, "num_classes": num_classes, "prefix": prefix.copy(), "level": level.copy(),
                   "refining": refining, "gathering": gathering, "tying": tying.copy(),
                   "cut_key": plan.cut_key.copy()}  # fmt: skip
+        started = time.time()
         hist = np.zeros((num_classes, 256), np.int64)
         keys: dict[int, list] = {int(k): [] for k in np.flatnonzero(gathering)}
         tie_ids: dict[int, list] = {int(k): [] for k in np.flatnonzero(tying)}
@@ -224,6 +231,8 @@ def plan_balance(
         for k, ids in tie_ids.items():
             plan.cut_id[k] = sorted(ids)[need[k] - 1]
             todo[k] = tying[k] = False
+        logger.info(f"balancing: refinement pass {plan.passes} in {time.time() - started:.0f} s, "
+                    f"{int(todo.sum())} classes left")  # fmt: skip
     plan.stats = balance_stats(plan)
     return plan
 
@@ -305,6 +314,7 @@ def balance_predictions(
     plan = plan_balance(stats_ds, num_classes, per_class, threshold, duplicate)
     check_something_passed(plan.stats)
     ofs, opath = filesystem_for(out.rstrip("/") + "/balanced")
+    logger.info("balancing: writing the balanced set (apply pass)")
     apply_balance(ray.data.read_parquet(path, filesystem=fs), plan).write_parquet(opath, filesystem=ofs)
     write_bytes(out.rstrip("/") + "/balance_stats.json", json.dumps(plan.stats, indent=2).encode())
     write_bytes(out.rstrip("/") + "/class_counts.png", plot_class_counts(plan.stats))

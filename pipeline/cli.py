@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+logger = logging.getLogger("pipeline.cli")
 
 
 def _run(args) -> int:
@@ -18,7 +21,7 @@ def _run(args) -> int:
 def _report(args) -> int:
     from pipeline.report import write_report
 
-    print(f"report: {write_report(args.run_dir)}")
+    logger.info(f"report: {write_report(args.run_dir)}")
     return 0
 
 
@@ -32,34 +35,39 @@ def _ablate(args) -> int:
 def _balance(args) -> int:
     import ray
 
+    from labeler.progress import ray_init_kwargs
     from pipeline.balance import balance_predictions
 
     if not ray.is_initialized():
-        ray.init()
+        ray.init(**ray_init_kwargs(args.verbose))
     stats = balance_predictions(
         args.predictions, args.out, args.num_classes, args.per_class, args.threshold, not args.trim_only
     )
-    print(f"balanced: {stats['total_rows']} rows, empty classes {stats['empty_classes']}, "
+    logger.info(f"balanced: {stats['total_rows']} rows, empty classes {stats['empty_classes']}, "
           f"{stats['refinement_passes']} refinement passes")  # fmt: skip
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noisy-student", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help="show everything: Ray's worker logs, Ray Data's progress, debug lines"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the Noisy Student loop from a YAML config")
+    run = sub.add_parser("run", parents=[common], help="run the Noisy Student loop from a YAML config")
     run.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=5 run_dir=runs/x")
     run.set_defaults(func=_run)
-    rep = sub.add_parser("report", help="write RUN_DIR/report.html from a finished (or partial) run")
+    rep = sub.add_parser("report", parents=[common], help="write RUN_DIR/report.html from a finished (or partial) run")
     rep.add_argument("run_dir", help="the run_dir of a noisy-student run")
     rep.set_defaults(func=_report)
-    abl = sub.add_parser("ablate", help="run the ablation variants of a config and compare them")
+    abl = sub.add_parser("ablate", parents=[common], help="run the ablation variants of a config and compare them")
     abl.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
     abl.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     abl.add_argument("--only", nargs="+", help="variants to run besides the baseline (default: all)")
     abl.set_defaults(func=_ablate)
-    bal = sub.add_parser("balance", help="confidence-filter and balance a predictions table")
+    bal = sub.add_parser("balance", parents=[common], help="confidence-filter and balance a predictions table")
     bal.add_argument("--predictions", required=True, help="Parquet predictions (folder or s3:// URI)")
     bal.add_argument("--out", required=True, help="output folder: balanced/ and balance_stats.json")
     bal.add_argument("--num-classes", type=int, required=True)
@@ -68,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     bal.add_argument("--trim-only", action="store_true", help="do not duplicate rows of small classes")
     bal.set_defaults(func=_balance)
     args = parser.parse_args(argv)
+    from labeler.progress import configure_console
+
+    configure_console(args.verbose)
     try:
         return args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:

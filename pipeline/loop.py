@@ -7,21 +7,29 @@ their last checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import tempfile
 import time
 
 import ray
 
 from labeler.api import LabelOptions, run_labeling
 from labeler.model import SPEC_FILE, ModelSpec, count_parameters, create_model, load_spec
-from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_json
+from labeler.progress import log_file, quiet_ray, ray_init_kwargs, verbose
+from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
 from pipeline.digits import write_digits_corpus
-from pipeline.model_eval import add_relative_errors, evaluate_model
+from pipeline.model_eval import PER_CLASS_KEYS, add_relative_errors, evaluate_model
 from pipeline.report import write_report
 from trainer.api import train_model
 from trainer.data import labeled_classes
 from trainer.settings import TrainSettings
+
+logger = logging.getLogger(__name__)
+RUN_INFO_FILE = "run_config.json"
+RUN_LOG = "run.log"
 
 RUNLOCAL = {
     "teacher.epochs": 4, "teacher.checkpoint_every": 2, "student.epochs": 2, "student.checkpoint_every": 1,
@@ -42,13 +50,40 @@ def apply_runlocal(cfg: dict) -> dict:
 
 
 def init_ray(cfg: dict) -> None:
+    """Join ``ray.address`` (or ``RAY_ADDRESS``), else start a local cluster; quiet unless ``--verbose``."""
+    quiet_ray(verbose())
     if ray.is_initialized():
         return
     address = cfg.get("ray", {}).get("address") or os.environ.get("RAY_ADDRESS")
+    kwargs = ray_init_kwargs(verbose())
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cfg.get("ray", {}).get("num_cpus"), include_dashboard=False)
+        ray.init(address="local", num_cpus=cfg.get("ray", {}).get("num_cpus"), include_dashboard=False, **kwargs)
+    if not verbose():
+        logger.info(f"Ray's own logs: {_session_logs()} (--verbose shows them here)")
+
+
+def _session_logs() -> str:
+    try:
+        from ray._private.worker import _global_node
+
+        return os.path.join(_global_node.get_session_dir_path(), "logs")
+    except Exception:  # a private API: say where they usually are instead
+        return "<ray temp dir>/session_latest/logs"
+
+
+def software_versions() -> dict:
+    """Versions of Python and the libraries that decide the results (for the report's header)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("noisy-student-ray", "ray", "torch", "torchvision", "timm", "pyarrow", "numpy", "tensorboardX"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def prepare_data(cfg: dict) -> dict:
@@ -85,14 +120,18 @@ def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: boo
 
 def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None) -> dict:
     if exists(join(out_dir, SPEC_FILE)) and exists(join(out_dir, "final.json")):
-        print(f"[{name}] already trained, skipping")
+        logger.info(f"[{name}] already trained, skipping")
         return read_json(join(out_dir, "final.json"))
+    logger.info(f"training {name}: {spec.arch}, {settings.epochs} epochs, {settings.num_workers} workers")
     start = time.time()
     metrics = train_model(
         settings, spec, data["labeled"], out_dir, join(cfg["run_dir"], "ray_train"), name,
         pseudo=pseudo, test=data["test"], hard=not cfg["label"]["soft"], init_from=init_from, label=name,
+        tensorboard=join(cfg["run_dir"], "tensorboard", name),
     )  # fmt: skip
     metrics["train_seconds"] = round(time.time() - start, 1)
+    top1 = metrics.get("test_top1", float("nan"))
+    logger.info(f"trained {name} in {metrics['train_seconds']:.0f} s: test_top1 {top1:.4f}")
     write_json(join(out_dir, "final.json"), metrics)
     return metrics
 
@@ -107,14 +146,19 @@ def _evaluate(cfg: dict, model_dir: str, data: dict) -> dict:
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_model)
     extra = {name: absolute(uri) for name, uri in (cfg.get("eval", {}).get("extra") or {}).items()}
+    start = time.time()
+    logger.info(f"evaluating {model_dir}: test split, corruptions, flips" + (f", {', '.join(extra)}" if extra else ""))
     metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg["seed"]))
     write_json(path, metrics)
+    logger.info(f"evaluated in {time.time() - start:.0f} s: test_top1 {metrics['test_top1']:.4f}, "
+                f"ECE {metrics['test_ece']:.4f}, flip rate {metrics['flip_rate']:.4f}")  # fmt: skip
     return metrics
 
 
 def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:
     labels_dir = join(round_dir, "labels")
     if not exists(join(labels_dir, "manifest.json")):  # absent: not run, or interrupted (resumes)
+        logger.info(f"labeling {data['unlabeled']} with {teacher_dir}")
         lab = cfg["label"]
         opts = LabelOptions(
             batch_size=lab["batch_size"], num_actors=lab["num_actors"], num_gpus_per_actor=lab["num_gpus_per_actor"],
@@ -132,9 +176,15 @@ def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, 
     per_class, duplicate = b["per_class"] or _auto_per_class(labels_dir, num_classes, b["threshold"]), b["duplicate"]
     if not b.get("enabled", True):  # confidence filter only: a target no class reaches, and no duplicates
         per_class, duplicate = max(1, _manifest(labels_dir)["labeled"]), False
-    return balance_predictions(
+    start = time.time()
+    logger.info(f"balancing: threshold {b['threshold']}, {per_class} per class")
+    stats = balance_predictions(
         join(labels_dir, "predictions"), round_dir, num_classes, per_class, b["threshold"], duplicate
     )
+    empty = stats["empty_classes"] or "none"
+    logger.info(f"balanced in {time.time() - start:.0f} s: {stats['total_rows']} rows, "
+                f"{stats['refinement_passes']} refinement passes, empty classes {empty}")  # fmt: skip
+    return stats
 
 
 def _manifest(labels_dir: str) -> dict:
@@ -147,12 +197,30 @@ def _auto_per_class(labels_dir: str, num_classes: int, threshold: float) -> int:
 
 
 def run_loop(cfg: dict) -> list[dict]:
-    """Run all iterations; returns (and writes) the summary, one entry per trained model."""
+    """Run all iterations; returns (and writes) the summary, one entry per trained model.
+
+    The driver's full log (progress, debug lines) goes to ``RUN_DIR/run.log`` too (appended; for an
+    ``s3://`` run_dir it is uploaded at the end); Ray's own logs stay in its session folder.
+    """
     cfg = apply_runlocal(cfg)
-    init_ray(cfg)
     run_dir = cfg["run_dir"] = absolute(cfg["run_dir"])
     if not is_s3(run_dir):
         os.makedirs(run_dir, exist_ok=True)
+        with log_file(os.path.join(run_dir, RUN_LOG)):
+            return _run_loop(cfg, run_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, RUN_LOG)
+        try:
+            with log_file(local):
+                return _run_loop(cfg, run_dir)
+        finally:
+            with open(local, "rb") as f:
+                write_bytes(join(run_dir, RUN_LOG), f.read())
+
+
+def _run_loop(cfg: dict, run_dir: str) -> list[dict]:
+    init_ray(cfg)
+    write_json(join(run_dir, RUN_INFO_FILE), {"config": cfg, "versions": software_versions(), "argv": sys.argv})
     data = prepare_data(cfg)
     classes = labeled_classes(data["labeled"])
     d = cfg["data"]
@@ -162,6 +230,7 @@ def run_loop(cfg: dict) -> list[dict]:
     summary = [_entry(0, "teacher", spec.arch, teacher_dir, metrics, _evaluate(cfg, teacher_dir, data))]
     archs = cfg["student"]["archs"]
     for it in range(1, cfg["iterations"] + 1):
+        logger.info(f"== round {it} of {cfg['iterations']} ==")
         round_dir = join(run_dir, f"round_{it}")
         stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes))
         arch = archs[min(it - 1, len(archs) - 1)]
@@ -177,7 +246,8 @@ def run_loop(cfg: dict) -> list[dict]:
         teacher_dir = student_dir
     add_relative_errors(summary)
     write_summary(run_dir, summary)
-    print(f"report: {write_report(run_dir)}")
+    logger.info(f"report: {write_report(run_dir)}")
+    logger.info(f"TensorBoard: tensorboard --logdir {run_dir}")
     return summary
 
 
@@ -186,7 +256,8 @@ def _entry(iteration: int, role: str, arch: str, directory: str, train: dict, ev
     entry = {"iteration": iteration, "role": role, "model": arch}
     for key in ("test_top1", "test_top5", "test_loss"):
         entry[key] = evaluation.get(key, train.get(key))
-    entry.update({k: v for k, v in evaluation.items() if k not in entry})
+    # per class and the confusion matrix stay in eval.json (classes x classes numbers; the report reads them there)
+    entry.update({k: v for k, v in evaluation.items() if k not in entry and k not in PER_CLASS_KEYS})
     entry.update(pseudo_rows=pseudo_rows, train_seconds=train.get("train_seconds"), checkpoint=directory)
     entry.update({k: train[k] for k in ("unreadable_labeled", "unreadable_pseudo") if k in train})
     return entry
@@ -213,4 +284,4 @@ def format_table(summary: list[dict]) -> str:
 
 def write_summary(run_dir: str, summary: list[dict]) -> None:
     write_json(join(run_dir, "summary.json"), summary)
-    print(format_table(summary))
+    logger.info(format_table(summary))

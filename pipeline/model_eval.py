@@ -28,6 +28,21 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float(ece)
 
 
+PER_CLASS_KEYS = ("per_class_top1", "confusion_matrix", "classes")
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """(classes, classes) int64 counts: row = true class, column = predicted class."""
+    flat = np.asarray(labels, dtype=np.int64) * num_classes + np.asarray(predicted, dtype=np.int64)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(matrix: np.ndarray) -> list[float | None]:
+    """Top-1 accuracy of each true class from a confusion matrix; None for a class with no test image."""
+    totals = matrix.sum(axis=1)
+    return [float(matrix[k, k] / totals[k]) if totals[k] else None for k in range(len(matrix))]
+
+
 def flip_rates(model, images: np.ndarray, spec: ModelSpec, device, seed: int = 0) -> dict[str, float]:
     """Share of frame-to-frame top-1 changes per perturbation sequence (noise: against frame 0)."""
     rates = {}
@@ -47,6 +62,10 @@ def evaluate_model(model_dir: str, test: str, extra: dict[str, str] | None = Non
     logits = predict_logits(model, data.images, spec, device)
     out = accuracy_metrics(logits, labels)
     out["test_ece"] = expected_calibration_error(logits.softmax(dim=1).numpy(), labels)
+    matrix = confusion_matrix(labels, logits.argmax(dim=1).numpy(), spec.num_classes)
+    out["classes"] = list(spec.classes)
+    out["confusion_matrix"] = matrix.tolist()
+    out["per_class_top1"] = per_class_accuracy(matrix)
     out["corruption_errors"] = {
         name: [
             1.0 - accuracy_metrics(predict_logits(model, corrupt(data.images, name, s, seed), spec, device),

@@ -1,8 +1,11 @@
 """``noisy-student report RUN_DIR``: one self-contained HTML page (PNG plots inlined) per run.
 
-It reads what the loop wrote: ``summary.json``, and per round ``labels/predictions`` (the
-confidence column only, file by file, so it streams at any corpus size) and
-``balance_stats.json``.
+It reads what the loop wrote: ``run_config.json`` (the resolved config and software versions),
+``summary.json``, each model's ``metrics.jsonl`` (training curves) and ``eval.json`` (per class,
+confusion matrix), and per round ``labels/predictions`` (a few columns, file by file, so it
+streams at any corpus size) and ``balance_stats.json``. The page is bounded in size whatever the
+corpus: plots are fixed-size PNGs, and the gallery shows at most ``gallery.MAX_CLASSES`` classes x
+3 groups x 4 thumbnails per round, chosen deterministically (``pipeline.gallery``).
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ import base64
 import datetime
 import html
 import io
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import yaml
 
-from labeler.storage import absolute, exists, join, list_dirs, list_files, read_json, write_bytes
+from labeler.storage import absolute, exists, join, list_dirs, list_files, read_bytes, read_json, write_bytes
 from pipeline.balance import plot_class_counts
+from pipeline.gallery import GROUPS, sample_gallery, sample_rejections, thumbnail
 
 REPORT_FILE = "report.html"
 
@@ -93,6 +99,114 @@ def plot_corruptions(summary: list[dict]) -> bytes:
     return _png(fig)
 
 
+def _name(e: dict) -> str:
+    return f"{e['iteration']} {e['role']} {e['model']}"
+
+
+def _key(e: dict) -> str:
+    return f"{e['iteration']}_{e['role']}"
+
+
+def read_history(model_dir: str) -> list[dict]:
+    """The per-epoch metrics of one trained model (``metrics.jsonl``); [] when absent."""
+    path = join(model_dir, "metrics.jsonl")
+    if not exists(path):
+        return []
+    return [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
+
+
+def plot_curves(name: str, history: list[dict]) -> bytes:
+    """Loss, learning rate and test accuracy per epoch of one model (test: the epochs evaluated)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.0))
+    epochs = [h["epoch"] for h in history]
+    axes[0].plot(epochs, [h["train_loss"] for h in history], marker=".")
+    axes[0].set_title("training loss")
+    axes[1].plot(epochs, [h["lr"] for h in history], marker=".")
+    axes[1].set_title("learning rate")
+    for key, label in (
+        ("test_top1", "test top-1"),
+        ("test_top5", "test top-5"),
+        ("raw_test_top1", "raw (no EMA) top-1"),
+    ):
+        points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+        if points:
+            axes[2].plot(*zip(*points), marker="o", label=label)
+    axes[2].set_title("test accuracy (epochs evaluated)")
+    axes[2].set_ylim(0, 1)
+    if axes[2].get_legend_handles_labels()[0]:
+        axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.suptitle(name)
+    return _png(fig)
+
+
+def plot_per_class(models: list[tuple[str, dict]]) -> bytes:
+    """Test top-1 per class of every model (bars; a line per model beyond 30 classes)."""
+    plt = _pyplot()
+    classes = models[0][1]["classes"]
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(max(6, min(16, k * 0.5)), 3.5))
+    width = 0.8 / len(models)
+    for i, (name, ev) in enumerate(models):
+        acc = [np.nan if a is None else a for a in ev["per_class_top1"]]
+        if k <= 30:
+            ax.bar(np.arange(k) + i * width, acc, width, label=name)
+        else:
+            ax.plot(np.arange(k), acc, label=name, lw=1)
+    if k <= 30:
+        ax.set_xticks(np.arange(k) + 0.4 - width / 2, classes)
+    ax.set_xlabel("class")
+    ax.set_ylabel("test top-1")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("test accuracy per class")
+    ax.legend(fontsize=8, loc="lower left", ncol=min(3, len(models)))
+    return _png(fig)
+
+
+def plot_per_class_change(first: tuple[str, dict], last: tuple[str, dict]) -> bytes:
+    """Per-class test top-1 of the last student minus that of the first teacher."""
+    plt = _pyplot()
+    classes = first[1]["classes"]
+    delta = [
+        np.nan if a is None or b is None else b - a
+        for a, b in zip(first[1]["per_class_top1"], last[1]["per_class_top1"])
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, min(16, len(classes) * 0.5)), 3.2))
+    ax.bar(np.arange(len(classes)), delta, color=["tab:green" if d >= 0 else "tab:red" for d in np.nan_to_num(delta)])
+    if len(classes) <= 30:
+        ax.set_xticks(np.arange(len(classes)), classes)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set_xlabel("class")
+    ax.set_ylabel("change in test top-1")
+    ax.set_title(f"per-class change: {last[0]} vs {first[0]}")
+    return _png(fig)
+
+
+def plot_confusion(name: str, ev: dict) -> bytes:
+    """Confusion matrix on the test split, colour = share of the true class (counts written up to 20 classes)."""
+    plt = _pyplot()
+    m = np.asarray(ev["confusion_matrix"], dtype=np.float64)
+    k = len(m)
+    share = m / np.maximum(1, m.sum(axis=1, keepdims=True))
+    fig, ax = plt.subplots(figsize=(5, 4.4))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        ax.set_xticks(range(k), ev["classes"])
+        ax.set_yticks(range(k), ev["classes"])
+        for i in range(k):
+            for j in range(k):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(name)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    return _png(fig)
+
+
 def _flatten(entry: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in entry.items():
@@ -128,8 +242,38 @@ def _rounds(run_dir: str) -> list[tuple[str, str]]:
     return [(n, join(run_dir, n)) for n in sorted(names, key=lambda d: int(d[6:]))]
 
 
+def _evaluations(summary: list[dict]) -> list[tuple[str, dict]]:
+    out = []
+    for e in summary:
+        path = join(e["checkpoint"], "eval.json") if e.get("checkpoint") else None
+        ev = read_json(path) if path and exists(path) else {}
+        if "per_class_top1" in ev:
+            out.append((_name(e), ev))
+    return out
+
+
+def _model_figures(summary: list[dict]) -> list[tuple[str, str, bytes]]:
+    """Training curves, per-class accuracy and its change, confusion matrices."""
+    figures = []
+    for e in summary:
+        history = read_history(e["checkpoint"]) if e.get("checkpoint") else []
+        if history:
+            figures.append((f"curves_{_key(e)}", f"Training curves, {_name(e)}", plot_curves(_name(e), history)))
+    evals = _evaluations(summary)
+    if evals:
+        figures.append(("per_class", "Test accuracy per class", plot_per_class(evals)))
+    if len(evals) > 1:
+        title = "Per-class change, first teacher to last student"
+        figures.append(("per_class_change", title, plot_per_class_change(evals[0], evals[-1])))
+    by_name = {_name(e): e for e in summary}
+    for name, ev in evals:
+        figures.append((f"confusion_{_key(by_name[name])}", f"Confusion matrix, {name}", plot_confusion(name, ev)))
+    return figures
+
+
 def _figures(run_dir: str, summary: list[dict]) -> list[tuple[str, str, bytes]]:
     figures = [("accuracy", "Accuracy per iteration", plot_accuracy(summary))]
+    figures += _model_figures(summary)
     hists, threshold, balance = {}, None, []
     for name, path in _rounds(run_dir):
         if exists(join(path, "labels", "predictions")):
@@ -147,24 +291,127 @@ def _figures(run_dir: str, summary: list[dict]) -> list[tuple[str, str, bytes]]:
     return figures
 
 
+def _header(run_dir: str) -> str:
+    """The resolved config that produced the run and the software versions (``run_config.json``)."""
+    path = join(run_dir, "run_config.json")
+    if not exists(path):
+        return "<p>No run_config.json in this run (written by runs since 2026-11-29).</p>"
+    info = read_json(path)
+    versions = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in info["versions"].items()
+    )
+    config = html.escape(yaml.safe_dump(info["config"], sort_keys=False))
+    command = html.escape(" ".join(info.get("argv") or []))
+    return (
+        "<h2 id='sec-config'>Config and software</h2>"
+        f"<p>Command: <code>{command}</code></p><table class='kv'>{versions}</table>"
+        "<details><summary>Resolved config (defaults, file and overrides applied)</summary>"
+        f"<pre>{config}</pre></details>"
+    )
+
+
+def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
+    """Per round: thumbnails of the most confident pseudo labels and of those either side of the threshold."""
+    parts = []
+    for name, path in _rounds(run_dir):
+        predictions, stats_path = join(path, "labels", "predictions"), join(path, "balance_stats.json")
+        if not (exists(predictions) and exists(stats_path)):
+            continue
+        threshold = read_json(stats_path)["threshold"]
+        sample = sample_gallery(predictions, threshold, num_classes)
+        head = "".join(f"<th>{html.escape(g)}</th>" for g in GROUPS)
+        rows = []
+        for c, groups in sample.items():
+            cells = "".join(f"<td class='thumbs'>{_thumbs(groups[g], predictions)}</td>" for g in GROUPS)
+            label = classes[c] if c < len(classes) else str(c)
+            rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+        shown = f"classes 0-{len(sample) - 1} of {num_classes}; " if len(sample) < num_classes else ""
+        parts.append(
+            f"<h2 id='sec-gallery-{name}'>Pseudo labels, {name}</h2><p>{shown}threshold {threshold}; "
+            "each image with its confidence (top probability); ties ranked by a stable hash of the id, as in "
+            f"balancing.</p><table class='gallery'><tr><th>class</th>{head}</tr>{''.join(rows)}</table>"
+        )
+    return parts
+
+
+def _thumbs(rows: list[dict], predictions: str) -> str:
+    out = []
+    for r in rows:
+        src = thumbnail(r["path"], predictions)
+        title = html.escape(r["id"])
+        if src is None:
+            out.append(f"<figure title='{title}'>(unreadable)<figcaption>{r['confidence']:.3f}</figcaption></figure>")
+        else:
+            out.append(f"<figure><img class='thumb' src='{src}' alt='{title}' title='{title}'>"
+                       f"<figcaption>{r['confidence']:.3f}</figcaption></figure>")  # fmt: skip
+    return "".join(out) or "none"
+
+
+def _rejections(run_dir: str) -> str:
+    """Rejected images per round: count by reason and a few example ids."""
+    rows = []
+    for name, path in _rounds(run_dir):
+        predictions = join(path, "labels", "predictions")
+        if not exists(join(path, "labels", "manifest.json")):
+            continue
+        manifest = read_json(join(path, "labels", "manifest.json"))
+        rejected = sample_rejections(predictions) if manifest.get("rejected") else {}
+        if not rejected:
+            rows.append(f"<tr><th>{name}</th><td>none</td><td>0 of {manifest['rows']}</td><td></td></tr>")
+        for reason, r in rejected.items():
+            ids = html.escape(", ".join(r["examples"]))
+            rows.append(f"<tr><th>{name}</th><td>{html.escape(reason)}</td><td>{r['count']}</td><td>{ids}</td></tr>")
+    if not rows:
+        return ""
+    return ("<h2 id='sec-rejected'>Rejected images</h2><table><tr><th>round</th><th>reason</th><th>images</th>"
+            f"<th>examples (smallest ids)</th></tr>{''.join(rows)}</table>")  # fmt: skip
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
+    "table.kv td,table.gallery td{text-align:left}figure{display:inline-block;margin:2px;text-align:center}"
+    "figcaption{font-size:11px}img.thumb{width:48px;height:auto;max-width:none;image-rendering:pixelated}pre{text-align:left}"
+)
+
+
 def render_report(run_dir: str) -> str:
+    """The report's HTML: self-contained (every image inlined), bounded in size whatever the corpus.
+
+    Raises:
+        FileNotFoundError: ``run_dir/summary.json`` is missing.
+        ValueError: it lists no model.
+    """
     summary = read_json(join(run_dir, "summary.json"))
     if not summary:
         raise ValueError(f"{run_dir}/summary.json lists no models; run the loop first")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Noisy Student run report</title>",
-        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         f"<h1>Noisy Student run report</h1><p>{html.escape(absolute(run_dir))}, written "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. mCE and mFR are relative to the first "
-        "teacher (1.0 = as robust as it; lower is better).</p>",
+        "teacher (1.0 = as robust as it; lower is better). Training curves: the test split is evaluated every "
+        "<code>eval_every</code> epochs (the run has no separate validation split).</p>",
+        _header(run_dir),
     ]
     for key, title, png in _figures(run_dir, summary):
         data = base64.b64encode(png).decode()
-        parts.append(f"<h2>{html.escape(title)}</h2><img id='{key}' alt='{html.escape(title)}' "
+        parts.append(f"<h2 id='sec-{key}'>{html.escape(title)}</h2><img id='{key}' alt='{html.escape(title)}' "
                      f"src='data:image/png;base64,{data}'>")  # fmt: skip
-    parts.append("<h2>Every number</h2>" + _table(summary) + "</body></html>")
+    evals = _evaluations(summary)
+    classes = evals[0][1]["classes"] if evals else []
+    num_classes = len(classes) or _num_classes(run_dir)
+    parts += _gallery(run_dir, num_classes, classes)
+    parts.append(_rejections(run_dir))
+    parts.append("<h2 id='sec-numbers'>Every number</h2>" + _table(summary) + "</body></html>")
     return "\n".join(parts)
+
+
+def _num_classes(run_dir: str) -> int:
+    for _, path in _rounds(run_dir):
+        if exists(join(path, "balance_stats.json")):
+            return len(read_json(join(path, "balance_stats.json"))["classes"])
+    return 0
 
 
 def write_report(run_dir: str) -> str:

@@ -66,25 +66,93 @@ def test_summary_carries_the_robustness_metrics(tiny_run):
 class _Images(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.images = {}
+        self.images, self.thumbs = {}, []
 
     def handle_starttag(self, tag, attrs):
         if tag == "img":
             a = dict(attrs)
-            self.images[a["id"]] = a["src"]
+            if a.get("class") == "thumb":
+                self.thumbs.append(a["src"])
+            else:
+                self.images[a["id"]] = a["src"]
+
+
+PLOTS = {
+    "accuracy", "confidence", "class_counts_round_1", "corruptions", "curves_0_teacher", "curves_1_student",
+    "per_class", "per_class_change", "confusion_0_teacher", "confusion_1_student",
+}  # fmt: skip
+
+
+def _png(src: str) -> Image.Image:
+    assert src.startswith("data:image/png;base64,")  # self-contained: no file next to it needed
+    img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    img.load()
+    assert img.format == "PNG"
+    return img
 
 
 def test_report_shows_every_plot(tiny_run):
     run_dir, _ = tiny_run
     parser = _Images()
     parser.feed((run_dir / "report.html").read_text())
-    assert set(parser.images) == {"accuracy", "confidence", "class_counts_round_1", "corruptions"}
+    assert set(parser.images) == PLOTS
     for src in parser.images.values():
-        assert src.startswith("data:image/png;base64,")  # self-contained: no file next to it needed
-        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-        img.load()
-        assert img.format == "PNG" and img.width >= 300 and img.height >= 200
+        img = _png(src)
+        assert img.width >= 300 and img.height >= 200
+    # the gallery: 10 classes x (most confident, just above, just below the threshold), up to 4 each;
+    # every unlabeled image here is a readable PNG, so every sampled row has its thumbnail
+    assert 10 <= len(parser.thumbs) <= 10 * 3 * 4
+    assert all(_png(src).width == 48 for src in parser.thumbs)
     assert main(["report", str(run_dir)]) == 0  # the command alone rewrites it
+
+
+def test_report_header_and_rejections(tiny_run):
+    run_dir, _ = tiny_run
+    page = (run_dir / "report.html").read_text()
+    info = json.loads((run_dir / "run_config.json").read_text())
+    assert info["config"]["runlocal"] is True and info["config"]["student"]["epochs"] == 2  # resolved values
+    assert info["versions"]["ray"].startswith("2.60") and "torch" in info["versions"]
+    assert "Resolved config" in page and "student:" in page and info["versions"]["timm"] in page
+    # the corrupt file is the one rejection, named with its reason and id
+    assert "<td>not_an_image</td><td>1</td><td>corrupt.png</td>" in page
+
+
+def test_report_opens_in_a_real_browser(tiny_run, tmp_path):
+    """Headless Chromium: every image decodes to a non-zero size and no script error is raised."""
+    from tests.browser import open_page
+
+    result = open_page(tiny_run[0] / "report.html", tmp_path / "report.png")
+    assert result["errors"] == []
+    assert len(result["images"]) == len(PLOTS) + result["thumbs"] and result["thumbs"] >= 10
+    broken = [i for i in result["images"] if not (i["complete"] and i["width"] > 0 and i["height"] > 0)]
+    assert broken == []
+    assert (
+        "Pseudo labels, round_1" in result["headings"]
+        and "Training curves, 0 teacher test_resnet" in result["headings"]
+    )
+    assert (tmp_path / "report.png").stat().st_size > 10_000  # it rendered something
+
+
+def test_tensorboard_lists_every_model(tiny_run):
+    """What ``tensorboard --logdir RUN_DIR`` shows, read with TensorBoard's own event loader."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    run_dir, _ = tiny_run
+    runs = EventMultiplexer().AddRunsFromDirectory(str(run_dir))
+    runs.Reload()
+    teacher, student = "tensorboard/round_0_teacher", "tensorboard/round_1_student"
+    assert set(runs.Runs()) == {teacher, student}
+    # runlocal: 4 teacher epochs, 2 student epochs; inputs: a row of 8 labeled, plus a row of 8 pseudo-labeled
+    for run, epochs, rows in ((teacher, 4, 1), (student, 2, 2)):
+        acc = runs.GetAccumulator(run)
+        tags = acc.Tags()
+        assert {"step/loss", "step/lr", "epoch/train_loss", "epoch/lr", "epoch/test_top1"} <= set(tags["scalars"])
+        assert [e.step for e in acc.Scalars("epoch/train_loss")] == list(range(1, epochs + 1))
+        assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("epoch/test_top1"))
+        assert tags["images"] == ["input/augmented"]
+        image = acc.Images("input/augmented")[0]
+        assert (image.width, image.height) == (8 * 32, rows * 32)  # 32 x 32 inputs, 8 to a row
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
 
 
 def test_checkpoints_load_through_the_labeler(tiny_run):

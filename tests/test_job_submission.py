@@ -72,3 +72,27 @@ def test_submit_the_tiny_config(head, tmp_path):
     assert [(e["iteration"], e["role"]) for e in summary] == [(0, "teacher"), (1, "student")]
     assert (out / "run" / "report.html").exists()
     assert "test_top1" in log  # the job's own printout reached the submitter
+    _check_console(log)
+
+
+# Ray's own output that drowned the progress (issue 16): the PlacementGroupCleaner's failed State API
+# polls, Ray Train's worker-group chatter, Ray Data's execution logs, and the workers' epoch lines
+NOISE = (
+    "Failed to query Ray Train Controller actor state", "Reporting training result", "Checkpoint successfully created",
+    "Attempting to start training worker group", "Setting up process group", "logging_progress.py",
+    "Execution plan of Dataset", "Progress bars disabled", "RayTrainWorker", "epoch=",
+)  # fmt: skip
+
+
+def _check_console(log: str) -> None:
+    """The default console of the tiny loop, as a log: every stage's progress, no noise, no redraws."""
+    lines = log.splitlines()
+    assert "\r" not in log  # a log, not a terminal: no carriage-return redraws
+    for noise in NOISE:
+        assert noise not in log, f"{noise!r} in the default output:\n{log[-3000:]}"
+    for stage in ("training round_0_teacher", "round_0_teacher: 100% 4/4", "labeling: 100% 1208/1208",
+                  "balanced in", "round_1_student: 100% 2/2", "evaluated in", "pseudo_rows", "report: "):  # fmt: skip
+        assert stage in log, f"{stage!r} missing from the output:\n{log[-3000:]}"
+    job = [line for line in lines if line.strip() and not line.startswith(("20", "-", "Job ", "Next steps", "  "))]
+    assert len(set(job)) == len(job), "a line printed twice"
+    assert len(lines) < 60, f"{len(lines)} lines:\n{log}"

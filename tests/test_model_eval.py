@@ -69,3 +69,11 @@ def test_relative_errors_are_against_the_first_teacher():
     assert teacher["mce"] == pytest.approx(1.0) and teacher["mfr"] == pytest.approx(1.0)
     assert student["corruption_ce"] == pytest.approx({"a": 0.5, "b": 2.0})
     assert student["mce"] == pytest.approx(1.25) and student["mfr"] == pytest.approx(0.75)
+
+
+def test_confusion_matrix_and_per_class_accuracy():
+    from pipeline.model_eval import confusion_matrix, per_class_accuracy
+
+    m = confusion_matrix(np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0]), 3)
+    assert m.tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 0]]  # row = true class, column = predicted
+    assert per_class_accuracy(m) == [0.5, pytest.approx(2 / 3), None]  # class 2 has no test image

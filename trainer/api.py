@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import threading
 
 import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
+from labeler.progress import Progress, ProgressChannel
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
 from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
 from trainer.loop import steps_per_epoch, train_loop_per_worker
@@ -30,17 +33,24 @@ def train_model(
     init_from: str | None = None,
     max_failures: int = 2,
     label: str = "train",
+    tensorboard: str | None = None,
+    progress: bool = True,
 ) -> dict:
     """Train one model; write ``out_dir/{model.safetensors,model.json,metrics.jsonl}``.
 
     ``out_dir`` and ``storage_path`` are local paths or ``s3://`` URIs. Running again with the
     same ``storage_path``/``name`` resumes from the last epoch's checkpoint (Ray Train V2
-    semantics). Returns the final metrics; each epoch's ``unreadable_labeled`` and
-    ``unreadable_pseudo`` count the rows of that set the epoch could not read or decode.
+    semantics). ``tensorboard``: a folder or ``s3://`` prefix for this run's TensorBoard event
+    files (``trainer.board``). ``progress``: show epoch k of N, loss, test top-1, images/s and
+    the ETA on the console (``labeler.progress``). Returns the final metrics (a dict of floats
+    and ints: ``epoch``, ``train_loss``, ``lr``, ``images_per_s``, ``test_top1`` ...); each epoch's
+    ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows of that set the epoch could not
+    read or decode (the summary keeps the largest).
 
     Raises:
         TrainingDataError: a set is mostly unreadable, found in a sample before training starts
             or by the workers (which then stop without Ray Train retrying a data error).
+        RuntimeError: the run ended without finishing every epoch (run it again to resume).
     """
     preflight(labeled, pseudo, spec.classes, spec.image_size, spec.in_chans)  # a bad set fails here, not in retries
     error_file = join(out_dir, "data_error.json")
@@ -58,6 +68,7 @@ def train_model(
         "init_state": init_state,
         "label": label,
         "data_error_file": error_file,
+        "tensorboard": tensorboard,
     }
     datasets = {}
     if settings.feed == "ray_data":
@@ -80,10 +91,19 @@ def train_model(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    channel = config["progress"] = ProgressChannel.create() if progress else None
+    watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
+    try:
+        result = trainer.fit()
+    finally:
+        if watcher:
+            watcher.stop()
     raise_recorded_error(error_file)  # the workers stopped on a data error
     if result.checkpoint is None:
-        raise RuntimeError(f"training run {name} finished without a checkpoint; see the Ray Train logs above")
+        raise RuntimeError(
+            f"training run {name} finished without a checkpoint; see Ray Train's logs in Ray's session folder "
+            "(or run with --verbose)"
+        )
     with result.checkpoint.as_directory() as d:
         for f in (WEIGHTS_FILE, SPEC_FILE):
             with open(os.path.join(d, f), "rb") as src:
@@ -105,6 +125,39 @@ def train_model(
 
 
 UNREADABLE_KEYS = ("unreadable_labeled", "unreadable_pseudo")
+
+
+class _ProgressWatcher:
+    """A driver thread: the rank-0 worker's progress events shown as one ``Progress`` display."""
+
+    def __init__(self, channel: ProgressChannel, label: str, epochs: int, poll_s: float = 1.0):
+        self.channel, self.poll_s = channel, poll_s
+        self.display = Progress(label, total=epochs, unit="epoch")
+        self.started = False
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"progress-{label}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(self.poll_s):
+            self._show(self.channel.drain())
+        self._show(self.channel.drain())
+
+    def _show(self, events: list[dict]) -> None:
+        for e in events:
+            if not self.started:  # the rate and ETA count from the first step, not from worker start-up
+                self.started = True
+                self.display.restart_clock(max(0, math.ceil(e["done"]) - 1))
+            fields = {"loss": e.get("loss"), "images/s": round(e.get("images_per_s") or 0)}
+            if e.get("test_top1") is not None:
+                fields["test_top1"] = round(e["test_top1"], 4)
+            self.display.update(round(e["done"], 2), **fields)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+        self.display.close()
+        self.channel.shutdown()
 
 
 def streaming_datasets(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -18,6 +19,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from labeler.model import ModelSpec, create_model, save_checkpoint
+from trainer.board import Board
 from trainer.data import load_labeled, load_pseudo
 from trainer.data_check import (
     TrainingDataError,
@@ -32,6 +34,9 @@ from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
 from trainer.settings import TrainSettings
 
 STATE_FILE = "train_state.pt"
+# logging, not print: Ray Train V2 patches print in its workers into its logging, and rank 0's printed
+# lines came out twice; a logger (the worker's root handler, set up by Ray Train) writes each line once
+logger = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
@@ -267,7 +272,7 @@ def _train_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(s.cpus_per_worker)))  # Ray pins OMP_NUM_THREADS to 1 otherwise
     tag = f"[{config.get('label', 'train')}]"
     node = ray.get_runtime_context().get_node_id()
-    print(f"{tag} worker {rank}/{world} on node {node}, device {device}")
+    logger.info(f"{tag} worker {rank}/{world} on node {node}, device {device}")
     test = None
     if config.get("test") and rank == 0:
         test = load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
@@ -294,15 +299,27 @@ def _train_worker(config: dict) -> None:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         history, resumed_from = state["history"], state.get("resumed_from", []) + [start_epoch]
-        print(f"{tag} resumed from the checkpoint of epoch {start_epoch}")
+        logger.info(f"{tag} resumed from the checkpoint of epoch {start_epoch}")
     step = _Step(model, opt, sched, ema, s, device)
+    channel = config.get("progress") if rank == 0 else None  # a labeler.progress.ProgressChannel
+    board = Board(config["tensorboard"]) if rank == 0 and config.get("tensorboard") else None
+    if board is not None and start_epoch == 0:
+        board.hparams({**s.to_dict(), "model": spec.arch, "image_size": spec.image_size})
 
     for epoch in range(start_epoch, s.epochs):
         model.train()
         total, seen, started = 0.0, 0, time.perf_counter()
-        for x, y in feed.epoch():
-            total += step(x, y)
+        for i, (x, y) in enumerate(feed.epoch()):
+            loss = step(x, y)
+            total += loss
             seen += len(x) * world  # over all workers
+            if board is not None:
+                board.step(epoch * steps + i + 1, loss, sched.get_last_lr()[0])
+                if i == 0 and epoch == start_epoch:
+                    board.inputs(x, spec.mean, spec.std, epoch + 1, labeled=s.batch_size // world)
+            if channel is not None:
+                channel.send({"done": epoch + (i + 1) / steps, "epochs": s.epochs, "loss": loss,
+                              "images_per_s": seen / (time.perf_counter() - started)})  # fmt: skip
         final = epoch + 1 == s.epochs
         metrics = {"epoch": epoch + 1, "train_loss": total / steps, "lr": sched.get_last_lr()[0], "final": final,
                    "images": seen, "images_per_s": seen / (time.perf_counter() - started),
@@ -316,7 +333,13 @@ def _train_worker(config: dict) -> None:
                 metrics.update({f"raw_{k}": v for k, v in evaluate(bare, test, spec, device).items()})
         if rank == 0:
             history.append(metrics)
-            print(f"{tag} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            logger.info(f"{tag} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+            if board is not None:
+                board.epoch(metrics)
+                board.flush()
+            if channel is not None:
+                event = {**metrics, "done": epoch + 1, "epochs": s.epochs, "loss": metrics["train_loss"]}
+                channel.send(event, force=True)
         if not (final or (epoch + 1) % s.checkpoint_every == 0):
             continue  # metrics without a checkpoint are not persisted by Ray Train V2; history keeps them
         if rank == 0:
@@ -335,6 +358,8 @@ def _train_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+    if board is not None:
+        board.close()
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,117 @@
+"""Bounded, deterministic samples of a round's predictions for the report, read by streaming.
+
+* ``sample_gallery``: for each shown class, the ``per_group`` most confident pseudo labels, the
+  ``per_group`` just at or above the threshold and the ``per_group`` just below it;
+* ``sample_rejections``: per reject reason, its count and the ``per_reason`` smallest ids.
+
+Both read the predictions Parquet file by file, a few columns at a time, and keep only
+classes x groups x ``per_group`` rows (or reasons x ``per_reason`` ids): memory and output are
+bounded whatever the corpus size. Ranking is balancing's (``balance_core.sort_keys``: confidence,
+ties broken by a stable hash of the id), so the same predictions give the same samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from collections import Counter
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from labeler.storage import is_s3, list_files, read_bytes
+from pipeline.balance_core import sort_keys
+
+logger = logging.getLogger(__name__)
+
+GROUPS = ("most confident", "just above the threshold", "just below the threshold")
+MAX_CLASSES = 20  # classes shown per round (the first ones by index); a 1,000-class corpus shows 20
+
+
+def _threshold_key(threshold: float) -> np.uint64:
+    """The smallest sort key of a confidence >= threshold (float32, as the predictions store it)."""
+    bits = np.array([threshold], dtype=np.float32).view(np.uint32).astype(np.uint64)[0]
+    return np.uint64(bits) << np.uint64(32)
+
+
+def sample_gallery(
+    predictions: str, threshold: float, num_classes: int, per_group: int = 4, max_classes: int = MAX_CLASSES
+) -> dict[int, dict[str, list[dict]]]:
+    """{class: {group: [{id, path, confidence}, ...]}} for classes ``0 .. min(num_classes, max_classes) - 1``.
+
+    Groups (see ``GROUPS``): the ``per_group`` highest ranked rows of the class; the lowest ranked
+    with confidence >= ``threshold``; the highest ranked below it. Rejected rows are skipped.
+    Each list is ordered from the highest confidence down.
+    """
+    shown = min(num_classes, max_classes)
+    cut = _threshold_key(threshold)
+    kept: dict[int, dict[str, list[tuple]]] = {c: {g: [] for g in GROUPS} for c in range(shown)}
+    fs, files = list_files(predictions, suffix=".parquet")
+    for path in files:
+        t = pq.read_table(path, filesystem=fs, columns=["id", "path", "label", "confidence"])
+        t = t.filter(pc.and_(pc.greater_equal(t["label"], 0), pc.less(t["label"], shown)))
+        if t.num_rows == 0:
+            continue
+        labels = t["label"].to_numpy()
+        conf = t["confidence"].to_numpy()
+        keys = sort_keys(conf, t["id"])
+        order = np.lexsort((keys, labels))  # by class, then ascending rank
+        labels, keys = labels[order], keys[order]
+        ids, paths = t["id"].to_numpy(zero_copy_only=False)[order], t["path"].to_numpy(zero_copy_only=False)[order]
+        conf = conf[order]
+        for c in np.unique(labels):
+            lo, hi = np.searchsorted(labels, c, "left"), np.searchsorted(labels, c, "right")
+            split = lo + np.searchsorted(keys[lo:hi], cut, "left")  # first row at or above the threshold
+            picks = {
+                GROUPS[0]: range(max(lo, hi - per_group), hi),
+                GROUPS[1]: range(split, min(hi, split + per_group)),
+                GROUPS[2]: range(max(lo, split - per_group), split),
+            }
+            for group, rows in picks.items():
+                pool = kept[int(c)][group] + [(int(keys[i]), str(ids[i]), str(paths[i]), float(conf[i])) for i in rows]
+                pool.sort()
+                kept[int(c)][group] = pool[:per_group] if group == GROUPS[1] else pool[-per_group:]
+    return {
+        c: {g: [{"id": r[1], "path": r[2], "confidence": r[3]} for r in reversed(rows)] for g, rows in groups.items()}
+        for c, groups in kept.items()
+    }
+
+
+def sample_rejections(predictions: str, per_reason: int = 5) -> dict[str, dict]:
+    """{reason: {"count": n, "examples": [the ``per_reason`` smallest ids]}}, streaming."""
+    counts: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    fs, files = list_files(predictions, suffix=".parquet")
+    for path in files:
+        t = pq.read_table(path, filesystem=fs, columns=["id", "reject_reason"])
+        t = t.filter(pc.is_valid(t["reject_reason"]))
+        for reason in pc.unique(t["reject_reason"]).to_pylist():
+            ids = t.filter(pc.equal(t["reject_reason"], reason))["id"]
+            counts[reason] += len(ids)
+            smallest = pc.take(ids, pc.array_sort_indices(ids)[:per_reason]).to_pylist()  # O(rows) per file
+            examples[reason] = sorted(examples.get(reason, []) + smallest)[:per_reason]
+    return {r: {"count": counts[r], "examples": examples[r]} for r in sorted(counts)}
+
+
+def thumbnail(path: str, predictions: str, size: int = 48) -> str | None:
+    """A ``data:image/png;base64,...`` thumbnail (``size`` px on the long side) of the image at
+    ``path``, or None when it cannot be read as an image file (e.g. a row from a Parquet or tar corpus,
+    whose ``path`` is the shard)."""
+    from PIL import Image
+
+    from labeler.images import RejectedImage, decode_image
+
+    uri = "s3://" + path if is_s3(predictions) and not path.startswith("s3://") else path
+    try:
+        img = decode_image(read_bytes(uri))
+    except (OSError, RejectedImage) as err:
+        logger.debug(f"no thumbnail for {uri}: {err}")
+        return None
+    scale = size / max(img.width, img.height)
+    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR  # small images (digits) stay crisp
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
