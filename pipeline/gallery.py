@@ -18,6 +18,7 @@ import logging
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -51,6 +52,7 @@ def sample_gallery(
     fs, files = list_files(predictions, suffix=".parquet")
     for path in files:
         t = pq.read_table(path, filesystem=fs, columns=["id", "path", "label", "confidence"])
+        t = t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64)))  # to fetch kept images later
         t = t.filter(pc.and_(pc.greater_equal(t["label"], 0), pc.less(t["label"], shown)))
         if t.num_rows == 0:
             continue
@@ -60,7 +62,7 @@ def sample_gallery(
         order = np.lexsort((keys, labels))  # by class, then ascending rank
         labels, keys = labels[order], keys[order]
         ids, paths = t["id"].to_numpy(zero_copy_only=False)[order], t["path"].to_numpy(zero_copy_only=False)[order]
-        conf = conf[order]
+        conf, file_rows = conf[order], t["row"].to_numpy()[order]
         for c in np.unique(labels):
             lo, hi = np.searchsorted(labels, c, "left"), np.searchsorted(labels, c, "right")
             split = lo + np.searchsorted(keys[lo:hi], cut, "left")  # first row at or above the threshold
@@ -70,13 +72,44 @@ def sample_gallery(
                 GROUPS[2]: range(max(lo, split - per_group), split),
             }
             for group, rows in picks.items():
-                pool = kept[int(c)][group] + [(int(keys[i]), str(ids[i]), str(paths[i]), float(conf[i])) for i in rows]
+                pool = kept[int(c)][group] + [
+                    (int(keys[i]), str(ids[i]), str(paths[i]), float(conf[i]), path, int(file_rows[i])) for i in rows
+                ]
                 pool.sort()
                 kept[int(c)][group] = pool[:per_group] if group == GROUPS[1] else pool[-per_group:]
+    images = _kept_images(fs, [r for groups in kept.values() for rows in groups.values() for r in rows])
     return {
-        c: {g: [{"id": r[1], "path": r[2], "confidence": r[3]} for r in reversed(rows)] for g, rows in groups.items()}
+        c: {
+            g: [
+                {"id": r[1], "path": r[2], "confidence": r[3], "image": images.get((r[4], r[5]))}
+                for r in reversed(rows)
+            ]
+            for g, rows in groups.items()
+        }
         for c, groups in kept.items()
     }
+
+
+def _kept_images(fs, rows: list[tuple]) -> dict[tuple[str, int], bytes]:
+    """The ``image`` bytes the labeler kept (``keep_image_bytes``) for the sampled rows, reading only
+    the row groups that hold them: so shard and Parquet corpora get thumbnails too."""
+    wanted: dict[str, set[int]] = {}
+    for r in rows:
+        wanted.setdefault(r[4], set()).add(r[5])
+    out = {}
+    for path, indices in wanted.items():
+        pf = pq.ParquetFile(path, filesystem=fs)
+        if "image" not in pf.schema_arrow.names:
+            continue
+        start = 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            inside = sorted(i for i in indices if start <= i < start + n)
+            if inside:
+                column = pf.read_row_group(g, columns=["image"])["image"]
+                out.update({(path, i): column[i - start].as_py() for i in inside})
+            start += n
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def sample_rejections(predictions: str, per_reason: int = 5) -> dict[str, dict]:
@@ -95,17 +128,17 @@ def sample_rejections(predictions: str, per_reason: int = 5) -> dict[str, dict]:
     return {r: {"count": counts[r], "examples": examples[r]} for r in sorted(counts)}
 
 
-def thumbnail(path: str, predictions: str, size: int = 48) -> str | None:
-    """A ``data:image/png;base64,...`` thumbnail (``size`` px on the long side) of the image at
-    ``path``, or None when it cannot be read as an image file (e.g. a row from a Parquet or tar corpus,
-    whose ``path`` is the shard)."""
+def thumbnail(path: str, predictions: str, size: int = 48, data: bytes | None = None) -> str | None:
+    """A ``data:image/png;base64,...`` thumbnail (``size`` px on the long side) of the image
+    ``data`` (bytes the labeler kept), else of the image file at ``path``; None when neither can
+    be read as an image (e.g. a row from a Parquet or tar corpus labeled without its bytes)."""
     from PIL import Image
 
     from labeler.images import RejectedImage, decode_image
 
     uri = "s3://" + path if is_s3(predictions) and not path.startswith("s3://") else path
     try:
-        img = decode_image(read_bytes(uri))
+        img = decode_image(data if data is not None else read_bytes(uri))
     except (OSError, RejectedImage) as err:
         logger.debug(f"no thumbnail for {uri}: {err}")
         return None

@@ -337,7 +337,7 @@ def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
 def _thumbs(rows: list[dict], predictions: str) -> str:
     out = []
     for r in rows:
-        src = thumbnail(r["path"], predictions)
+        src = thumbnail(r["path"], predictions, data=r.get("image"))
         title = html.escape(r["id"])
         if src is None:
             out.append(f"<figure title='{title}'>(unreadable)<figcaption>{r['confidence']:.3f}</figcaption></figure>")
