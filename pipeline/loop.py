@@ -20,7 +20,7 @@ from pipeline.digits import write_digits_corpus
 from pipeline.model_eval import add_relative_errors, evaluate_model
 from pipeline.report import write_report
 from trainer.api import train_model
-from trainer.data import labeled_classes
+from trainer.data import EVAL_BATCH, labeled_classes
 from trainer.settings import TrainSettings
 
 RUNLOCAL = {
@@ -91,6 +91,7 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
     metrics = train_model(
         settings, spec, data["labeled"], out_dir, join(cfg["run_dir"], "ray_train"), name,
         pseudo=pseudo, test=data["test"], hard=not cfg["label"]["soft"], init_from=init_from, label=name,
+        eval_batch=_eval_batch(cfg),
     )  # fmt: skip
     metrics["train_seconds"] = round(time.time() - start, 1)
     write_json(join(out_dir, "final.json"), metrics)
@@ -107,9 +108,14 @@ def _evaluate(cfg: dict, model_dir: str, data: dict) -> dict:
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_model)
     extra = {name: absolute(uri) for name, uri in (cfg.get("eval", {}).get("extra") or {}).items()}
-    metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg["seed"]))
+    metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg["seed"], _eval_batch(cfg)))
     write_json(path, metrics)
     return metrics
+
+
+def _eval_batch(cfg: dict) -> int:
+    """Images per evaluation batch (``eval.batch_size``); evaluation streams the sets in such batches."""
+    return int((cfg.get("eval") or {}).get("batch_size") or EVAL_BATCH)
 
 
 def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:

@@ -12,6 +12,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
+from trainer.data import EVAL_BATCH
 from trainer.loop import train_loop_per_worker
 from trainer.settings import TrainSettings
 
@@ -29,12 +30,14 @@ def train_model(
     init_from: str | None = None,
     max_failures: int = 2,
     label: str = "train",
+    eval_batch: int = EVAL_BATCH,
 ) -> dict:
     """Train one model; write ``out_dir/{model.safetensors,model.json,metrics.jsonl}``.
 
     ``out_dir`` and ``storage_path`` are local paths or ``s3://`` URIs. Running again with the
     same ``storage_path``/``name`` resumes from the last epoch's checkpoint (Ray Train V2
-    semantics). Returns the final metrics.
+    semantics). ``test`` (a labeled set, as ``labeled``) is evaluated every ``eval_every`` epochs by
+    rank 0, streamed in batches of ``eval_batch`` images. Returns the final metrics.
     """
     init_state = None
     if init_from:
@@ -48,6 +51,7 @@ def train_model(
         "hard": hard,
         "init_state": init_state,
         "label": label,
+        "eval_batch": eval_batch,
     }
     datasets = {}
     if settings.feed == "ray_data":

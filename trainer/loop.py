@@ -18,8 +18,8 @@ import torch
 from timm.utils import ModelEmaV3
 
 from labeler.model import ModelSpec, create_model, save_checkpoint
-from trainer.data import load_labeled, load_pseudo
-from trainer.evaluate import evaluate, recalibrate_batchnorm, recalibrate_batchnorm_on
+from trainer.data import EVAL_BATCH, LabeledBatches, load_labeled, load_pseudo
+from trainer.evaluate import evaluate_many, recalibrate_batchnorm, recalibrate_batchnorm_on
 from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
 from trainer.settings import TrainSettings
 
@@ -209,9 +209,10 @@ def train_loop_per_worker(config: dict) -> None:
     tag = f"[{config.get('label', 'train')}]"
     node = ray.get_runtime_context().get_node_id()
     print(f"{tag} worker {rank}/{world} on node {node}, device {device}")
-    test = None
+    test = None  # rank 0 streams the test split at each evaluation; it is never held decoded
+    eval_batch = config.get("eval_batch", EVAL_BATCH)
     if config.get("test") and rank == 0:
-        test = load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
+        test = LabeledBatches(config["test"], spec.classes, spec.image_size, spec.in_chans, eval_batch)
 
     state = _last_state()
     start_epoch = state["epoch"] if state else 0
@@ -252,9 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and final and s.recalibrate_bn:
             feed.recalibrate(exported, device)
         if rank == 0 and test is not None and (final or (epoch + 1) % s.eval_every == 0):
-            metrics.update(evaluate(exported, test, spec, device))
-            if ema is not None:
-                metrics.update({f"raw_{k}": v for k, v in evaluate(bare, test, spec, device).items()})
+            metrics.update(evaluate_test(exported, bare if ema is not None else None, test, spec, device, eval_batch))
         if rank == 0:
             history.append(metrics)
             print(f"{tag} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
@@ -276,6 +275,23 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+
+
+def evaluate_test(
+    exported: torch.nn.Module,
+    raw: torch.nn.Module | None,
+    test: LabeledBatches,
+    spec: ModelSpec,
+    device,
+    batch: int = EVAL_BATCH,
+) -> dict:
+    """The per-epoch test metrics: ``test_top1/_top5/_loss/_unreadable`` of the exported model and,
+    with EMA on, ``raw_test_*`` of the raw weights, in one streamed pass over ``test``."""
+    models = {"": exported} if raw is None else {"": exported, "raw_": raw}
+    out = {}
+    for prefix, metrics in evaluate_many(models, test, spec, device, batch).items():
+        out.update({prefix + k: v for k, v in metrics.items()})
+    return out
 
 
 def _fmt(v) -> str:
