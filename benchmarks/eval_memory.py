@@ -1,6 +1,6 @@
 """Peak memory of evaluating one checkpoint on a generated class-folder set, at several set sizes.
 
-    python benchmarks/eval_memory.py                              # 500 and 2,000 images at 96 px
+    python benchmarks/eval_memory.py                              # 512 and 2,048 images at 64 px, batch 64
     python benchmarks/eval_memory.py --images 1000 8000 --size 128 --accuracy-only
 
 Writes ``--images`` JPEGs (10 classes, ``--source-size`` px) and a random-weight checkpoint
@@ -60,15 +60,19 @@ def write_set(root: str, images: int, size: int, seed: int = 0) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, nargs="+", default=[500, 2000])
-    p.add_argument("--size", type=int, default=96, help="model input size (px)")
+    p.add_argument("--images", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--size", type=int, default=64, help="model input size (px)")
     p.add_argument("--source-size", type=int, default=128, help="size of the generated JPEGs (px)")
-    p.add_argument("--batch", type=int, default=256, help="evaluation batch (images)")
+    p.add_argument("--batch", type=int, default=64, help="evaluation batch (images)")
     p.add_argument("--arch", default="test_resnet")
     p.add_argument("--accuracy-only", action="store_true")
     args = p.parse_args()
 
+    import torch
+
     from labeler.model import ModelSpec, create_model, save_checkpoint
+
+    torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = ModelSpec(args.arch, [str(c) for c in range(10)], args.size, mean=(0.5,) * 3, std=(0.5,) * 3)
