@@ -2,6 +2,7 @@
 
 import os
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -191,3 +192,19 @@ def test_per_epoch_evaluation_streams_the_test_split(folders, checkpoint, tmp_pa
     assert set(evaluate_test(model, None, stream, spec, "cpu")) == {
         f"test_{k}" for k in ("top1", "top5", "loss", "unreadable")
     }
+
+
+def test_class_folders_stream_from_s3(s3, folders):
+    """The same set uploaded to (moto's) S3 streams the same batches; reads go through a thread pool."""
+    root, good = folders
+    s3.client().create_bucket(Bucket="evalstream")
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            key = "test/" + os.path.relpath(path, root)
+            s3.client().put_object(Bucket="evalstream", Key=key, Body=Path(path).read_bytes())
+    stream = LabeledBatches("s3://evalstream/test", CLASSES, SIZE, batch=7)
+    _, images, labels = _concat(stream)
+    local = _concat(LabeledBatches(str(root), CLASSES, SIZE, batch=7))
+    assert len(labels) == good and np.array_equal(images, local[1]) and np.array_equal(labels, local[2])
+    assert stream.rejected == {"not_an_image": 1}  # the hidden file is skipped, not counted
