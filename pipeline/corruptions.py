@@ -4,12 +4,17 @@ Each corruption takes a batch of uint8 images (N, H, W, C) and a severity 1-5 an
 uint8 images of the same shape. Noise and JPEG follow Hendrycks & Dietterich (2019)'s
 parameters; blur radii and pixelation are scaled to the image size (theirs assume 224 px),
 so a severity means a comparable loss of detail at any resolution.
+
+Randomness is drawn image by image, each image with its own generator seeded by (seed,
+corruption, severity, the image's index in the set): an image is corrupted the same way
+whether the set is evaluated whole or in batches of any size, and run after run.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -17,34 +22,45 @@ from PIL import Image
 SEVERITIES = (1, 2, 3, 4, 5)
 Corruption = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]
 CORRUPTIONS: dict[str, Corruption] = {}
+RANDOM_CORRUPTIONS: set[str] = set()  # those that draw random numbers: applied image by image
+PERTURBATIONS = ("gaussian_noise", "translate", "brightness")
+FLIPS_AGAINST_FIRST = ("gaussian_noise",)  # flips counted against frame 0; the others frame to frame
+FRAMES = 10
 
 
-def register(name: str) -> Callable[[Corruption], Corruption]:
+def register(name: str, random: bool = False) -> Callable[[Corruption], Corruption]:
     def wrap(fn: Corruption) -> Corruption:
         CORRUPTIONS[name] = fn
+        if random:
+            RANDOM_CORRUPTIONS.add(name)
         return fn
 
     return wrap
+
+
+def _key(name: str) -> int:
+    """A stable integer for a name, for seeding (Python's ``hash`` of a str changes per process)."""
+    return zlib.crc32(name.encode())
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-@register("gaussian_noise")
+@register("gaussian_noise", random=True)
 def gaussian_noise(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     c = (0.08, 0.12, 0.18, 0.26, 0.38)[severity - 1]
     x = images / 255.0
     return _to_uint8(x + rng.normal(0.0, c, size=x.shape))
 
 
-@register("shot_noise")
+@register("shot_noise", random=True)
 def shot_noise(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     c = (60, 25, 12, 5, 3)[severity - 1]
     return _to_uint8(rng.poisson(images / 255.0 * c) / c)
 
 
-@register("impulse_noise")
+@register("impulse_noise", random=True)
 def impulse_noise(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
     amount = (0.03, 0.06, 0.09, 0.17, 0.27)[severity - 1]
     out = images.copy()
@@ -123,26 +139,62 @@ def pixelate(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.
     return out
 
 
-def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
-    """One corruption at one severity; the same seed gives the same corrupted set."""
+def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0, first_index: int = 0) -> np.ndarray:
+    """One corruption at one severity of uint8 images (N, H, W, C); uint8 of the same shape.
+
+    ``images[k]`` is image ``first_index + k`` of the set: a random corruption draws its noise
+    from a generator seeded by (``seed``, severity, ``name``, that index), so the same image
+    gets the same corruption in any batch and any run.
+
+    Raises:
+        ValueError: an unknown ``name``, or ``severity`` not in 1-5.
+    """
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be 1-5, not {severity}")
-    return CORRUPTIONS[name](images, severity, np.random.default_rng((seed, severity, len(name))))
+    fn = CORRUPTIONS[name]
+    if name not in RANDOM_CORRUPTIONS:
+        return fn(images, severity, np.random.default_rng((seed, severity, _key(name))))
+    out = np.empty_like(images)
+    for k in range(len(images)):
+        rng = np.random.default_rng((seed, severity, _key(name), first_index + k))
+        out[k] = fn(images[k : k + 1], severity, rng)[0]
+    return out
 
 
-def perturbation_sequences(images: np.ndarray, frames: int = 10, seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """ImageNet-P-style sequences: each is a list of ``frames`` slightly perturbed copies of the set.
+def perturbation_frames(
+    images: np.ndarray, name: str, frames: int = FRAMES, seed: int = 0, first_index: int = 0
+) -> Iterator[np.ndarray]:
+    """The ``frames`` frames of one ImageNet-P-style sequence of uint8 images (N, H, W, C), one at a time.
 
-    ``gaussian_noise``: fresh small noise per frame (flips are counted against the first frame);
-    ``translate``: a one-pixel shift per frame; ``brightness``: +2% per frame (flips counted between
-    consecutive frames).
+    ``gaussian_noise``: fresh noise of sigma 0.03 per frame (each image its own generator, seeded
+    by ``seed`` and its index ``first_index + k``, as in :func:`corrupt`); ``translate``: frame t
+    is shifted right by t pixels (the left edge repeated); ``brightness``: frame t is +2% x t.
+    Each frame is uint8 of the images' shape; frame 0 of translate and brightness is the images.
+
+    Raises:
+        ValueError: an unknown ``name``.
     """
-    rng = np.random.default_rng(seed)
-    x = images / 255.0
-    noise = [_to_uint8(x + rng.normal(0.0, 0.03, size=x.shape)) for _ in range(frames)]
-    shift = [np.roll(np.pad(images, ((0, 0), (0, 0), (frames, frames), (0, 0)), mode="edge"), t, axis=2)[
-        :, :, frames:-frames] for t in range(frames)]  # fmt: skip
-    light = [_to_uint8(x + 0.02 * t) for t in range(frames)]
-    return {"gaussian_noise": noise, "translate": shift, "brightness": light}
+    if name == "gaussian_noise":
+        rngs = [np.random.default_rng((seed, _key(name), first_index + k)) for k in range(len(images))]
+        for _ in range(frames):
+            out = np.empty_like(images)
+            for k, rng in enumerate(rngs):
+                out[k] = _to_uint8(images[k] / 255.0 + rng.normal(0.0, 0.03, size=images[k].shape))
+            yield out
+    elif name == "translate":
+        width = images.shape[2]
+        for t in range(frames):
+            yield np.pad(images, ((0, 0), (0, 0), (t, 0), (0, 0)), mode="edge")[:, :, :width]
+    elif name == "brightness":
+        for t in range(frames):
+            yield _to_uint8(images / 255.0 + 0.02 * t)
+    else:
+        raise ValueError(f"unknown perturbation {name!r}; choose from {list(PERTURBATIONS)}")
+
+
+def perturbation_sequences(images: np.ndarray, frames: int = FRAMES, seed: int = 0) -> dict[str, list[np.ndarray]]:
+    """Every sequence of :func:`perturbation_frames`, whole: ``frames`` copies of the set per sequence
+    (small sets only; evaluation draws the frames batch by batch)."""
+    return {name: list(perturbation_frames(images, name, frames, seed)) for name in PERTURBATIONS}

@@ -24,7 +24,7 @@ from pipeline.digits import write_digits_corpus
 from pipeline.model_eval import PER_CLASS_KEYS, add_relative_errors, evaluate_model
 from pipeline.report import write_report
 from trainer.api import train_model
-from trainer.data import labeled_classes
+from trainer.data import EVAL_BATCH, labeled_classes
 from trainer.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
         settings, spec, data["labeled"], out_dir, join(cfg["run_dir"], "ray_train"), name,
         pseudo=pseudo, test=data["test"], hard=not cfg["label"]["soft"], init_from=init_from, label=name,
         tensorboard=join(cfg["run_dir"], "tensorboard", name),
+        eval_batch=_eval_batch(cfg),
     )  # fmt: skip
     metrics["train_seconds"] = round(time.time() - start, 1)
     top1 = metrics.get("test_top1", float("nan"))
@@ -148,11 +149,16 @@ def _evaluate(cfg: dict, model_dir: str, data: dict) -> dict:
     extra = {name: absolute(uri) for name, uri in (cfg.get("eval", {}).get("extra") or {}).items()}
     start = time.time()
     logger.info(f"evaluating {model_dir}: test split, corruptions, flips" + (f", {', '.join(extra)}" if extra else ""))
-    metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg["seed"]))
+    metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg["seed"], _eval_batch(cfg)))
     write_json(path, metrics)
     logger.info(f"evaluated in {time.time() - start:.0f} s: test_top1 {metrics['test_top1']:.4f}, "
                 f"ECE {metrics['test_ece']:.4f}, flip rate {metrics['flip_rate']:.4f}")  # fmt: skip
     return metrics
+
+
+def _eval_batch(cfg: dict) -> int:
+    """Images per evaluation batch (``eval.batch_size``); evaluation streams the sets in such batches."""
+    return int((cfg.get("eval") or {}).get("batch_size") or EVAL_BATCH)
 
 
 def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:

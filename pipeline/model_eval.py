@@ -3,6 +3,11 @@
 ``evaluate_model`` measures one checkpoint on its own; ``add_relative_errors`` then expresses
 corruption and flip errors relative to the run's first teacher, as ImageNet-C's mCE and
 ImageNet-P's mFR do relative to AlexNet.
+
+Evaluation streams: the test split and every extra set are read batch by batch
+(:class:`trainer.data.LabeledBatches`) and each metric is a running sum (counts per bin,
+per corruption and severity, per perturbation sequence), so memory is bounded by the batch,
+never by the set.
 """
 
 from __future__ import annotations
@@ -11,21 +16,74 @@ import numpy as np
 import torch
 
 from labeler.model import ModelSpec, load_checkpoint
-from pipeline.corruptions import CORRUPTIONS, SEVERITIES, corrupt, perturbation_sequences
-from trainer.data import load_labeled
-from trainer.evaluate import accuracy_metrics, predict_logits
+from pipeline.corruptions import (
+    CORRUPTIONS,
+    FLIPS_AGAINST_FIRST,
+    FRAMES,
+    PERTURBATIONS,
+    SEVERITIES,
+    corrupt,
+    perturbation_frames,
+)
+from trainer.data import EVAL_BATCH, LabeledBatches
+from trainer.evaluate import AccuracySums, predict_logits
+
+ECE_BINS = 15
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+class CalibrationSums:
+    """Per-bin sums for the expected calibration error: count, summed confidence and correct
+    predictions in each of ``bins`` equal-width confidence bins (memory: 3 x bins numbers)."""
+
+    def __init__(self, bins: int = ECE_BINS):
+        self.bins = bins
+        self.count = np.zeros(bins, dtype=np.int64)
+        self.confidence = np.zeros(bins, dtype=np.float64)
+        self.correct = np.zeros(bins, dtype=np.float64)
+
+    def add(self, probs: np.ndarray, labels: np.ndarray) -> CalibrationSums:
+        """Add a batch: ``probs`` float (n, classes) rows summing to 1, ``labels`` int class indices (n,)."""
+        conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
+        which = np.minimum((conf * self.bins).astype(int), self.bins - 1)
+        self.count += np.bincount(which, minlength=self.bins)
+        self.confidence += np.bincount(which, weights=conf, minlength=self.bins)
+        self.correct += np.bincount(which, weights=correct, minlength=self.bins)
+        return self
+
+    def ece(self) -> float:
+        """sum over bins of |accuracy - mean confidence| x the bin's share of images; 0.0 when empty."""
+        n = int(self.count.sum())
+        return float(np.abs(self.correct - self.confidence).sum() / n) if n else 0.0
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
     """ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
-    conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        m = which == b
-        if m.any():
-            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
-    return float(ece)
+    return CalibrationSums(bins).add(probs, labels).ece()
+
+
+def _predictions(model, images: np.ndarray, spec: ModelSpec, device, batch: int) -> np.ndarray:
+    return predict_logits(model, images, spec, device, batch).argmax(dim=1).numpy()
+
+
+def flip_counts(
+    model, images: np.ndarray, spec: ModelSpec, device, seed: int = 0, first_index: int = 0, batch: int = EVAL_BATCH
+) -> dict[str, int]:
+    """Top-1 changes per perturbation sequence over ``images`` (uint8 NHWC, images ``first_index``...
+    of the set), summed over the ``FRAMES - 1`` comparisons of each sequence (the noise sequence
+    against frame 0, the others frame to frame). One frame is held at a time."""
+    counts = {}
+    for name in PERTURBATIONS:
+        first = previous = None
+        flips = 0
+        for frame in perturbation_frames(images, name, FRAMES, seed, first_index):
+            preds = _predictions(model, frame, spec, device, batch)
+            if first is None:
+                first = preds
+            else:
+                flips += int(((first if name in FLIPS_AGAINST_FIRST else previous) != preds).sum())
+            previous = preds
+        counts[name] = flips
+    return counts
 
 
 PER_CLASS_KEYS = ("per_class_top1", "confusion_matrix", "classes")
@@ -45,43 +103,72 @@ def per_class_accuracy(matrix: np.ndarray) -> list[float | None]:
 
 def flip_rates(model, images: np.ndarray, spec: ModelSpec, device, seed: int = 0) -> dict[str, float]:
     """Share of frame-to-frame top-1 changes per perturbation sequence (noise: against frame 0)."""
-    rates = {}
-    for name, frames in perturbation_sequences(images, seed=seed).items():
-        preds = [predict_logits(model, f, spec, device).argmax(dim=1).numpy() for f in frames]
-        ref = [preds[0]] * (len(preds) - 1) if name == "gaussian_noise" else preds[:-1]
-        rates[name] = float(np.mean([(a != b).mean() for a, b in zip(ref, preds[1:])]))
-    return rates
+    n = max(1, len(images) * (FRAMES - 1))
+    return {name: c / n for name, c in flip_counts(model, images, spec, device, seed).items()}
 
 
-def evaluate_model(model_dir: str, test: str, extra: dict[str, str] | None = None, seed: int = 0) -> dict:
-    """All metrics of one checkpoint on the test split (and on each extra class-folder set)."""
+def evaluate_model(
+    model_dir: str, test: str, extra: dict[str, str] | None = None, seed: int = 0, batch: int = EVAL_BATCH
+) -> dict:
+    """All metrics of one checkpoint on the test split (and on each extra labeled set), streamed.
+
+    ``test`` and each ``extra`` value are labeled sets as :class:`trainer.data.LabeledBatches`
+    reads them (class folders, local or ``s3://``, or Parquet); at most ``batch`` images are
+    decoded at a time (plus their corrupted and perturbed copies, one at a time).
+    Returns ``test_top1``/``test_top5`` (fractions), ``test_loss`` (mean cross entropy, nats),
+    ``test_ece``, ``test_images`` (images evaluated), ``test_unreadable`` (images skipped, any
+    reason) with ``test_reject_reasons`` (reason -> count), ``corruption_errors`` (name -> error
+    per severity 1-5), ``flip_rates`` (sequence -> share of top-1 changes), ``flip_rate`` (their
+    mean) and ``extra`` (name -> ``{name}_top1/_top5/_loss/_unreadable``). Corruption noise is
+    seeded per image by ``seed`` and the image's index, so results do not depend on ``batch``.
+
+    Raises:
+        ValueError: a set where no image could be used, or as :class:`LabeledBatches`.
+        FileNotFoundError: a set that does not exist.
+    """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_checkpoint(model_dir, device=device)
-    data = load_labeled(test, spec.classes, spec.image_size, spec.in_chans)
-    labels = data.targets.argmax(axis=1)
-    logits = predict_logits(model, data.images, spec, device)
-    out = accuracy_metrics(logits, labels)
-    out["test_ece"] = expected_calibration_error(logits.softmax(dim=1).numpy(), labels)
-    matrix = confusion_matrix(labels, logits.argmax(dim=1).numpy(), spec.num_classes)
-    out["classes"] = list(spec.classes)
-    out["confusion_matrix"] = matrix.tolist()
-    out["per_class_top1"] = per_class_accuracy(matrix)
-    out["corruption_errors"] = {
-        name: [
-            1.0 - accuracy_metrics(predict_logits(model, corrupt(data.images, name, s, seed), spec, device),
-                                   labels)["test_top1"]
-            for s in SEVERITIES
-        ]
-        for name in CORRUPTIONS
-    }  # fmt: skip
-    out["flip_rates"] = flip_rates(model, data.images, spec, device, seed)
+    data = LabeledBatches(test, spec.classes, spec.image_size, spec.in_chans, batch)
+    accuracy, calibration = AccuracySums(), CalibrationSums()
+    matrix = np.zeros((spec.num_classes, spec.num_classes), np.int64)
+    corrupt_correct = {name: [0] * len(SEVERITIES) for name in CORRUPTIONS}
+    flips = dict.fromkeys(PERTURBATIONS, 0)
+    n = 0
+    for images, labels in data:
+        logits = predict_logits(model, images, spec, device, batch)
+        accuracy.add(logits, labels)
+        calibration.add(logits.softmax(dim=1).numpy(), labels)
+        matrix += confusion_matrix(labels, logits.argmax(dim=1).numpy(), spec.num_classes)
+        for name in CORRUPTIONS:
+            for j, severity in enumerate(SEVERITIES):
+                corrupted = corrupt(images, name, severity, seed, first_index=n)
+                corrupt_correct[name][j] += int((_predictions(model, corrupted, spec, device, batch) == labels).sum())
+        for name, count in flip_counts(model, images, spec, device, seed, n, batch).items():
+            flips[name] += count
+        n += len(labels)
+    _require_images(test, n, data)
+    out = accuracy.metrics("test")
+    out["test_ece"] = calibration.ece()
+    out.update(test_images=n, test_unreadable=sum(data.rejected.values()), test_reject_reasons=dict(data.rejected))
+    out.update(classes=list(spec.classes), confusion_matrix=matrix.tolist(), per_class_top1=per_class_accuracy(matrix))
+    out["corruption_errors"] = {name: [1.0 - c / n for c in correct] for name, correct in corrupt_correct.items()}
+    out["flip_rates"] = {name: f / (n * (FRAMES - 1)) for name, f in flips.items()}
     out["flip_rate"] = float(np.mean(list(out["flip_rates"].values())))
     out["extra"] = {}
     for name, root in (extra or {}).items():
-        ex = load_labeled(root, spec.classes, spec.image_size, spec.in_chans)
-        ex_logits = predict_logits(model, ex.images, spec, device)
-        out["extra"][name] = accuracy_metrics(ex_logits, ex.targets.argmax(axis=1), name)
+        ex = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch)
+        sums = AccuracySums()
+        for images, labels in ex:
+            sums.add(predict_logits(model, images, spec, device, batch), labels)
+        _require_images(root, sums.n, ex)
+        out["extra"][name] = {**sums.metrics(name), f"{name}_unreadable": sum(ex.rejected.values())}
     return out
+
+
+def _require_images(root: str, n: int, data: LabeledBatches) -> None:
+    if n == 0:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(data.rejected.items())) or "no images"
+        raise ValueError(f"no image of {root} could be evaluated ({reasons})")
 
 
 def add_relative_errors(entries: list[dict]) -> None:

@@ -15,6 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
+from trainer.data import EVAL_BATCH
 from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
 from trainer.loop import steps_per_epoch, train_loop_per_worker
 from trainer.settings import TrainSettings
@@ -35,17 +36,19 @@ def train_model(
     label: str = "train",
     tensorboard: str | None = None,
     progress: bool = True,
+    eval_batch: int = EVAL_BATCH,
 ) -> dict:
     """Train one model; write ``out_dir/{model.safetensors,model.json,metrics.jsonl}``.
 
     ``out_dir`` and ``storage_path`` are local paths or ``s3://`` URIs. Running again with the
     same ``storage_path``/``name`` resumes from the last epoch's checkpoint (Ray Train V2
-    semantics). ``tensorboard``: a folder or ``s3://`` prefix for this run's TensorBoard event
-    files (``trainer.board``). ``progress``: show epoch k of N, loss, test top-1, images/s and
-    the ETA on the console (``labeler.progress``). Returns the final metrics (a dict of floats
-    and ints: ``epoch``, ``train_loss``, ``lr``, ``images_per_s``, ``test_top1`` ...); each epoch's
-    ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows of that set the epoch could not
-    read or decode (the summary keeps the largest).
+    semantics). ``test`` (a labeled set, as ``labeled``) is evaluated every ``eval_every`` epochs by
+    rank 0, streamed in batches of ``eval_batch`` images. ``tensorboard``: a folder or ``s3://``
+    prefix for this run's TensorBoard event files (``trainer.board``). ``progress``: show epoch k of
+    N, loss, test top-1, images/s and the ETA on the console (``labeler.progress``). Returns the
+    final metrics (a dict of floats and ints: ``epoch``, ``train_loss``, ``lr``, ``images_per_s``,
+    ``test_top1`` ...); each epoch's ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows
+    of that set the epoch could not read or decode (the summary keeps the largest).
 
     Raises:
         TrainingDataError: a set is mostly unreadable, found in a sample before training starts
@@ -69,6 +72,7 @@ def train_model(
         "label": label,
         "data_error_file": error_file,
         "tensorboard": tensorboard,
+        "eval_batch": eval_batch,
     }
     datasets = {}
     if settings.feed == "ray_data":

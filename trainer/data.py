@@ -1,23 +1,29 @@
 """Training data: labeled class folders and the balanced pseudo-labeled Parquet.
 
 At the scale of the embedded corpus every worker decodes its images once into memory
-(uint8 at the model's input size); augmentation runs per step.
+(uint8 at the model's input size); augmentation runs per step. Evaluation never does:
+:class:`LabeledBatches` streams a labeled set batch by batch.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.images import RejectedImage, decode_image, resize_center_crop
 from labeler.sources import image_bytes
-from labeler.storage import filesystem_for, list_files, read_bytes
+from labeler.storage import filesystem_for, is_s3, list_files, read_bytes
+
+EVAL_BATCH = 256  # images per evaluation batch: all an evaluation holds decoded at once
+REMOTE_READS = 16  # S3 objects fetched at a time by LabeledBatches (each GET is latency-bound)
 
 
 @dataclass
@@ -159,6 +165,116 @@ def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int =
     indices = class_indices([c for _, c in pairs], classes, root)
     images, reasons = _decode_many([u for u, _ in pairs], image_size, in_chans)
     return _one_hot(images, reasons, indices, [u for u, _ in pairs], len(classes))
+
+
+class LabeledBatches:
+    """A labeled set read batch by batch: the evaluation reader, in bounded memory.
+
+    The same inputs and class rules as :func:`load_labeled`: a ``root/<class>/<image>`` tree
+    (local or ``s3://``) or Parquet files with ``image`` (bytes, or a struct with ``bytes``) and
+    ``label`` (class names, or integer indices) columns; every class must be one of ``classes``.
+    Images are decoded by :func:`labeler.images.decode_image` and :func:`resize_center_crop`,
+    as everywhere else.
+
+    Iterating yields ``(images, labels)``: ``images`` uint8 ``(n, image_size, image_size,
+    in_chans)``, ``labels`` int64 ``(n,)`` indices into ``classes``, with ``1 <= n <= batch``
+    (every batch full but the last), in a fixed order (files sorted, Parquet rows in file order).
+    Each iteration reads the set again. An image that cannot be used is skipped and counted in
+    :attr:`rejected` (reason -> count for the pass in progress or last finished): the reasons of
+    :func:`decode_image`, or ``unreadable`` for a listed file that cannot be read.
+
+    Memory: about two batches of decoded images, plus the listing (one path per image) for class
+    folders, or one Parquet row group's ``image``/``label`` columns for Parquet (reads use
+    ``ParquetFile.iter_batches``; a file is never read whole).
+
+    Raises (on construction):
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: ``batch`` < 1; a class-folder tree without class folders; a class (folder
+            name or ``label`` value) that is not in ``classes``.
+    """
+
+    def __init__(self, root: str, classes: list[str], image_size: int, in_chans: int = 3, batch: int = EVAL_BATCH):
+        if batch < 1:
+            raise ValueError(f"the evaluation batch must hold at least one image, not {batch}")
+        self.root, self.classes, self.image_size, self.in_chans, self.batch = root, classes, image_size, in_chans, batch
+        self.rejected: Counter[str] = Counter()
+        self._index = {c: i for i, c in enumerate(classes)}
+        self._parquet = parquet_files(root)
+        if self._parquet:
+            self._check_parquet_labels()
+            self._uris, self._labels = [], np.zeros(0, dtype=np.int64)
+        else:
+            _, pairs = list_class_folders(root)
+            self._uris = [u for u, _ in pairs]
+            self._labels = class_indices([c for _, c in pairs], classes, root)
+
+    def _check_parquet_labels(self) -> None:
+        """Every ``label`` value is a known class (a pass over that column alone, before any decoding)."""
+        seen: set[str] = set()
+        for pf in self._parquet_files():
+            with pf:
+                for rb in pf.iter_batches(batch_size=64 * 1024, columns=["label"]):
+                    seen.update(str(v) for v in pc.unique(rb.column(0)).to_pylist())
+        class_indices(sorted(seen), self.classes, self.root)
+
+    def _parquet_files(self) -> Iterator[pq.ParquetFile]:
+        fs, _ = filesystem_for(self.root)
+        for path in self._parquet:
+            yield pq.ParquetFile(fs.open_input_file(path))
+
+    def _decode(self, data: bytes | None, out: np.ndarray) -> str | None:
+        """Decode into ``out``; the reject reason, or None when it worked."""
+        try:
+            out[...] = resize_center_crop(decode_image(data or b"", self.in_chans), self.image_size)
+            return None
+        except RejectedImage as err:
+            return err.reason
+
+    def _sources(self) -> Iterator[tuple[bytes | None, int]]:
+        """(image bytes or None when unreadable, class index) in the set's order."""
+        if self._parquet:
+            for pf in self._parquet_files():
+                with pf:
+                    for rb in pf.iter_batches(batch_size=self.batch, columns=["image", "label"]):
+                        blobs = image_bytes(pa.chunked_array([rb.column(0)])).to_pylist()
+                        labels = [self._index[str(v)] for v in rb.column(1).to_pylist()]
+                        yield from zip(blobs, labels)
+            return
+        with ThreadPoolExecutor(REMOTE_READS) as pool:
+            for start in range(0, len(self._uris), self.batch):
+                uris = self._uris[start : start + self.batch]
+                reads = pool.map(_read_or_none, uris) if is_s3(self.root) else map(_read_or_none, uris)
+                yield from zip(reads, self._labels[start : start + self.batch].tolist())
+
+    def _new_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        shape = (self.batch, self.image_size, self.image_size, self.in_chans)
+        return np.zeros(shape, dtype=np.uint8), np.zeros(self.batch, dtype=np.int64)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self.rejected = Counter()
+        images, labels = self._new_batch()
+        n = 0
+        for data, label in self._sources():
+            reason = "unreadable" if data is None else self._decode(data, images[n])
+            if reason is not None:
+                self.rejected[reason] += 1
+                continue
+            labels[n] = label
+            n += 1
+            if n == self.batch:
+                yield images, labels
+                images, labels = self._new_batch()
+                n = 0
+        if n:
+            yield images[:n], labels[:n]
+
+
+def _read_or_none(uri: str) -> bytes | None:
+    """A file's bytes, or None when it cannot be read (deleted since the listing, no permission)."""
+    try:
+        return read_bytes(uri)
+    except OSError:
+        return None
 
 
 def pseudo_uris(table: pa.Table, balanced: str) -> list[str]:

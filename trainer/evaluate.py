@@ -7,14 +7,14 @@ model can score well below its teacher. Re-estimating them on clean images fixes
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 
 from labeler.images import normalize
 from labeler.model import ModelSpec
-from trainer.data import ImageSet
+from trainer.data import EVAL_BATCH, ImageSet, LabeledBatches
 
 
 @torch.inference_mode()
@@ -29,25 +29,83 @@ def predict_logits(
     return torch.cat(out) if out else torch.zeros((0, spec.num_classes))
 
 
+class AccuracySums:
+    """Running sums for top-1, top-5 and cross entropy over batches: memory independent of the set size."""
+
+    def __init__(self) -> None:
+        self.n, self.top1, self.top5, self.loss = 0, 0, 0, 0.0
+
+    def add(self, logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> AccuracySums:
+        """Add a batch: ``logits`` float (n, classes), ``labels`` int class indices (n,)."""
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        self.n += len(y)
+        self.top1 += int((topk[:, 0] == y).sum().item())
+        self.top5 += int((topk == y[:, None]).any(dim=1).sum().item())
+        self.loss += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        return self
+
+    def metrics(self, prefix: str = "test") -> dict[str, float]:
+        """``{prefix}_top1``, ``_top5`` (fractions) and ``_loss`` (mean cross entropy, nats); 0 when empty."""
+        n = max(1, self.n)
+        return {f"{prefix}_top1": self.top1 / n, f"{prefix}_top5": self.top5 / n, f"{prefix}_loss": self.loss / n}
+
+
 def accuracy_metrics(logits: torch.Tensor, labels: np.ndarray, prefix: str = "test") -> dict:
     """``{prefix}_top1``, ``_top5`` and ``_loss`` (mean cross entropy) of logits against class indices."""
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    n = max(1, len(y))
-    topk = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return {
-        f"{prefix}_top1": (topk[:, 0] == y).sum().item() / n,
-        f"{prefix}_top5": (topk == y[:, None]).any(dim=1).sum().item() / n,
-        f"{prefix}_loss": torch.nn.functional.cross_entropy(logits, y, reduction="sum").item() / n,
-    }
+    return AccuracySums().add(logits, labels).metrics(prefix)
 
 
-def evaluate(model: torch.nn.Module, data: ImageSet, spec: ModelSpec, device, batch: int = 256) -> dict:
-    """top-1, top-5 and mean cross entropy of the un-noised model."""
-    was_training = model.training
-    model.eval()
-    logits = predict_logits(model, data.images, spec, device, batch)
-    model.train(was_training)
-    return accuracy_metrics(logits, data.targets.argmax(axis=1))
+LabeledData = ImageSet | LabeledBatches | Iterable[tuple[np.ndarray, np.ndarray]]
+
+
+def labeled_batches(data: LabeledData, batch: int = EVAL_BATCH) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """``(uint8 NHWC images, int64 class indices)`` batches of ``data``: an in-memory :class:`ImageSet`
+    is sliced into batches of ``batch``; a :class:`LabeledBatches` or any such iterable is used as is."""
+    if isinstance(data, ImageSet):
+        labels = data.targets.argmax(axis=1)
+        return ((data.images[i : i + batch], labels[i : i + batch]) for i in range(0, len(data), batch))
+    return data
+
+
+def unreadable_metrics(data: LabeledData, prefix: str = "test") -> dict[str, int]:
+    """``{prefix}_unreadable``: images of ``data`` skipped in its last pass (any reject reason);
+    empty for data that does not count them (an in-memory :class:`ImageSet` or a plain iterable)."""
+    if isinstance(data, LabeledBatches):
+        return {f"{prefix}_unreadable": sum(data.rejected.values())}
+    return {}
+
+
+def evaluate_many(
+    models: Mapping[str, torch.nn.Module], data: LabeledData, spec: ModelSpec, device, batch: int = EVAL_BATCH
+) -> dict[str, dict]:
+    """:func:`evaluate` for several models in one pass over ``data`` (each batch decoded once).
+
+    Returns ``{name: metrics}`` for each ``models`` entry.
+    """
+    sums = {name: AccuracySums() for name in models}
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        for images, labels in labeled_batches(data, batch):
+            for name, m in models.items():
+                sums[name].add(predict_logits(m, images, spec, device, batch), labels)
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    return {name: {**s.metrics(), **unreadable_metrics(data)} for name, s in sums.items()}
+
+
+def evaluate(model: torch.nn.Module, data: LabeledData, spec: ModelSpec, device, batch: int = EVAL_BATCH) -> dict:
+    """top-1, top-5 and mean cross entropy of the un-noised (eval-mode) model, batch by batch.
+
+    ``data``: a :class:`LabeledBatches` stream (read again on each call; adds ``test_unreadable``, the
+    images it skipped), an in-memory :class:`ImageSet`, or any iterable of (uint8 NHWC images, int64
+    labels) batches. ``batch`` bounds the images per forward pass (and slices an ``ImageSet``).
+    The model's train/eval mode is restored afterwards.
+    """
+    return evaluate_many({"": model}, data, spec, device, batch)[""]
 
 
 def recalibrate_batchnorm(

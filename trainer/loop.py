@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 
 from labeler.model import ModelSpec, create_model, save_checkpoint
 from trainer.board import Board
-from trainer.data import load_labeled, load_pseudo
+from trainer.data import EVAL_BATCH, LabeledBatches, load_labeled, load_pseudo
 from trainer.data_check import (
     TrainingDataError,
     check_image_set,
@@ -29,7 +29,7 @@ from trainer.data_check import (
     reason_histogram,
     record_data_error,
 )
-from trainer.evaluate import evaluate, recalibrate_batchnorm, recalibrate_batchnorm_on
+from trainer.evaluate import evaluate_many, recalibrate_batchnorm, recalibrate_batchnorm_on
 from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
 from trainer.settings import TrainSettings
 
@@ -273,9 +273,10 @@ def _train_worker(config: dict) -> None:
     tag = f"[{config.get('label', 'train')}]"
     node = ray.get_runtime_context().get_node_id()
     logger.info(f"{tag} worker {rank}/{world} on node {node}, device {device}")
-    test = None
+    test = None  # rank 0 streams the test split at each evaluation; it is never held decoded
+    eval_batch = config.get("eval_batch", EVAL_BATCH)
     if config.get("test") and rank == 0:
-        test = load_labeled(config["test"], spec.classes, spec.image_size, spec.in_chans)
+        test = LabeledBatches(config["test"], spec.classes, spec.image_size, spec.in_chans, eval_batch)
 
     state = _last_state()
     start_epoch = state["epoch"] if state else 0
@@ -328,9 +329,7 @@ def _train_worker(config: dict) -> None:
         if rank == 0 and final and s.recalibrate_bn:
             feed.recalibrate(exported, device)
         if rank == 0 and test is not None and (final or (epoch + 1) % s.eval_every == 0):
-            metrics.update(evaluate(exported, test, spec, device))
-            if ema is not None:
-                metrics.update({f"raw_{k}": v for k, v in evaluate(bare, test, spec, device).items()})
+            metrics.update(evaluate_test(exported, bare if ema is not None else None, test, spec, device, eval_batch))
         if rank == 0:
             history.append(metrics)
             logger.info(f"{tag} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
@@ -360,6 +359,23 @@ def _train_worker(config: dict) -> None:
             ray.train.report(metrics)
     if board is not None:
         board.close()
+
+
+def evaluate_test(
+    exported: torch.nn.Module,
+    raw: torch.nn.Module | None,
+    test: LabeledBatches,
+    spec: ModelSpec,
+    device,
+    batch: int = EVAL_BATCH,
+) -> dict:
+    """The per-epoch test metrics: ``test_top1/_top5/_loss/_unreadable`` of the exported model and,
+    with EMA on, ``raw_test_*`` of the raw weights, in one streamed pass over ``test``."""
+    models = {"": exported} if raw is None else {"": exported, "raw_": raw}
+    out = {}
+    for prefix, metrics in evaluate_many(models, test, spec, device, batch).items():
+        out.update({prefix + k: v for k, v in metrics.items()})
+    return out
 
 
 def _fmt(v) -> str:
