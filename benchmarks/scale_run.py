@@ -198,8 +198,16 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
         settings, spec, labeled, os.path.join(out, "student"), os.path.join(out, "ray_train"), "student",
         pseudo=os.path.join(out, "balanced")))  # fmt: skip
     assert final["unreadable_pseudo"] == 0 and final["images"] == args.steps * 128, final
+    sizes = {k: _megabytes(p) for k, p in (("corpus", corpus), ("predictions", os.path.join(out, "labels")),
+                                            ("balanced", os.path.join(out, "balanced")))}  # fmt: skip
+    print(f"  N={n:,} storage MB: {sizes}")
     return {"n": n, "stages": stages, "balanced_rows": stats["total_rows"], "labeled": manifest["labeled"],
-            "passes": stats["refinement_passes"], "images_per_s": manifest["images_per_s"]}  # fmt: skip
+            "passes": stats["refinement_passes"], "images_per_s": manifest["images_per_s"], "mb": sizes}  # fmt: skip
+
+
+def _megabytes(path: str) -> float:
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+    return round(total / 2**20, 1)
 
 
 def kill_and_resume(n: int, args, teacher: str) -> None:
