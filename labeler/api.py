@@ -83,6 +83,7 @@ def label_images(
     skip_units: frozenset = frozenset(),
     unit_log: str | None = None,
     progress: ProgressChannel | None = None,
+    plan=None,
 ) -> ray.data.Dataset:
     """Lazily label every image in ``source`` (folder tree, Parquet or WebDataset; local or s3://).
 
@@ -90,14 +91,15 @@ def label_images(
     ``reject_reason`` (label -1), with the key of its input ``unit`` (labeler.units). Units in
     ``skip_units`` are not read (resume); with ``unit_log``, each read task records its unit's
     row count there. Nothing runs until the dataset is consumed. With ``progress``, the actors
-    report the rows they finish (``labeled`` and ``rejected`` counts) to it.
+    report the rows they finish (``labeled`` and ``rejected`` counts) to it. ``plan``: the corpus's
+    ``labeler.sources.plan_units`` when the caller has listed it already.
     """
     opts = options or LabelOptions()
     check_precision(opts.precision)  # here too, not only in the actors: fail before any work
     spec = _resolve_spec(checkpoint, spec)
     # the actors' CPUs differ from decode_cpus (by default) so Ray Data does not fuse decoding into
     # the actors, where it would run in turn with inference instead of beside it
-    ds = read_source(source, opts, frozenset(skip_units), unit_log)
+    ds = read_source(source, opts, frozenset(skip_units), unit_log, plan)
     ds = ds.map_batches(
         decode_batch,
         batch_size=64,
@@ -151,7 +153,8 @@ def run_labeling(
     start, started = time.time(), time.monotonic()
     opts = options or LabelOptions()
     out = out.rstrip("/")
-    fmt, units, _ = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    plan = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    fmt, units, _ = plan
     done, resumed = finished_units(out, units)
     if done:
         logger.info(f"labeler: resuming, {len(done)} of {len(units)} input units ({resumed} images) already labeled")
@@ -160,7 +163,7 @@ def run_labeling(
     channel, display = ProgressChannel.create(), None
     try:
         if len(done) < len(units):
-            ds = label_images(source, checkpoint, opts, spec, frozenset(done), join(out, UNIT_LOG), channel)
+            ds = label_images(source, checkpoint, opts, spec, frozenset(done), join(out, UNIT_LOG), channel, plan)
             display = Progress("labeling", total=total, unit="img", initial=resumed if total else 0)
             _write_watched(ds, out + "/predictions", opts.stall_timeout_s, channel, display)
         manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")

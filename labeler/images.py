@@ -94,6 +94,14 @@ def decode_image(data: bytes, in_chans: int = 3, max_pixels: int = DEFAULT_MAX_P
         raise RejectedImage("unsupported_mode", f"{img.mode}: {err}") from err
 
 
+CONTAINER_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
+
+
+def is_container(path: str) -> bool:
+    """True for a shard or Parquet file: a pseudo-labeled row's ``path`` that is not one image."""
+    return path.lower().endswith(CONTAINER_SUFFIXES)
+
+
 def read_failure(reason: str, detail: str) -> str:
     """The ``read_error`` text of a row a reader could not produce: ``"<reason>: <detail>"``."""
     assert reason in READ_REASONS, reason

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.file_reader import REMOTE_READ_THREADS, _read_one, blocks
+from labeler.storage import escape_name
 from labeler.units import Unit
 
 URI_COLUMN = "uri"
@@ -32,7 +33,9 @@ def is_manifest(path: str) -> bool:
 
 
 def _entry(line: bytes) -> str | None:
-    text = line.strip().decode("utf-8")
+    """The URI on a manifest line, or None (blank, comment). Bytes that are not UTF-8 are escaped as
+    in folder listings (``labeler.storage.escape_name``); a byte-order mark is dropped."""
+    text = escape_name(line.strip().decode("utf-8", "surrogateescape").lstrip("\ufeff"))
     return text if text and not text.startswith("#") else None
 
 
@@ -102,11 +105,13 @@ def read_manifest_range(fs: pafs.FileSystem, manifest: str, start: int, stop: in
     def where(entry: str) -> tuple[pafs.FileSystem, str]:
         if is_s3(entry):
             return s3, entry[len("s3://") :]
+        # local names stay escaped here (valid UTF-8 in the path column); _read_one unescapes them
         return (local, entry) if os.path.isabs(entry) else (fs, f"{folder}/{entry}")
 
     def one(entry: str) -> tuple:
         entry_fs, path = where(entry)
         return (entry, path if entry_fs is not s3 else entry, *_read_one(entry_fs, path))
 
-    with ThreadPoolExecutor(REMOTE_READ_THREADS if s3 is not None else 1) as pool:
+    remote = s3 is not None or not isinstance(fs, pafs.LocalFileSystem)
+    with ThreadPoolExecutor(REMOTE_READ_THREADS if remote else 1) as pool:
         yield from blocks(pool.map(one, entries))

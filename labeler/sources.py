@@ -142,19 +142,20 @@ def _manifest_units(source: str, per_unit: int) -> list[Unit]:
 
 
 def read_source(
-    source: str, options=None, skip_units: frozenset = frozenset(), unit_log: str | None = None
+    source: str, options=None, skip_units: frozenset = frozenset(), unit_log: str | None = None, plan=None
 ) -> ray.data.Dataset:
     """A lazy dataset of (id, path, bytes, read_error, unit) rows, one per image.
 
     ``options``: a ``labeler.api.LabelOptions`` (format, image_column, id_column, files_per_unit;
     read tasks reserve ``decode_cpus``). A read task per unit (``labeler.units``), except those in
     ``skip_units`` (finished before); with ``unit_log``, each task records its unit's row count
-    there. Row mappings reserve the same CPUs, so Ray Data fuses them into the read tasks.
+    there. ``plan``: :func:`plan_units`'s result when the caller has it (the corpus is listed once).
+    Row mappings reserve the same CPUs, so Ray Data fuses them into the read tasks.
     """
     from labeler.api import LabelOptions
 
     opts = options or LabelOptions()
-    _, units, reader = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    _, units, reader = plan or plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
     fs, root = filesystem_for(source)
     todo = [u for u in units if u.key not in skip_units]
     if not todo:

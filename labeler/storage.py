@@ -98,8 +98,17 @@ def _walk_local(root: str) -> list[str]:
     """Files under a local folder, hidden ones left out (not descended into), names escaped
     with :func:`escape_name`. Python's walk rather than pyarrow's listing, which fails the
     whole listing on one file name that is not UTF-8."""
-    paths = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
+    paths, seen = [], set()
+
+    def fail(err: OSError) -> None:  # a folder that cannot be listed is an error, not a silent gap
+        raise PermissionError(f"cannot list {err.filename}: {err.strerror}") from err
+
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=fail):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symbolic link back to a folder already listed: no loop, no duplicates
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         paths += [escape_name(os.path.join(folder, f)) for f in files if not f.startswith(".")]
     return paths

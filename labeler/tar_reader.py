@@ -36,6 +36,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     >>> split_member_name("train/s0001.left.png")
     ('train/s0001', 'left.png')
     """
+    name = "/".join(p for p in name.split("/") if p not in ("", "."))  # tar -C dir -cf x.tar . writes ./000.jpg
     folder, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     if not dot or not stem or any(p.startswith(".") for p in name.split("/")):
@@ -64,7 +65,7 @@ def shard_rows(fs: pafs.FileSystem, root: str, path: str) -> Iterator[tuple]:
     shard_id = relative_id(path, root)
     key, members = None, []
     try:
-        stream = fs.open_input_stream(path)
+        stream = fs.open_input_stream(path, compression=None)  # tarfile detects compression itself
     except OSError as err:
         yield (f"{shard_id}#unreadable", path, None, read_failure("unreadable", f"{type(err).__name__}: {err}"))
         return
@@ -86,6 +87,30 @@ def shard_rows(fs: pafs.FileSystem, root: str, path: str) -> Iterator[tuple]:
         return
     if key is not None:
         yield _sample_row(shard_id, path, key, members)
+    ending = _bad_ending(fs, path, tar)
+    if ending:
+        detail = f"{shard_id} after {key or 'its start'}: {ending}"
+        yield (f"{shard_id}#damaged", path, None, read_failure("damaged_shard", detail))
+
+
+def _bad_ending(fs: pafs.FileSystem, path: str, tar: tarfile.TarFile) -> str | None:
+    """Why an uncompressed shard that tarfile read to its "end" is in fact cut off or corrupt, or None.
+
+    In stream mode tarfile takes a missing, short or invalid header after the first one for the
+    end of the archive; a real end is at least two 512-byte blocks of zeros.
+    """
+    if getattr(tar.fileobj, "comptype", "tar") != "tar":
+        return None  # compressed: a cut is found by the decompressor (an error above)
+    size = fs.get_file_info(path).size
+    rest = size - tar.offset
+    if rest < 2 * tarfile.BLOCKSIZE:
+        return f"cut off: {rest} bytes after the last member, not the two zero blocks that end an archive"
+    with fs.open_input_file(path) as f:
+        f.seek(tar.offset)
+        tail = f.read(min(rest, 1 << 20))
+    if tail.strip(b"\0"):
+        return f"unreadable header at byte {tar.offset} (corrupt, or the end of a cut-off member)"
+    return None
 
 
 def read_shards(fs: pafs.FileSystem, root: str, paths: list[str]) -> Iterator[pa.Table]:

@@ -43,9 +43,12 @@ class Unit:
     stop: int | None = None
 
     @property
-    def first(self) -> str:
-        """What identifies the unit's input across runs (checked on resume)."""
-        return self.paths[0] if self.stop is None else f"{self.paths[0]}@{self.start}"
+    def identity(self) -> str:
+        """What the unit reads, checked on resume: a unit of another size, or of a corpus whose
+        listing changed under it (files added, a manifest appended to), is not the same unit."""
+        if self.stop is not None:
+            return f"{self.paths[0]}@{self.start}-{self.stop}"
+        return f"{self.paths[0]} .. {self.paths[-1]} ({len(self.paths)} files)"
 
 
 def make_units(paths: list[str], per_unit: int) -> list[Unit]:
@@ -60,7 +63,7 @@ def _read_unit(fs: pafs.FileSystem, root: str, unit: Unit, reader: Reader, log: 
         rows += table.num_rows
         yield table.append_column(UNIT_COLUMN, pa.array([unit.key] * table.num_rows, pa.string()))
     if log:  # every row of the unit is on its way: record how many there are
-        write_bytes(join(log, unit.key + ".json"), json.dumps({"rows": rows, "first": unit.first}).encode())
+        write_bytes(join(log, unit.key + ".json"), json.dumps({"rows": rows, "input": unit.identity}).encode())
 
 
 class UnitsDatasource(Datasource):
@@ -110,8 +113,8 @@ def _rows_written(predictions: str) -> tuple[Counter, set[str]]:
 
 def finished_units(out: str, units: list[Unit]) -> tuple[set[str], int]:
     """(keys of the units already labeled under ``out``, their rows); everything written for any
-    other unit is deleted so it is redone whole. A unit counts as finished when its recorded first
-    path still matches (same corpus) and its predictions hold exactly its recorded row count."""
+    other unit is deleted so it is redone whole. A unit counts as finished when its recorded input
+    (``Unit.identity``) is the same and its predictions hold exactly its recorded row count."""
     log, predictions = join(out, UNIT_LOG), join(out, "predictions")
     by_key = {u.key: u for u in units}
     rows, broken = _rows_written(predictions)
@@ -119,9 +122,12 @@ def finished_units(out: str, units: list[Unit]) -> tuple[set[str], int]:
     for path in list_files(log, suffix=".json")[1]:
         key = path.rsplit("/", 1)[-1][: -len(".json")]
         uri = join(log, key + ".json")
-        record = json.loads(read_bytes(uri))
+        try:
+            record = json.loads(read_bytes(uri))
+        except ValueError:  # cut off mid-write: the unit is redone
+            record = {}
         unit = by_key.get(key)
-        if unit and key not in broken and record["first"] == unit.first and rows[key] == record["rows"]:
+        if unit and key not in broken and record.get("input") == unit.identity and rows[key] == record.get("rows"):
             done.add(key)
             resumed += record["rows"]
         else:

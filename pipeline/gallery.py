@@ -134,9 +134,11 @@ def thumbnail(path: str, predictions: str, size: int = 48, data: bytes | None = 
     be read as an image (e.g. a row from a Parquet or tar corpus labeled without its bytes)."""
     from PIL import Image
 
-    from labeler.images import RejectedImage, decode_image
+    from labeler.images import RejectedImage, decode_image, is_container
 
     uri = "s3://" + path if is_s3(predictions) and not path.startswith("s3://") else path
+    if data is None and is_container(path):
+        return None  # a row of a shard or Parquet corpus without its bytes: never read the whole shard
     try:
         img = decode_image(data if data is not None else read_bytes(uri))
     except (OSError, RejectedImage) as err:

@@ -128,6 +128,12 @@ def test_interrupted_run_resumes_by_unit_without_relabeling_or_duplicates(ray_lo
     assert all(max(p) < c for p, c in zip(redone["probs"], redone["confidence"]))  # T=3 soft labels
     rejected = pq.read_table(out / "rejected.parquet").to_pydict()
     assert sorted(rejected["reject_reason"]) == ["empty", "not_an_image", "truncated"]
+    # resumed with units of another size: no old unit is the same input (u0000003 and u0000004 are not
+    # units any more), so all is redone, exactly once
+    (out / "manifest.json").unlink()
+    again = run_labeling(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(files_per_unit=5))
+    ids = pq.read_table(out / "predictions").column("id").to_pylist()
+    assert sorted(ids) == sorted(expected) and again["units"] == 3 and again["resumed_from"] == 0
 
 
 def test_topk_labels_keep_the_mass(ray_local, tmp_path):

@@ -177,12 +177,13 @@ def test_webdataset_members_by_the_format_rules(ray_local, tmp_path):
     _tar(shards / "left.tar", [("s0001.left.png", img[0]), ("s0001.cls", b"1"), ("s0002.left.png", img[1])])
     _tar(shards / "mixed.tar", [("a0001.jpg", img[2]), ("a0002.png", img[3]), ("a0003.JPEG", img[4])])
     _tar(shards / "odd.tar", [("dir/b01.PNG", img[5]), ("b02.txt", b"caption"), ("._b03.png", b"x"), ("NOTES", b"")])
+    _tar(shards / "dot.tar", [("./c01.png", img[0]), ("./c02.jpg", img[1])])  # tar -C dir -cf dot.tar .
     random_checkpoint(str(tmp_path / "ckpt"), image_size=16)
     rows = {r["id"]: r for r in label_images(str(shards), str(tmp_path / "ckpt")).take_all()}
     expected = {
         "left.tar/s0001": None, "left.tar/s0002": None,
         "mixed.tar/a0001": None, "mixed.tar/a0002": None, "mixed.tar/a0003": None,
-        "odd.tar/dir/b01": None, "odd.tar/b02": "no_image",
+        "odd.tar/dir/b01": None, "odd.tar/b02": "no_image", "dot.tar/c01": None, "dot.tar/c02": None,
     }  # fmt: skip
     assert {k: r["reject_reason"] for k, r in rows.items()} == expected
 
@@ -198,17 +199,20 @@ def test_a_damaged_shard_keeps_what_is_readable_and_names_the_shard(ray_local, t
     whole = (tmp_path / "whole.tar").read_bytes()
     (shards / "cut.tar").write_bytes(whole[: third.offset_data + third.size // 2])  # cut inside member 3
     (shards / "junk.tar").write_bytes(b"this is not a tar archive" * 40)
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        header_3 = tar.getmembers()[2].offset
+    (shards / "edge.tar").write_bytes(whole[:header_3])  # cut exactly at a header: tarfile sees a clean end
     random_checkpoint(str(tmp_path / "ckpt"), image_size=16)
     manifest = run_labeling(str(shards), str(tmp_path / "ckpt"), str(tmp_path / "out"))
     rows = _predictions(tmp_path / "out")
-    good = {f"good.tar/k{i}" for i in range(5)} | {"cut.tar/k0", "cut.tar/k1"}
+    good = {f"good.tar/k{i}" for i in range(5)} | {"cut.tar/k0", "cut.tar/k1", "edge.tar/k0", "edge.tar/k1"}
     assert {k for k, r in rows.items() if r["reject_reason"] is None} == good
     damaged = {k: r for k, r in rows.items() if r["reject_reason"] == "damaged_shard"}
-    assert set(damaged) == {"cut.tar#damaged", "junk.tar#damaged"}
+    assert set(damaged) == {"cut.tar#damaged", "junk.tar#damaged", "edge.tar#damaged"}
     assert damaged["cut.tar#damaged"]["path"].endswith("cut.tar")
-    assert manifest["rows"] == len(rows) == 9 and manifest["labeled"] == 7
-    assert manifest["reject_reasons"] == {"damaged_shard": 2}
-    assert [p.rsplit("/", 1)[-1] for p in manifest["damaged_shards"]] == ["cut.tar", "junk.tar"]
+    assert manifest["rows"] == len(rows) == 12 and manifest["labeled"] == 9
+    assert manifest["reject_reasons"] == {"damaged_shard": 3}
+    assert [p.rsplit("/", 1)[-1] for p in manifest["damaged_shards"]] == ["cut.tar", "edge.tar", "junk.tar"]
     rejected = pq.read_table(tmp_path / "out" / "rejected.parquet").to_pylist()
     assert {r["id"] for r in rejected} == set(damaged)
 
@@ -254,6 +258,14 @@ def test_hidden_folders_are_not_classes_and_hidden_files_not_images(ray_local, t
     random_checkpoint(str(tmp_path / "ckpt"), image_size=16)
     manifest = run_labeling(str(labeled), str(tmp_path / "ckpt"), str(tmp_path / "out"))
     assert manifest["rows"] == 10 and manifest["rejected"] == 0  # .DS_Store is not an unreadable image
+
+
+def test_a_symbolic_link_loop_lists_each_file_once(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "x.png").write_bytes(png_bytes())
+    os.symlink(tmp_path / "a", tmp_path / "a" / "b" / "back")  # a link to an ancestor
+    os.symlink(tmp_path / "a" / "b", tmp_path / "a" / "same")  # two names for one folder
+    assert [p[len(str(tmp_path)) :] for p in list_files(str(tmp_path))[1]] == ["/a/b/x.png"]
 
 
 # --- 7. A threshold nothing passes ----------------------------------------------------------------

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from labeler.images import RejectedImage, decode_image, resize_center_crop
+from labeler.images import RejectedImage, decode_image, is_container, resize_center_crop
 from labeler.sources import image_bytes
 from labeler.storage import filesystem_for, is_s3, list_files, read_bytes
 
@@ -74,6 +74,8 @@ def read_source_bytes(src: bytes | str) -> bytes:
     """
     if isinstance(src, bytes | bytearray | memoryview):
         return bytes(src)
+    if is_container(src):  # never read a whole shard as if it were one image
+        raise RejectedImage("unreadable", f"{src} is a shard, not an image, and the row carries no image bytes")
     try:
         return read_bytes(src)
     except OSError as err:  # FileNotFoundError, permissions, S3 errors

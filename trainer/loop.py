@@ -185,10 +185,8 @@ class StreamFeed:
         """
         out = {}
         for name, parts in self.codes.items():
-            codes = torch.cat(parts).numpy() if parts else np.zeros(0, np.int64)
-            hist = torch.from_numpy(reason_histogram(codes))
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.all_reduce(hist)
+            codes = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, np.int64)
+            hist = _all_reduce(torch.from_numpy(reason_histogram(codes)))
             unreadable = counts_by_reason(hist.numpy())
             if name == "labeled" or self.pse is not None:
                 out[f"unreadable_{name}"] = sum(unreadable.values())
@@ -199,6 +197,16 @@ class StreamFeed:
     def recalibrate(self, model: torch.nn.Module, device) -> None:
         clean = ray.train.get_dataset_shard("clean").iter_torch_batches(batch_size=256)
         recalibrate_batchnorm_on(model, (b["image"] for b in clean), device)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over every worker (on the GPU under NCCL, which reduces CUDA tensors only)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return t
+    on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else t.device
+    t = t.to(on)
+    torch.distributed.all_reduce(t)
+    return t.cpu()
 
 
 def _endless(name: str, batch: int) -> Iterator[dict[str, torch.Tensor]]:
