@@ -95,4 +95,7 @@ def _check_console(log: str) -> None:
         assert stage in log, f"{stage!r} missing from the output:\n{log[-3000:]}"
     job = [line for line in lines if line.strip() and not line.startswith(("20", "-", "Job ", "Next steps", "  "))]
     assert len(set(job)) == len(job), "a line printed twice"
-    assert len(lines) < 60, f"{len(lines)} lines:\n{log}"
+    # the job's own lines; the submitter's CLI adds its own (packaging notes grow with the cache folders
+    # a checkout holds: .ruff_cache, .pytest_cache, .hypothesis), which are not the job's output
+    assert len(job) < 40, f"{len(job)} lines from the job:\n{log}"
+    assert len(lines) < 100, f"{len(lines)} lines:\n{log}"
