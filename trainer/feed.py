@@ -4,7 +4,8 @@ and each training worker iterates its own shard with ``iter_torch_batches``.
 For training sets that do not fit in a worker's memory, and so CPU nodes can feed GPU workers.
 (The default ``feed: memory`` decodes the sets once per worker and augments in the worker:
 faster for small sets, and bit-for-bit reproducible.) Augmentation runs in the tasks, so every
-pass over the data draws fresh noise; the order is shuffled per pass but not reproducible.
+pass over the data draws fresh noise; the order is shuffled per pass (labeled blocks; pseudo-labeled
+files) but not reproducible.
 
 A pseudo-labeled row is decoded once and augmented once per copy (``copies``); its image comes
 from the ``image`` bytes the labeler kept, so any corpus format streams (no reads into shards).
@@ -46,7 +47,8 @@ def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
     _, pairs = list_class_folders(root)
     indices = class_indices([c for _, c in pairs], classes, root)
     eye = np.eye(len(classes), dtype=np.float32)
-    return ray.data.from_items([{"path": uri, "target": eye[i]} for (uri, _), i in zip(pairs, indices)])
+    rows = ray.data.from_items([{"path": uri, "target": eye[i]} for (uri, _), i in zip(pairs, indices)])
+    return rows.randomize_block_order()  # a small set: every pass in a new block order
 
 
 def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool, balanced: str) -> dict[str, np.ndarray]:
@@ -62,8 +64,14 @@ def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool, balanced: str) -
 
 
 def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Dataset:
+    """The balanced set, streamed: each pass reads its files in a new random order.
+
+    ``shuffle="files"`` rather than ``randomize_block_order``: the latter waits for every block of
+    the set before it emits one, so each pass would first read the whole balanced set (images
+    included) into the object store; shuffling the file list costs nothing.
+    """
     fs, path = filesystem_for(balanced)
-    ds = ray.data.read_parquet(path, filesystem=fs)
+    ds = ray.data.read_parquet(path, filesystem=fs, shuffle="files")
     kwargs = {"num_classes": num_classes, "hard": hard, "balanced": balanced}
     return ds.map_batches(_pseudo_rows, batch_format="pyarrow", fn_kwargs=kwargs)
 
@@ -127,8 +135,8 @@ def _finish(out: dict[str, list], spec: dict, smoothing: float) -> dict[str, np.
 
 
 def augmented(ds: ray.data.Dataset, spec: dict, ops: int, magnitude: int, smoothing: float) -> ray.data.Dataset:
-    """The CPU-task stage: decode + augment, shuffled block order so passes differ."""
+    """The CPU-task stage: decode + augment (each dataset shuffles its own order per pass)."""
     kwargs = {"spec": spec, "ops": ops, "magnitude": magnitude, "smoothing": smoothing}
-    return ds.randomize_block_order().map_batches(
+    return ds.map_batches(
         decode_and_augment, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1, fn_kwargs=kwargs
     )
