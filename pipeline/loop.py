@@ -60,8 +60,31 @@ def init_ray(cfg: dict) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(address="local", num_cpus=cfg.get("ray", {}).get("num_cpus"), include_dashboard=False, **kwargs)
+        _FIXED_CLUSTER.append(True)  # a local cluster: its CPUs are all there will be
     if not verbose():
         logger.info(f"Ray's own logs: {_session_logs()} (--verbose shows them here)")
+
+
+_FIXED_CLUSTER: list[bool] = []  # set when this process started a local cluster (no autoscaler)
+
+
+def check_stream_cpus(settings: TrainSettings, cluster_cpus: float) -> None:
+    """``feed: ray_data`` decodes in Ray Data CPU tasks beside the training workers; on a cluster that
+    cannot grow, workers that take every CPU leave decoding waiting forever (a silent hang).
+
+    Raises:
+        ValueError: with what to change, when fewer than 1 CPU is left beside the workers.
+    """
+    if settings.feed != "ray_data":
+        return
+    taken = settings.num_workers * settings.cpus_per_worker
+    if cluster_cpus - taken < 1:
+        raise ValueError(
+            f"feed: ray_data decodes images in Ray Data tasks beside the training workers, but this local "
+            f"cluster has {cluster_cpus:g} CPUs and {settings.num_workers} workers x cpus_per_worker "
+            f"{settings.cpus_per_worker:g} take {taken:g} of them, so decoding would wait forever. Use fewer "
+            "num_workers, a smaller cpus_per_worker (e.g. 0.5), more ray.num_cpus, or feed: memory."
+        )
 
 
 def _session_logs() -> str:
@@ -122,6 +145,8 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
     if exists(join(out_dir, SPEC_FILE)) and exists(join(out_dir, "final.json")):
         logger.info(f"[{name}] already trained, skipping")
         return read_json(join(out_dir, "final.json"))
+    if _FIXED_CLUSTER:
+        check_stream_cpus(settings, ray.cluster_resources().get("CPU", 0))
     logger.info(f"training {name}: {spec.arch}, {settings.epochs} epochs, {settings.num_workers} workers")
     start = time.time()
     metrics = train_model(

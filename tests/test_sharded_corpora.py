@@ -110,3 +110,13 @@ def test_a_mostly_unreadable_pseudo_set_fails_at_once_naming_file_and_reason(ray
         train_model(s, spec, paths["labeled"], str(tmp_path / "out"), str(tmp_path / "ray"), "bad",
                     pseudo=str(tmp_path / "balanced"))  # fmt: skip
     assert not (tmp_path / "ray" / "bad").exists()  # no Ray Train run was started, so nothing was retried
+
+
+def test_a_stream_feed_that_leaves_no_cpu_for_decoding_is_refused_up_front():
+    """On a local cluster that cannot grow, workers holding every CPU leave decoding waiting forever."""
+    from pipeline.loop import check_stream_cpus
+
+    with pytest.raises(ValueError, match="2 CPUs and 2 workers x cpus_per_worker 1 take 2 of them"):
+        check_stream_cpus(TrainSettings(feed="ray_data", num_workers=2, cpus_per_worker=1.0), 2.0)
+    check_stream_cpus(TrainSettings(feed="ray_data", num_workers=2, cpus_per_worker=0.5), 2.0)
+    check_stream_cpus(TrainSettings(feed="memory", num_workers=2, cpus_per_worker=1.0), 2.0)
