@@ -88,3 +88,11 @@ def test_streaming_training_run(ray_local, corpus, tmp_path):
     assert final["final"] and final["epoch"] == 2 and 0.0 <= final["test_top1"] <= 1.0
     assert final["images_per_s"] > 0 and final["images"] == steps * (8 + 16)  # each step: b labeled + ratio x b
     assert final["unreadable_labeled"] == 0 and final["unreadable_pseudo"] == 0
+
+
+def test_a_stream_too_small_for_one_step_is_refused_before_training(ray_local, corpus):
+    """It used to fail inside every worker ("the pseudo shard holds fewer than ...") and be retried."""
+    paths, balanced = corpus
+    s = TrainSettings(epochs=1, batch_size=8, ratio=10, num_workers=1, feed="ray_data")
+    with pytest.raises(ValueError, match=r"80 \(batch_size 8 x ratio 10\), but the set holds 60"):
+        streaming_datasets(s, SPEC, paths["labeled"], balanced, hard=False)

@@ -186,7 +186,18 @@ def streaming_datasets(
         rows_p = pseudo_dataset(pseudo, spec.num_classes, hard)
         datasets["pseudo"] = augmented(rows_p, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
         pseudo_rows = pseudo_row_count(pseudo)
-    return datasets, steps_per_epoch(rows.count(), pseudo_rows, s)
+    labeled_rows = rows.count()
+    for name, n, per_step in (
+        ("labeled", labeled_rows, s.batch_size),
+        ("pseudo-labeled", pseudo_rows, s.batch_size * s.ratio),
+    ):
+        if n is not None and n < per_step:  # the streaming shards cannot fill one step: say so before training
+            raise ValueError(
+                f"feed: ray_data needs at least one step's worth of {name} images, {per_step} (batch_size "
+                f"{s.batch_size}{f' x ratio {s.ratio}' if name != 'labeled' else ''}), but the set holds {n}; "
+                "lower batch_size (or ratio), raise balance.per_class, or use feed: memory"
+            )
+    return datasets, steps_per_epoch(labeled_rows, pseudo_rows, s)
 
 
 def ddp_backend(use_gpu: bool) -> str:
