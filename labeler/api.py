@@ -63,7 +63,7 @@ class LabelOptions:
     image_column: str = "image"  # Parquet inputs
     id_column: str | None = None  # Parquet inputs; None = file + content hash
     topk: int = 0  # 0: store the full distribution; k: top-k classes + fp16 probabilities + remaining mass
-    files_per_unit: int = 1000  # folder inputs: files per read task, the unit of resume (labeler.units)
+    files_per_unit: int = 1000  # folder and manifest inputs: entries per read task, the unit of resume
     # keep each labeled image's encoded bytes in the predictions (column ``image``), so the balanced set
     # is a self-contained training set whatever the corpus format (no reads back into .tar shards);
     # only for predictions with confidence >= image_bytes_min_confidence (the balancing threshold)
