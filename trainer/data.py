@@ -88,14 +88,17 @@ def _decode_many(
     """Decode ``read(source)`` for each source (bytes or a URI) at the model's size; the reject
     reason of each image (None when it decoded)."""
     out = np.zeros((len(sources), image_size, image_size, in_chans), dtype=np.uint8)
-    reasons: list[str | None] = []
-    for i, src in enumerate(sources):
-        try:
-            out[i] = resize_center_crop(decode_image(read(src), in_chans), image_size)
-            reasons.append(None)
-        except RejectedImage as err:
-            reasons.append(err.reason)
-    return out, reasons
+    return out, [decode_into(out[i], read, src, image_size, in_chans) for i, src in enumerate(sources)]
+
+
+def decode_into(out: np.ndarray, read: Callable, src, image_size: int, in_chans: int) -> str | None:
+    """Decode ``read(src)`` at the model's size into ``out`` (uint8 HxWxC); the reject reason
+    (``read`` may raise RejectedImage too), or None when it decoded."""
+    try:
+        out[...] = resize_center_crop(decode_image(read(src), in_chans), image_size)
+        return None
+    except RejectedImage as err:
+        return err.reason
 
 
 def _rejections(reasons: list[str | None], ids: list[str], weights=None) -> tuple[dict[str, int], str]:
@@ -224,14 +227,6 @@ class LabeledBatches:
         for path in self._parquet:
             yield pq.ParquetFile(fs.open_input_file(path))
 
-    def _decode(self, data: bytes | None, out: np.ndarray) -> str | None:
-        """Decode into ``out``; the reject reason, or None when it worked."""
-        try:
-            out[...] = resize_center_crop(decode_image(data or b"", self.in_chans), self.image_size)
-            return None
-        except RejectedImage as err:
-            return err.reason
-
     def _sources(self) -> Iterator[tuple[bytes | None, int]]:
         """(image bytes or None when unreadable, class index) in the set's order."""
         if self._parquet:
@@ -257,7 +252,10 @@ class LabeledBatches:
         images, labels = self._new_batch()
         n = 0
         for data, label in self._sources():
-            reason = "unreadable" if data is None else self._decode(data, images[n])
+            if data is None:
+                reason = "unreadable"
+            else:
+                reason = decode_into(images[n], bytes, data, self.image_size, self.in_chans)
             if reason is not None:
                 self.rejected[reason] += 1
                 continue
