@@ -24,10 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from labeler.images import RejectedImage, decode_image, normalize, resize_center_crop
+from labeler.images import normalize
 from labeler.storage import filesystem_for
 from trainer.data import (
     class_indices,
+    decode_into,
     list_class_folders,
     parquet_files,
     pseudo_targets,
@@ -84,11 +85,12 @@ def pseudo_row_count(balanced: str) -> int:
 
 def _decode(src, size: int, chans: int) -> tuple[np.ndarray | None, int]:
     """(uint8 HxWxC image or None, reject reason code: 0 when it decoded)."""
-    try:
-        return resize_center_crop(decode_image(read_source_bytes(src), chans), size), 0
-    except RejectedImage as err:
-        codes = reason_codes()
-        return None, codes.index(err.reason) if err.reason in codes else codes.index("undecodable")
+    out = np.empty((size, size, chans), np.uint8)
+    reason = decode_into(out, read_source_bytes, src, size, chans)
+    if reason is None:
+        return out, 0
+    codes = reason_codes()
+    return None, codes.index(reason) if reason in codes else codes.index("undecodable")
 
 
 def decode_and_augment(
