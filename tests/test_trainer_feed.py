@@ -102,3 +102,21 @@ def test_a_stream_too_small_for_one_step_is_refused_before_training(ray_local, c
     s = TrainSettings(epochs=1, batch_size=8, ratio=10, num_workers=1, feed="ray_data")
     with pytest.raises(ValueError, match=r"80 \(batch_size 8 x ratio 10\), but the set holds 60"):
         streaming_datasets(s, SPEC, paths["labeled"], balanced, hard=False)
+
+
+def test_pseudo_stream_decodes_in_short_tasks_whatever_the_file_size(ray_local, tmp_path):
+    """A 1M-image balanced set (files of 150k rows) stalled: one task decoded a whole file while
+    holding the only CPU left beside the training worker, so the labeled stream never got one.
+    Blocks of at most DECODE_BATCH rows free that CPU between batches."""
+    from trainer.feed import DECODE_BATCH, pseudo_dataset
+
+    n = 5 * DECODE_BATCH + 7
+    probs = np.random.default_rng(0).dirichlet(np.ones(10), size=n).astype(np.float32)
+    table = pa.table({"id": [f"x{i}" for i in range(n)], "path": [f"/nowhere/x{i}.png" for i in range(n)],
+                      "label": probs.argmax(1), "confidence": probs.max(1), "probs": list(probs),
+                      "copies": np.ones(n, dtype=np.int32)})  # fmt: skip
+    os.makedirs(tmp_path / "balanced")
+    pq.write_table(table, tmp_path / "balanced" / "part-0.parquet")  # one file, one row group
+    blocks = [b.num_rows for b in pseudo_dataset(str(tmp_path / "balanced"), 10, hard=False).iter_batches(
+        batch_size=None, batch_format="pyarrow")]  # fmt: skip
+    assert sum(blocks) == n and max(blocks) <= DECODE_BATCH and len(blocks) >= n // DECODE_BATCH

@@ -73,6 +73,10 @@ def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Data
     """
     fs, path = filesystem_for(balanced)
     ds = ray.data.read_parquet(path, filesystem=fs, shuffle="files")
+    # Blocks of DECODE_BATCH rows (a streaming split, no shuffle): otherwise one task decodes a whole
+    # file (150k rows at 1M images) while holding a CPU, and on a small cluster the labeled stream
+    # waits for that CPU for minutes (benchmarks/scale_run.py's 1M student stalled so).
+    ds = ds.repartition(target_num_rows_per_block=DECODE_BATCH)
     kwargs = {"num_classes": num_classes, "hard": hard, "balanced": balanced}
     return ds.map_batches(_pseudo_rows, batch_format="pyarrow", fn_kwargs=kwargs)
 
