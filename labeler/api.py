@@ -18,12 +18,13 @@ from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import ModelSpec, load_spec
 from labeler.predict import Predictor, check_precision
 from labeler.progress import Progress, ProgressChannel
-from labeler.sources import plan_units, read_source
+from labeler.sources import plan_units, read_source, unit_rows
 from labeler.storage import filesystem_for, join, list_files, write_bytes
 from labeler.units import UNIT_COLUMN, UNIT_LOG, finished_units
 
 logger = logging.getLogger(__name__)
 
+LISTING = "listing.parquet"  # beside predictions/: a folder corpus's listing (labeler.listing)
 GPU_BATCH_SIZE = 256
 # On CPU, large batches are slower: efficientnet_b0 at 224 px on 2 cores ran at 57-85 images/s with
 # batches of 16 and 39-41 with 64 or 128 (activations outgrow the caches and memory is re-faulted each call)
@@ -148,18 +149,19 @@ def run_labeling(
     """Label ``source`` into Parquet under ``out/predictions/unit=<key>/`` and write ``out/manifest.json``.
 
     Running it again with the same ``out`` resumes by input unit (labeler.units): finished units
-    are kept as written, anything else is redone whole, so no row is written twice or lost.
+    are kept as written, anything else is redone whole, so no row is written twice or lost. A
+    folder corpus is listed anew into ``out/listing.parquet`` on each run (labeler.listing).
     """
     start, started = time.time(), time.monotonic()
     opts = options or LabelOptions()
     out = out.rstrip("/")
-    plan = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    listing = join(out, LISTING)
+    plan = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit, listing)
     fmt, units, _ = plan
     done, resumed = finished_units(out, units)
     if done:
         logger.info(f"labeler: resuming, {len(done)} of {len(units)} input units ({resumed} images) already labeled")
-    # a total only where the listing gives it (counting Parquet rows or tar members would mean reading them)
-    total = sum(len(u.paths) for u in units) if fmt == "folder" else None
+    total = unit_rows(fmt, units)
     channel, display = ProgressChannel.create(), None
     try:
         if len(done) < len(units):

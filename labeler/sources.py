@@ -2,7 +2,8 @@
 
 Formats, each a local path or an s3:// URI:
 
-* ``folder``: an image folder tree, read recursively; id = path relative to the root;
+* ``folder``: an image folder tree, read recursively; id = path relative to the root; listed as
+  a stream into a Parquet listing (:mod:`labeler.listing`), never one list in the driver;
 * ``parquet``: Parquet files with an image-bytes column (plain binary, or a struct with a
   ``bytes`` field as Hugging Face datasets write it) and an optional id column; without
   one, id = ``<file relative to root>#<row hash>``;
@@ -21,6 +22,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pyarrow as pa
@@ -30,25 +34,33 @@ import ray
 
 from labeler.file_reader import SCHEMA, blocks, read_files, relative_id
 from labeler.images import read_failure
+from labeler.listing import iter_files, listing_reader, write_listing
 from labeler.manifest import is_manifest, parquet_units, read_manifest_range, text_units
-from labeler.storage import filesystem_for, list_files
+from labeler.storage import absolute, filesystem_for
 from labeler.tar_reader import read_shards
 from labeler.units import UNIT_COLUMN, Reader, Unit, UnitsDatasource, make_units
 
 FORMATS = ("auto", "folder", "parquet", "webdataset", "manifest")
 FILES_PER_BLOCK = 1000
+SNIFF_FILES = 10_000  # files listed before the format is decided (format: auto)
 
 
 def detect_format(source: str) -> str:
-    """Guess the format from file extensions under ``source`` (pass a format to skip the listing)."""
-    return _format_of(source, _listing(source))
+    """Guess the format from the file extensions among the first :data:`SNIFF_FILES` files under
+    ``source`` in listing order (pass a format to skip this); the corpus is not listed whole."""
+    _, _, _, files = _stream(source)
+    return _format_of(source, list(itertools.islice(files, SNIFF_FILES)))
 
 
-def _listing(source: str) -> list[str]:
+def _stream(source: str) -> tuple[pafs.FileSystem, str, bool, Iterator[str]]:
+    """(filesystem, root, whether it is a folder, its files one at a time in sorted order)."""
     fs, root = filesystem_for(source)
-    if fs.get_file_info(root).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"input {source} does not exist")
-    return list_files(source)[1]
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"input {source} does not exist; check the path (or s3:// URI and credentials)")
+    if kind == pafs.FileType.File:
+        return fs, root, False, iter([root])
+    return fs, root, True, iter_files(fs, root)
 
 
 def _format_of(source: str, names: list[str]) -> str:
@@ -60,6 +72,14 @@ def _format_of(source: str, names: list[str]) -> str:
     if not names:
         raise ValueError(f"input {source} holds no files")
     return "folder"
+
+
+def scratch_listing(source: str, files_per_unit: int) -> str:
+    """A local path for a folder's listing when the caller names none (one per corpus and unit size,
+    overwritten by the next listing of it). Local to this machine: on a multi-node cluster pass
+    ``listing`` (a shared or s3:// URI) to :func:`plan_units` instead."""
+    name = hashlib.sha1(f"{absolute(source)}|{files_per_unit}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "labeler-listings", f"{name}.parquet")
 
 
 def image_bytes(col: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -105,8 +125,15 @@ def plan_units(
     image_column: str = "image",
     id_column: str | None = None,
     files_per_unit: int = FILES_PER_BLOCK,
+    listing: str | None = None,
 ) -> tuple[str, list[Unit], Reader]:
     """(format, units, reader) of a corpus: the deterministic read tasks of labeling (labeler.units).
+
+    A folder is listed as a stream into a Parquet listing at ``listing`` (local path or s3:// URI;
+    default :func:`scratch_listing`) and its units are row ranges of it (:mod:`labeler.listing`), so
+    the driver never holds every path. Parquet files and WebDataset shards (thousands, not millions)
+    are listed into a list, a unit per file. With ``fmt="auto"`` the format is decided from the first
+    :data:`SNIFF_FILES` files listed.
 
     Raises:
         FileNotFoundError: ``source`` does not exist. ValueError: an unknown format, or no input files.
@@ -115,19 +142,31 @@ def plan_units(
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
     if fmt == "manifest" or (fmt == "auto" and is_manifest(source)):
         return "manifest", _manifest_units(source, files_per_unit), read_manifest_range
-    files = _listing(source)
-    fmt = _format_of(source, files) if fmt == "auto" else fmt
-    if fmt == "folder":
-        units, reader = make_units(files, files_per_unit), read_files
+    _, root, is_folder, stream = _stream(source)
+    head = list(itertools.islice(stream, SNIFF_FILES))
+    fmt = _format_of(source, head) if fmt == "auto" else fmt
+    files = itertools.chain(head, stream)
+    if fmt == "folder" and is_folder:
+        written = write_listing(root, files, listing or scratch_listing(source, files_per_unit), files_per_unit)
+        units, reader = written.units, listing_reader(written.uri)
+    elif fmt == "folder":  # one file
+        units, reader = make_units(list(files), files_per_unit), read_files
     elif fmt == "parquet":
-        files = [f for f in files if f.endswith(".parquet")]
-        units = make_units(files, 1)
+        units = make_units([f for f in files if f.endswith(".parquet")], 1)
         reader = functools.partial(read_parquet_files, image_column=image_column, id_column=id_column)
     else:
         units, reader = make_units([f for f in files if f.endswith(".tar")], 1), read_shards
     if not units:
         raise ValueError(f"input {source} holds no {fmt} input files")
     return fmt, units, reader
+
+
+def unit_rows(fmt: str, units: list[Unit]) -> int | None:
+    """The images ``units`` of a ``fmt`` corpus hold where the listing says (folders: the listing's
+    row count), else None (counting Parquet rows or tar members would mean reading them)."""
+    if fmt != "folder":
+        return None
+    return sum(len(u.paths) if u.stop is None else u.stop - u.start for u in units)
 
 
 def _manifest_units(source: str, per_unit: int) -> list[Unit]:

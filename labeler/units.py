@@ -1,12 +1,13 @@
 """Input units: the deterministic blocks of a corpus that labeling reads, writes and resumes by.
 
-A unit is one read task: 1,000 files of a folder (in sorted order), one WebDataset shard, one
-Parquet file, or 1,000 entries of a manifest. Its key (``u0000042``: its index in the sorted
-listing) names the folder its predictions are written to (``predictions/unit=u0000042/``),
-and when its read task has read every row it writes ``units/u0000042.json`` with its row
-count. A unit is finished when its predictions hold exactly that many rows; resuming skips
-finished units and redoes the rest from scratch. So resume costs memory per unit, never per
-image, and rows in = predictions + rejections stays exact across any number of interruptions.
+A unit is one read task: 1,000 files of a folder (a row range of its listing,
+:mod:`labeler.listing`), one WebDataset shard, one Parquet file, or 1,000 entries of a
+manifest. Its key (``u0000042``: its index in the sorted listing) names the folder its
+predictions are written to (``predictions/unit=u0000042/``), and when its read task has read
+every row it writes ``units/u0000042.json`` with its row count. A unit is finished when its
+predictions hold exactly that many rows; resuming skips finished units and redoes the rest
+from scratch. So resume costs memory per unit, never per image, and rows in = predictions +
+rejections stays exact across any number of interruptions.
 """
 
 from __future__ import annotations
@@ -35,19 +36,23 @@ Reader = Callable[[pafs.FileSystem, str, list[str]], Iterator[pa.Table]]
 class Unit:
     """One read task's input: ``paths`` (files or shards) under the corpus root, and its ``key``;
     for a manifest, the one manifest file and the range [start, stop) of it (lines: byte
-    offsets; Parquet: rows) that the task reads."""
+    offsets; Parquet: rows) that the task reads. A folder's units are row ranges of its listing
+    (``labeler.listing``), with a ``fingerprint`` (a digest of the paths in the range)."""
 
     key: str
     paths: tuple[str, ...]
     start: int = 0
     stop: int | None = None
+    fingerprint: str = ""
 
     @property
     def identity(self) -> str:
         """What the unit reads, checked on resume: a unit of another size, or of a corpus whose
         listing changed under it (files added, a manifest appended to), is not the same unit."""
         if self.stop is not None:
-            return f"{self.paths[0]}@{self.start}-{self.stop}"
+            # a listing's range also names the files in it: files added before it shift it
+            check = f" sha1:{self.fingerprint}" if self.fingerprint else ""
+            return f"{self.paths[0]}@{self.start}-{self.stop}{check}"
         return f"{self.paths[0]} .. {self.paths[-1]} ({len(self.paths)} files)"
 
 
