@@ -12,7 +12,7 @@ then, in the same run, measures the peak Python allocation (tracemalloc) of:
   (``labeler.listing``) and keeps one row group and a range per unit;
 
 and prints both, their wall times and the ratio old/new. The new peak is bounded by one row group
-(65,536 paths) and one folder's entries; the old one grows with the corpus.
+(16,384 paths) and one folder's entries; the old one grows with the corpus.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from labeler.storage import escape_name, filesystem_for, is_hidden
 from labeler.units import Unit
 
 PATH_COLUMN = "path"
-ROW_GROUP = 65_536  # rows per Parquet row group: what the writer and each reader hold at once
+ROW_GROUP = 16_384  # rows per Parquet row group: what the writer and each reader hold at once
 S3_PAGE = 1000  # keys per list_objects_v2 page (S3's maximum)
 
 

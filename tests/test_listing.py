@@ -29,12 +29,13 @@ def test_a_listing_of_20000_files_streams_in_sorted_order_into_row_ranges(tmp_pa
     assert listing.rows == len(expected) == 20_000
     written = pq.read_table(listing.uri).column(PATH_COLUMN).to_pylist()
     assert written == [p[len(path) + 1 :] for p in expected]  # relative to the root, in sorted order
-    assert pq.ParquetFile(listing.uri).metadata.num_row_groups == 1  # 20,000 rows < one row group
+    assert pq.ParquetFile(listing.uri).metadata.num_row_groups == 2  # row groups of ROW_GROUP = 16,384
     assert len(listing.units) == 20
     for k, unit in enumerate(listing.units):  # units hold a range of the listing, not paths
         assert unit.key == f"u{k:07d}" and unit.paths == (listing.uri,)
         assert (unit.start, unit.stop) == (1000 * k, 1000 * (k + 1)) and len(unit.fingerprint) == 16
     assert listing_entries(listing.uri, 19_990, 20_005) == written[19_990:]
+    assert listing_entries(listing.uri, 16_000, 17_000) == written[16_000:17_000]  # across two row groups
     assert not [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")]
 
 
