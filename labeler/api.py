@@ -209,6 +209,15 @@ def run_labeling(
     return manifest
 
 
+# what to change when labeling stalls; names the settings as the labeler CLI and a noisy-student config spell them
+STALL_HINT = (
+    "Usually the actor pool and the read/decode tasks cannot all be scheduled: give actors fewer CPUs "
+    "(--cpus-per-actor for the labeler, label.cpus_per_actor in a noisy-student config), use fewer actors "
+    "(--num-actors, label.num_actors), or add nodes; raise the stall timeout (--stall-timeout-s, "
+    "label.stall_timeout_s) if the job is just slow."
+)
+
+
 class LabelingStalled(RuntimeError):
     """No new output for ``stall_timeout_s``: the pipeline is stuck, not slow."""
 
@@ -265,11 +274,7 @@ def _write_watched(
         elif writer.is_alive() and now - last_change > stall_timeout_s:
             raise LabelingStalled(
                 f"labeling made no progress for {now - last_change:.0f} s (no labeled batch, no new file under "
-                f"{predictions}). "
-                "Usually the actor pool and the read/decode tasks cannot all be scheduled: give actors fewer CPUs "
-                "(cpus_per_actor: --cpus-per-actor for the labeler, label.cpus_per_actor in a noisy-student config), "
-                "use fewer actors (num_actors), or add nodes; raise stall_timeout_s (--stall-timeout-s, "
-                "label.stall_timeout_s) if the job is just slow."
+                f"{predictions}). " + STALL_HINT
             )
     if errors:
         raise errors[0]
