@@ -72,6 +72,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """The three splits and the model input (``data:``)."""
+
     labeled: str | None = setting(
         None, help="labeled class folders or Parquet; null (with unlabeled): the digits corpus"
     )
@@ -89,12 +91,16 @@ class DataConfig:
 
 @dataclass
 class RayConfig:
+    """The Ray cluster to join or start (``ray:``)."""
+
     address: str | None = setting(None, help="join this cluster; null: RAY_ADDRESS if set, else start a local one")
     num_cpus: int | None = setting(None, help="CPUs of a local cluster; null: all cores")
 
 
 @dataclass
 class BalanceConfig:
+    """Confidence filter and per-class balancing (``balance:``; also ``noisy-student balance``'s options)."""
+
     enabled: bool = setting(True, help="false: confidence filter only, every passing prediction once (an ablation)")
     threshold: float = setting(0.3, help="keep predictions with confidence >= threshold (paper: 0.3)")
     per_class: int = setting(0, help="N rows per class; 0: the mean number of predictions per class")
@@ -103,6 +109,8 @@ class BalanceConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluation of every trained model (``eval:``)."""
+
     extra: dict[str, str] = setting(
         default_factory=dict, help="more class-folder test sets for every model, e.g. {imagenet_a: s3://b/imagenet-a}"
     )
@@ -111,6 +119,8 @@ class EvalConfig:
 
 @dataclass
 class StudentSettings(TrainSettings):
+    """A student's training settings: ``TrainSettings`` plus the per-round architectures (``student:``)."""
+
     archs: list[str] = setting(
         default_factory=list, help="student architecture of round i+1 (the last repeats); empty: the teacher's arch"
     )
@@ -119,6 +129,8 @@ class StudentSettings(TrainSettings):
 
 @dataclass
 class RunConfig:
+    """The whole run (a ``noisy-student`` config); every default of every key is here or in the section classes."""
+
     run_dir: str = setting("runs/noisy_student", help="where everything is written (local or s3://)")
     seed: int = setting(0, help="seeds data splits, model init, augmentation and data order")
     iterations: int = setting(1, help="Noisy Student rounds (students trained; the paper's best: 3)")

@@ -16,6 +16,8 @@ from labeler.settings import check_choices, setting
 
 @dataclass
 class TrainSettings:
+    """How one model trains (the trainer's API; a config's ``train:``, ``teacher:`` and ``student:`` sections)."""
+
     arch: str = setting("test_resnet", help="timm architecture")
     epochs: int = setting(30, help="epochs of the labeled set (the reference code's unit)")
     batch_size: int = setting(32, help="labeled images per step, across all workers (divisible by num_workers)")
