@@ -27,7 +27,7 @@ def tiny_run(ray_local, tmp_path_factory):
     unlabeled = tmp / "unlabeled"
     shutil.copytree(paths["unlabeled"], unlabeled)
     (unlabeled / "corrupt.png").write_bytes(b"\x89PNG not really")
-    config = os.path.abspath("configs/digits.yaml")
+    config = "digits"  # a shipped config, by name
     args = [
         "run", config, "run_dir=run", "runlocal=true",  # relative paths, as users type them
         "data.labeled=data/labeled", "data.unlabeled=unlabeled", "data.test=data/test",
@@ -205,5 +205,5 @@ def test_smaller_student_is_refused(tmp_path):
 
 
 def test_bad_override_is_a_clear_error(capsys):
-    assert main(["run", "configs/digits.yaml", "teacher.epoch=3"]) == 2
+    assert main(["run", "digits", "teacher.epoch=3"]) == 2
     assert "did you mean teacher.epochs" in capsys.readouterr().err

@@ -62,7 +62,7 @@ def test_submit_the_tiny_config(head, tmp_path):
     address, env = head
     out = tmp_path / "job"
     cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-           "python", "-m", "pipeline", "run", "configs/digits.yaml", "runlocal=true",
+           "python", "-m", "pipeline", "run", "digits", "runlocal=true",
            f"run_dir={out}/run", f"data.root={out}/data"]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     log = done.stdout + done.stderr
