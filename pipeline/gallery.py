@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from labeler.storage import is_s3, list_files, read_bytes
+from labeler.storage import list_files, read_bytes
 from pipeline.balance_core import sort_keys
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def sample_rejections(predictions: str, per_reason: int = 5) -> dict[str, dict]:
     return {r: {"count": counts[r], "examples": examples[r]} for r in sorted(counts)}
 
 
-def thumbnail(path: str, predictions: str, size: int = 48, data: bytes | None = None) -> str | None:
+def thumbnail(path: str, size: int = 48, data: bytes | None = None) -> str | None:
     """A ``data:image/png;base64,...`` thumbnail (``size`` px on the long side) of the image
     ``data`` (bytes the labeler kept), else of the image file at ``path``; None when neither can
     be read as an image (e.g. a row from a Parquet or tar corpus labeled without its bytes)."""
@@ -136,13 +136,12 @@ def thumbnail(path: str, predictions: str, size: int = 48, data: bytes | None = 
 
     from labeler.images import RejectedImage, decode_image, is_container
 
-    uri = "s3://" + path if is_s3(predictions) and not path.startswith("s3://") else path
     if data is None and is_container(path):
         return None  # a row of a shard or Parquet corpus without its bytes: never read the whole shard
     try:
-        img = decode_image(data if data is not None else read_bytes(uri))
+        img = decode_image(data if data is not None else read_bytes(path))
     except (OSError, RejectedImage) as err:
-        logger.debug(f"no thumbnail for {uri}: {err}")
+        logger.debug(f"no thumbnail for {path}: {err}")
         return None
     scale = size / max(img.width, img.height)
     resample = Image.NEAREST if scale >= 2 else Image.BILINEAR  # small images (digits) stay crisp

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from labeler.images import RejectedImage, decode_image, is_container, resize_center_crop
 from labeler.sources import image_bytes
-from labeler.storage import filesystem_for, is_s3, list_files, read_bytes
+from labeler.storage import filesystem_for, is_s3, list_files, read_bytes, uri_of
 
 EVAL_BATCH = 256  # images per evaluation batch: all an evaluation holds decoded at once
 REMOTE_READS = 16  # S3 objects fetched at a time by LabeledBatches (each GET is latency-bound)
@@ -54,12 +54,11 @@ def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     fs, files = list_files(root)
     if not files and fs.get_file_info(base).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{root} does not exist")
-    prefix = "s3://" if root.startswith("s3://") else ""
     pairs = []
     for path in files:
         rel = path[len(base.rstrip("/")) + 1 :]
         if "/" in rel:  # files directly under root belong to no class; hidden ones are never listed
-            pairs.append((prefix + path, rel.split("/", 1)[0]))
+            pairs.append((uri_of(fs, path), rel.split("/", 1)[0]))
     classes = sorted({c for _, c in pairs})
     if not classes:
         raise ValueError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
@@ -277,18 +276,10 @@ def _read_or_none(uri: str) -> bytes | None:
         return None
 
 
-def pseudo_uris(table: pa.Table, balanced: str) -> list[str]:
-    """The ``path`` column as readable URIs (rows written through S3 lack the scheme)."""
-    uris = table.column("path").to_pylist()
-    if balanced.startswith("s3://"):
-        uris = [u if u.startswith("s3://") else "s3://" + u for u in uris]
-    return uris
-
-
-def pseudo_sources(table: pa.Table, balanced: str) -> list[bytes | str]:
+def pseudo_sources(table: pa.Table) -> list[bytes | str]:
     """Where each pseudo-labeled row's image comes from: the ``image`` bytes the labeler kept
-    (``keep_image_bytes``), else its ``path`` (only a loose image file can be read that way)."""
-    uris = pseudo_uris(table, balanced)
+    (``keep_image_bytes``), else its ``path`` URI (only a loose image file can be read that way)."""
+    uris = table.column("path").to_pylist()
     if "image" not in table.column_names:
         return uris
     return [b if b is not None else u for b, u in zip(table.column("image").to_pylist(), uris)]
@@ -327,7 +318,7 @@ def load_pseudo(balanced: str, num_classes: int, image_size: int, in_chans: int 
     table = pq.read_table(path, filesystem=fs)
     table = table.sort_by("id")  # file order from a distributed write varies; training order must not
     ids = table.column("id").to_pylist()
-    images, reasons = _decode_many(pseudo_sources(table, balanced), image_size, in_chans)
+    images, reasons = _decode_many(pseudo_sources(table), image_size, in_chans)
     probs = pseudo_targets(table, num_classes, hard)
     reps = table.column("copies").to_numpy()
     unreadable, first = _rejections(reasons, ids, reps)

@@ -32,7 +32,6 @@ from trainer.data import (
     list_class_folders,
     parquet_files,
     pseudo_targets,
-    pseudo_uris,
     read_source_bytes,
 )
 from trainer.data_check import reason_codes
@@ -52,12 +51,12 @@ def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
     return rows.randomize_block_order()  # a small set: every pass in a new block order
 
 
-def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool, balanced: str) -> dict[str, np.ndarray]:
+def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool) -> dict[str, np.ndarray]:
     """Balanced rows -> (path, image bytes or None, copies, dense soft or one-hot target)."""
     n = table.num_rows
     image = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
     return {
-        "path": np.asarray(pseudo_uris(table, balanced), dtype=object),
+        "path": np.asarray(table.column("path").to_pylist(), dtype=object),
         "image": np.asarray(image, dtype=object),
         "copies": table.column("copies").to_numpy(),
         "target": pseudo_targets(table, num_classes, hard),
@@ -73,7 +72,7 @@ def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Data
     """
     fs, path = filesystem_for(balanced)
     ds = ray.data.read_parquet(path, filesystem=fs, shuffle="files")
-    kwargs = {"num_classes": num_classes, "hard": hard, "balanced": balanced}
+    kwargs = {"num_classes": num_classes, "hard": hard}
     return ds.map_batches(_pseudo_rows, batch_format="pyarrow", fn_kwargs=kwargs)
 
 
