@@ -77,7 +77,7 @@ def preflight(labeled: str, pseudo: str | None, classes: list[str], image_size: 
         check_unreadable("labeled", *_counts(reasons, [u for u, _ in pairs]))
     if pseudo:
         table = _sample_pseudo(pseudo)
-        _, reasons = _decode_many(pseudo_sources(table, pseudo), image_size, in_chans)
+        _, reasons = _decode_many(pseudo_sources(table), image_size, in_chans)
         check_unreadable("pseudo", *_counts(reasons, table.column("id").to_pylist()))
 
 
