@@ -24,6 +24,19 @@ from labeler.units import UNIT_COLUMN, UNIT_LOG, finished_units
 
 logger = logging.getLogger(__name__)
 
+
+def gpus_per_task(resources: dict[str, float] | None = None) -> int:
+    """GPUs to ask for per inference actor or evaluation task: 1 when the cluster has at least one
+    whole GPU, else 0 (CPU).
+
+    ``resources``: a ``ray.cluster_resources()`` dict (read from the running cluster when None).
+    A total below 1 (a fractional GPU resource, or none) gives 0: a request for one whole GPU could
+    never be scheduled there and would wait forever.
+    """
+    total = (ray.cluster_resources() if resources is None else resources).get("GPU", 0)
+    return 1 if total >= 1 else 0
+
+
 GPU_BATCH_SIZE = 256
 # On CPU, large batches are slower: efficientnet_b0 at 224 px on 2 cores ran at 57-85 images/s with
 # batches of 16 and 39-41 with 64 or 128 (activations outgrow the caches and memory is re-faulted each call)
@@ -115,7 +128,7 @@ def label_images(
     )
     gpus = opts.num_gpus_per_actor
     if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = gpus_per_task()
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = opts.wait_for_actors_s
     return ds.map_batches(

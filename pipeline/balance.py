@@ -307,17 +307,17 @@ def balance_predictions(
         NothingPassed: (a ValueError) no prediction reached ``threshold``; nothing is written, so a
             run with a lower threshold starts balancing afresh.
     """
-    from labeler.storage import filesystem_for, write_bytes
+    from labeler.storage import filesystem_for, join, write_bytes
 
     fs, path = filesystem_for(predictions)
     stats_ds = ray.data.read_parquet(path, filesystem=fs, columns=STAT_COLUMNS)
     plan = plan_balance(stats_ds, num_classes, per_class, threshold, duplicate)
     check_something_passed(plan.stats)
-    ofs, opath = filesystem_for(out.rstrip("/") + "/balanced")
+    ofs, opath = filesystem_for(join(out, "balanced"))
     logger.info("balancing: writing the balanced set (apply pass)")
     apply_balance(ray.data.read_parquet(path, filesystem=fs), plan).write_parquet(opath, filesystem=ofs)
-    write_bytes(out.rstrip("/") + "/balance_stats.json", json.dumps(plan.stats, indent=2).encode())
-    write_bytes(out.rstrip("/") + "/class_counts.png", plot_class_counts(plan.stats))
+    write_bytes(join(out, "balance_stats.json"), json.dumps(plan.stats, indent=2).encode())
+    write_bytes(join(out, "class_counts.png"), plot_class_counts(plan.stats))
     return plan.stats
 
 

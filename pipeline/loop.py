@@ -15,8 +15,8 @@ import time
 
 import ray
 
-from labeler.api import LabelOptions, run_labeling
-from labeler.model import SPEC_FILE, ModelSpec, count_parameters, create_model, load_spec
+from labeler.api import LabelOptions, gpus_per_task, run_labeling
+from labeler.model import SPEC_FILE, ModelSpec, count_parameters, load_spec
 from labeler.progress import log_file, quiet_ray, ray_init_kwargs, verbose
 from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
@@ -132,7 +132,7 @@ def _train_settings(section: dict, seed: int, arch: str | None = None) -> TrainS
 
 def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: bool) -> None:
     teacher = load_spec(teacher_dir)
-    n_s, n_t = count_parameters(create_model(student)), count_parameters(create_model(teacher))
+    n_s, n_t = count_parameters(student), count_parameters(teacher)
     if n_s < n_t and not allow_smaller:
         raise ValueError(
             f"student {student.arch} has {n_s:,} parameters, fewer than its teacher {teacher.arch} ({n_t:,}); "
@@ -169,8 +169,7 @@ def _evaluate(cfg: dict, model_dir: str, data: dict) -> dict:
         return read_json(path)
     if not data["test"]:
         return {}
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_model)
+    task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(evaluate_model)
     extra = {name: absolute(uri) for name, uri in (cfg.get("eval", {}).get("extra") or {}).items()}
     start = time.time()
     logger.info(f"evaluating {model_dir}: test split, corruptions, flips" + (f", {', '.join(extra)}" if extra else ""))

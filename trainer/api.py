@@ -12,12 +12,13 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
+from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_spec
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH
 from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
 from trainer.loop import steps_per_epoch, train_loop_per_worker
+from trainer.noise import target_smoothing
 from trainer.settings import TrainSettings
 
 
@@ -58,9 +59,8 @@ def train_model(
     preflight(labeled, pseudo, spec.classes, spec.image_size, spec.in_chans)  # a bad set fails here, not in retries
     error_file = join(out_dir, "data_error.json")
     clear_recorded_error(error_file)
-    init_state = None
-    if init_from:
-        init_state = load_checkpoint(init_from)[0].state_dict()
+    if init_from:  # fail here, naming the checkpoint, rather than in every worker
+        load_spec(init_from)
     config = {
         "settings": settings.to_dict(),
         "spec": dataclasses.asdict(spec),
@@ -68,7 +68,7 @@ def train_model(
         "pseudo": pseudo,
         "test": test,
         "hard": hard,
-        "init_state": init_state,
+        "init_from": init_from,
         "label": label,
         "data_error_file": error_file,
         "tensorboard": tensorboard,
@@ -176,13 +176,14 @@ def streaming_datasets(
 
     s, sp = settings, dataclasses.asdict(spec)
     rows = labeled_dataset(labeled, spec.classes)
+    eps_labeled = target_smoothing(s.label_smoothing, pseudo=False, hard=True)
     datasets = {
-        "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, s.label_smoothing),
+        "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, eps_labeled),
         "clean": augmented(rows, sp, 0, 0, 0.0),
     }
     pseudo_rows = None
     if pseudo and s.ratio > 0:
-        smoothing = s.label_smoothing if hard else 0.0
+        smoothing = target_smoothing(s.label_smoothing, pseudo=True, hard=hard)
         rows_p = pseudo_dataset(pseudo, spec.num_classes, hard)
         datasets["pseudo"] = augmented(rows_p, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
         pseudo_rows = pseudo_row_count(pseudo)

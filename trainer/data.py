@@ -120,10 +120,19 @@ def class_indices(names: list[str], classes: list[str], root: str) -> np.ndarray
     return np.asarray([index[n] for n in names], dtype=np.int64)
 
 
+def one_hot(indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """float32 (n, num_classes) one-hot rows of integer class ``indices`` (n,): the targets of labeled
+    images and of hard pseudo labels, in both training feeds.
+
+    Raises:
+        IndexError: an index outside 0..num_classes-1.
+    """
+    return np.eye(num_classes, dtype=np.float32)[np.asarray(indices, dtype=np.int64)]
+
+
 def _one_hot(images: np.ndarray, reasons: list, indices: np.ndarray, ids: list[str], num_classes: int) -> ImageSet:
     keep = np.flatnonzero([r is None for r in reasons])
-    targets = np.zeros((len(keep), num_classes), dtype=np.float32)
-    targets[np.arange(len(keep)), indices[keep]] = 1.0
+    targets = one_hot(indices[keep], num_classes)
     unreadable, first = _rejections(reasons, ids)
     return ImageSet(images[keep], targets, [ids[k] for k in keep], unreadable, first)
 
@@ -307,7 +316,7 @@ def dense_targets(table: pa.Table, num_classes: int) -> np.ndarray:
 def pseudo_targets(table: pa.Table, num_classes: int, hard: bool) -> np.ndarray:
     """(rows, classes) float32 targets of balanced rows: one-hot pseudo labels, or the soft ones."""
     if hard:
-        return np.eye(num_classes, dtype=np.float32)[table.column("label").to_numpy()]
+        return one_hot(table.column("label").to_numpy(), num_classes)
     return dense_targets(table, num_classes)
 
 

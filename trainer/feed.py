@@ -30,6 +30,7 @@ from trainer.data import (
     class_indices,
     decode_into,
     list_class_folders,
+    one_hot,
     parquet_files,
     pseudo_targets,
     read_source_bytes,
@@ -46,8 +47,8 @@ def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
         raise ValueError(f"{root} is a Parquet labeled set; feed: ray_data reads class folders, use feed: memory")
     _, pairs = list_class_folders(root)
     indices = class_indices([c for _, c in pairs], classes, root)
-    eye = np.eye(len(classes), dtype=np.float32)
-    rows = ray.data.from_items([{"path": uri, "target": eye[i]} for (uri, _), i in zip(pairs, indices)])
+    targets = one_hot(indices, len(classes))
+    rows = ray.data.from_items([{"path": uri, "target": t} for (uri, _), t in zip(pairs, targets)])
     return rows.randomize_block_order()  # a small set: every pass in a new block order
 
 
