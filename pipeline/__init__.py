@@ -1,1 +1,37 @@
-"""The Noisy Student loop on Ray: labeling, filtering, balancing, and iteration."""
+"""The Noisy Student loop on Ray: labeling, filtering, balancing, and iteration.
+
+The names below are imported on first use (PEP 562 ``__getattr__``): ``import pipeline`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "run_loop": "pipeline.loop",
+    "load_config": "pipeline.config",
+    "BalancePlan": "pipeline.balance",
+    "NothingPassed": "pipeline.balance",
+    "apply_balance": "pipeline.balance",
+    "balance_predictions": "pipeline.balance",
+    "parquet_runner": "pipeline.balance",
+    "plan_balance": "pipeline.balance",
+    "ray_runner": "pipeline.balance",
+    "run_ablation": "pipeline.ablate",
+    "evaluate_model": "pipeline.model_eval",
+    "write_report": "pipeline.report",
+    "write_digits_corpus": "pipeline.digits",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

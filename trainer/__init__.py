@@ -1,8 +1,30 @@
 """Ray Train (TorchTrainer) training of noised teachers and students.
 
-Checkpoints are written in the labeler's format (``labeler.model``).
+Checkpoints are written in the labeler's format (``labeler.model``). ``train_model`` and
+``TrainingDataError`` are imported on first use (PEP 562 ``__getattr__``), so reading
+``TrainSettings`` does not import Ray Train.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from trainer.settings import TrainSettings
 
-__all__ = ["TrainSettings"]
+# public name -> the module that defines it (besides TrainSettings, imported above)
+_EXPORTS = {
+    "train_model": "trainer.api",
+    "TrainingDataError": "trainer.data_check",
+}
+
+__all__ = ["TrainSettings", "TrainingDataError", "train_model"]  # sorted; the last two from _EXPORTS
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
