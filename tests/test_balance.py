@@ -176,7 +176,7 @@ def test_choose_bucket_refuses_a_histogram_with_too_few_rows():
         balance_core.choose_bucket(np.zeros(256, np.int64), 1)
 
 
-def test_balance_command(ray_local, tmp_path, capsys):
+def test_balance_command(ray_local, tmp_path):
     from pipeline.cli import main
 
     df = _frame([0, 0, 0, 1], [0.9, 0.8, 0.7, 0.95])
@@ -184,7 +184,8 @@ def test_balance_command(ray_local, tmp_path, capsys):
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "preds" / "a.parquet")
     args = ["balance", "--predictions", str(tmp_path / "preds"), "--out", str(tmp_path / "out")]
     assert main([*args, "--num-classes", "3", "--per-class", "2"]) == 0
-    assert "4 rows, empty classes [2]" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "out" / "balance_stats.json").read_text())  # the files written, not the console
+    assert stats["total_rows"] == 4 and stats["empty_classes"] == [2]
     got = pq.read_table(tmp_path / "out" / "balanced").to_pydict()
     assert dict(zip(got["id"], got["copies"])) == {"img/00000.jpg": 1, "img/00001.jpg": 1, "img/00003.jpg": 2}
 
