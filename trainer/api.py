@@ -51,9 +51,17 @@ def train_model(
     ``test_top1`` ...); each epoch's ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows
     of that set the epoch could not read or decode (the summary keeps the largest).
 
+    ``pseudo``: the balanced set (``pipeline.balance``), each row trained ``copies`` times, at
+    ``settings.ratio`` pseudo-labeled images per labeled image in a step. ``hard``: its labels are
+    one-hot and get label smoothing like the labeled set (``trainer.noise.target_smoothing``;
+    google-research/noisystudent ``main.py``). ``init_from``: a checkpoint directory in the labeler's
+    format whose weights start the model (Xie et al. 2020 train the student from scratch; this is
+    the option); the workers read it from there.
+
     Raises:
         TrainingDataError: a set is mostly unreadable, found in a sample before training starts
             or by the workers (which then stop without Ray Train retrying a data error).
+        FileNotFoundError: ``init_from`` holds no ``model.json``.
         RuntimeError: the run ended without finishing every epoch (run it again to resume).
     """
     preflight(labeled, pseudo, spec.classes, spec.image_size, spec.in_chans)  # a bad set fails here, not in retries
@@ -77,7 +85,23 @@ def train_model(
     datasets = {}
     if settings.feed == "ray_data":
         datasets, config["stream_steps"] = streaming_datasets(settings, spec, labeled, pseudo, hard)
-    trainer = TorchTrainer(
+    channel = config["progress"] = ProgressChannel.create() if progress else None
+    trainer = _torch_trainer(settings, config, datasets, storage_path, name, max_failures)
+    watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
+    try:
+        result = trainer.fit()
+    finally:
+        if watcher:
+            watcher.stop()
+    raise_recorded_error(error_file)  # the workers stopped on a data error
+    return _export(result, out_dir, name, settings.epochs)
+
+
+def _torch_trainer(
+    settings: TrainSettings, config: dict, datasets: dict, storage_path: str, name: str, max_failures: int
+) -> TorchTrainer:
+    """The TorchTrainer of one run: workers, backend, datasets split over the workers, storage, retries."""
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         datasets=datasets or None,
@@ -95,14 +119,15 @@ def train_model(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    channel = config["progress"] = ProgressChannel.create() if progress else None
-    watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
-    try:
-        result = trainer.fit()
-    finally:
-        if watcher:
-            watcher.stop()
-    raise_recorded_error(error_file)  # the workers stopped on a data error
+
+
+def _export(result: ray.train.Result, out_dir: str, name: str, epochs: int) -> dict:
+    """Copy the final checkpoint into ``out_dir`` in the labeler's format with ``metrics.jsonl``; the
+    summary metrics (the last epoch's, with the largest unreadable counts of any epoch).
+
+    Raises:
+        RuntimeError: no checkpoint, or the last one is not of the final epoch (run again to resume).
+    """
     if result.checkpoint is None:
         raise RuntimeError(
             f"training run {name} finished without a checkpoint; see Ray Train's logs in Ray's session folder "
@@ -116,7 +141,7 @@ def train_model(
     if not history or not history[-1].get("final"):
         done = history[-1]["epoch"] if history else 0
         raise RuntimeError(
-            f"training run {name} stopped after epoch {done} of {settings.epochs} (interrupted or out of retries); "
+            f"training run {name} stopped after epoch {done} of {epochs} (interrupted or out of retries); "
             "run the same command again to resume from its last checkpoint"
         )
     write_bytes(join(out_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
