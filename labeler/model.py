@@ -50,13 +50,20 @@ class ModelSpec:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes: the model's output width."""
         return len(self.classes)
 
     def to_json(self) -> str:
+        """``model.json``'s text: every field, indented."""
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
+        """A spec from ``model.json``'s text.
+
+        Raises:
+            ValueError: unknown keys, or a ``format_version`` newer than this package reads.
+        """
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -135,6 +142,11 @@ def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 
 def load_spec(directory: str) -> ModelSpec:
+    """The :class:`ModelSpec` in ``directory/model.json`` (a local folder or an ``s3://`` prefix).
+
+    Raises:
+        FileNotFoundError: no ``model.json`` there. ValueError: as :meth:`ModelSpec.from_json`.
+    """
     return ModelSpec.from_json(read_bytes(join(directory, SPEC_FILE)).decode())
 
 

@@ -100,6 +100,7 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to a local file (parent folders created) or an ``s3://`` object, replacing it."""
     fs, path = filesystem_for(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
@@ -109,6 +110,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def exists(uri: str) -> bool:
+    """Whether a file, folder or object (or, on S3, any object under the prefix) is at ``uri``."""
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -171,10 +173,16 @@ def absolute(uri: str) -> str:
 
 
 def read_json(uri: str):
+    """The JSON value in a local file or ``s3://`` object.
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``. json.JSONDecodeError: not JSON.
+    """
     return json.loads(read_bytes(uri))
 
 
 def write_json(uri: str, obj) -> None:
+    """``obj`` as indented JSON at ``uri`` (local or ``s3://``)."""
     write_bytes(uri, json.dumps(obj, indent=2).encode())
 
 

@@ -290,6 +290,9 @@ def apply_balance(ds: ray.data.Dataset, plan: BalancePlan) -> ray.data.Dataset:
 
 
 def balance_stats(plan: BalancePlan) -> dict:
+    """``balance_stats.json``: per class (``classes``, a list indexed by class) the predictions, the
+    rows passing the threshold, the rows after balancing (``final``), the cut-off confidence and the top
+    confidence; ``empty_classes``, ``total_rows`` (sum of copies) and ``refinement_passes``."""
     classes = []
     for k in range(plan.num_classes):
         cut = None

@@ -297,6 +297,7 @@ TABLE_COLUMNS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
 
 
 def format_number(v) -> str:
+    """A metric for the summary table: 4 decimals, ``n/a`` for None."""
     return "n/a" if v is None else f"{v:.4f}"
 
 
@@ -313,5 +314,6 @@ def format_table(summary: list[dict]) -> str:
 
 
 def write_summary(run_dir: str, summary: list[dict]) -> None:
+    """Write ``run_dir/summary.json`` (a list of per-model dicts) and log the summary table."""
     write_json(join(run_dir, "summary.json"), summary)
     logger.info(format_table(summary))

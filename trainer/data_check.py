@@ -100,6 +100,7 @@ def raise_recorded_error(path: str) -> None:
 
 
 def clear_recorded_error(path: str) -> None:
+    """Remove an error recorded by an earlier run (:func:`record_data_error`), so it is not raised again."""
     if exists(path):
         delete_file(path)
 

@@ -40,7 +40,13 @@ logger = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
-    """Linear warm-up, then cosine to zero or the paper's 0.97 every 2.4 epochs."""
+    """The learning-rate multiplier (of ``s.lr``) at optimizer ``step`` (0-based).
+
+    Linear warm-up over ``s.warmup_epochs`` epochs, then ``s.schedule``: ``cosine`` to zero at the
+    last step, ``exponential`` (Xie et al. 2020, section 3; google-research/noisystudent
+    ``main.py``: 0.97 every 2.4 epochs after 5 warm-up epochs; continuous here, staircase there),
+    or ``constant``. ``steps_per_epoch``: optimizer steps in one epoch (``steps_per_epoch``).
+    """
     warm = s.warmup_epochs * steps_per_epoch
     if step < warm:
         return (step + 1) / warm
@@ -53,6 +59,13 @@ def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """timm's optimizer for ``s.optimizer`` at ``s.lr`` and ``s.weight_decay``: ``sgd`` (momentum),
+    ``rmsprop`` as the reference code's TensorFlow RMSProp (timm ``rmsproptf``: decay 0.9, eps 1e-3,
+    momentum ``s.momentum``; google-research/noisystudent ``utils.py``), or ``adamw``.
+
+    Raises:
+        KeyError: an unknown ``s.optimizer`` (``TrainSettings.validate`` refuses it first).
+    """
     from timm.optim import create_optimizer_v2
 
     name = {"sgd": "sgd", "rmsprop": "rmsproptf", "adamw": "adamw"}[s.optimizer]
@@ -82,13 +95,18 @@ class Cycler:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's ``random`` (timm's RandAugment draws from it), numpy's global RNG and torch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def steps_per_epoch(labeled: int, pseudo: int | None, s: TrainSettings) -> int:
-    """One epoch is one pass over the primary set: the pseudo labels if any, else the labels."""
+    """Optimizer steps in one epoch: ``s.steps_per_epoch`` when set (> 0), else one pass over the
+    primary set, the pseudo-labeled rows (``pseudo``, copies counted) at ``batch_size * ratio`` per
+    step when training on them, else the ``labeled`` rows at ``batch_size`` per step; at least
+    ``s.min_steps_per_epoch``. Both feeds use it. (google-research/noisystudent counts epochs of
+    the labeled set instead; here an epoch sees every pseudo label once.)"""
     if s.steps_per_epoch > 0:
         return s.steps_per_epoch
     per_step = s.batch_size * (s.ratio if pseudo is not None and s.ratio > 0 else 1)
