@@ -8,7 +8,7 @@ do not pay for torch and Ray at ``import labeler``.
 
 from __future__ import annotations
 
-import importlib
+from labeler.lazy import lazy_exports
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -27,12 +27,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'labeler' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -45,3 +45,13 @@ def test_readme_names_only_what_exists():
     assert [f for f in sorted(files) if not (root / f).exists()] == []
     public = {n for p in PACKAGES for n in importlib.import_module(p).__all__}
     assert sorted(calls - public) == []
+
+
+def test_importing_the_packages_stays_light():
+    """``import labeler, pipeline, trainer`` imports neither torch nor Ray: public names load on first use."""
+    import subprocess
+    import sys
+
+    code = "import sys, labeler, pipeline, trainer; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

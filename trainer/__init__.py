@@ -7,8 +7,7 @@ Checkpoints are written in the labeler's format (``labeler.model``). ``train_mod
 
 from __future__ import annotations
 
-import importlib
-
+from labeler.lazy import lazy_exports
 from trainer.settings import TrainSettings
 
 # public name -> the module that defines it (besides TrainSettings, imported above)
@@ -19,12 +18,4 @@ _EXPORTS = {
 
 __all__ = ["TrainSettings", "TrainingDataError", "train_model"]  # sorted; the last two from _EXPORTS
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)
