@@ -15,13 +15,19 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 RAY_SUBPROCESS_MODULES = {"test_job_submission", "test_labeler_stall", "test_multinode"}
 # fixtures that start Ray (directly, or by running a stage that calls ray.init)
 RAY_FIXTURES = {"ray_local"}
+# modules whose fixtures run a whole Noisy Student loop, a simulated multi-node cluster or a job server
+SLOW_MODULES = {"test_ablate", "test_end_to_end", "test_job_submission", "test_multinode", "test_s3_end_to_end"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``ray`` every test that starts a Ray cluster, so ``-m "not ray"`` is the fast subset."""
+    """Mark ``ray`` every test that starts a Ray cluster, so ``-m "not ray"`` is the fast subset; and
+    ``slow`` the modules that run whole loops or clusters (``-m "not slow"``: everything else)."""
     for item in items:
-        if RAY_FIXTURES & set(item.fixturenames) or item.module.__name__.rsplit(".", 1)[-1] in RAY_SUBPROCESS_MODULES:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if RAY_FIXTURES & set(item.fixturenames) or module in RAY_SUBPROCESS_MODULES:
             item.add_marker(pytest.mark.ray)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)
