@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from labeler.images import RejectedImage, decode_image, is_container, resize_center_crop
+from labeler.images import RejectedImage, decode_into, is_container
 from labeler.sources import image_bytes
 from labeler.storage import filesystem_for, is_s3, list_files, read_bytes, uri_of
 
@@ -88,16 +88,6 @@ def _decode_many(
     reason of each image (None when it decoded)."""
     out = np.zeros((len(sources), image_size, image_size, in_chans), dtype=np.uint8)
     return out, [decode_into(out[i], read, src, image_size, in_chans) for i, src in enumerate(sources)]
-
-
-def decode_into(out: np.ndarray, read: Callable, src, image_size: int, in_chans: int) -> str | None:
-    """Decode ``read(src)`` at the model's size into ``out`` (uint8 HxWxC); the reject reason
-    (``read`` may raise RejectedImage too), or None when it decoded."""
-    try:
-        out[...] = resize_center_crop(decode_image(read(src), in_chans), image_size)
-        return None
-    except RejectedImage as err:
-        return err.reason
 
 
 def _rejections(reasons: list[str | None], ids: list[str], weights=None) -> tuple[dict[str, int], str]:
@@ -186,7 +176,7 @@ class LabeledBatches:
     The same inputs and class rules as :func:`load_labeled`: a ``root/<class>/<image>`` tree
     (local or ``s3://``) or Parquet files with ``image`` (bytes, or a struct with ``bytes``) and
     ``label`` (class names, or integer indices) columns; every class must be one of ``classes``.
-    Images are decoded by :func:`labeler.images.decode_image` and :func:`resize_center_crop`,
+    Images are decoded by :func:`labeler.images.decode_into` (decode, then resize and centre crop),
     as everywhere else.
 
     Iterating yields ``(images, labels)``: ``images`` uint8 ``(n, image_size, image_size,

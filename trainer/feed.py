@@ -24,11 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from labeler.images import normalize
+from labeler.images import decode_into, normalize
 from labeler.storage import filesystem_for
 from trainer.data import (
     class_indices,
-    decode_into,
     list_class_folders,
     one_hot,
     parquet_files,
