@@ -10,21 +10,19 @@ from __future__ import annotations
 
 from labeler.lazy import lazy_exports
 
-# public name -> the module that defines it
+# defining module -> its public names
 _EXPORTS = {
-    "LabelOptions": "labeler.api",
-    "LabelingStalled": "labeler.api",
-    "label_images": "labeler.api",
-    "run_labeling": "labeler.api",
-    "summarize_predictions": "labeler.api",
-    "ModelSpec": "labeler.model",
-    "create_model": "labeler.model",
-    "count_parameters": "labeler.model",
-    "load_checkpoint": "labeler.model",
-    "load_spec": "labeler.model",
-    "save_checkpoint": "labeler.model",
+    "labeler.api": ("LabelOptions", "LabelingStalled", "label_images", "run_labeling", "summarize_predictions"),
+    "labeler.model": (
+        "ModelSpec",
+        "count_parameters",
+        "create_model",
+        "load_checkpoint",
+        "load_spec",
+        "save_checkpoint",
+    ),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

@@ -7,23 +7,25 @@ from __future__ import annotations
 
 from labeler.lazy import lazy_exports
 
-# public name -> the module that defines it
+# defining module -> its public names
 _EXPORTS = {
-    "run_loop": "pipeline.loop",
-    "load_config": "pipeline.config",
-    "BalancePlan": "pipeline.balance",
-    "NothingPassed": "pipeline.balance",
-    "apply_balance": "pipeline.balance",
-    "balance_predictions": "pipeline.balance",
-    "parquet_runner": "pipeline.balance",
-    "plan_balance": "pipeline.balance",
-    "ray_runner": "pipeline.balance",
-    "run_ablation": "pipeline.ablate",
-    "evaluate_model": "pipeline.model_eval",
-    "write_report": "pipeline.report",
-    "write_digits_corpus": "pipeline.digits",
+    "pipeline.loop": ("run_loop",),
+    "pipeline.config": ("load_config",),
+    "pipeline.balance": (
+        "BalancePlan",
+        "NothingPassed",
+        "apply_balance",
+        "balance_predictions",
+        "parquet_runner",
+        "plan_balance",
+        "ray_runner",
+    ),
+    "pipeline.ablate": ("run_ablation",),
+    "pipeline.model_eval": ("evaluate_model",),
+    "pipeline.report": ("write_report",),
+    "pipeline.digits": ("write_digits_corpus",),
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, __all__)

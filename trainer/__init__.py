@@ -10,11 +10,8 @@ from __future__ import annotations
 from labeler.lazy import lazy_exports
 from trainer.settings import TrainSettings
 
-# public name -> the module that defines it (besides TrainSettings, imported above)
-_EXPORTS = {
-    "train_model": "trainer.api",
-    "TrainingDataError": "trainer.data_check",
-}
+# defining module -> its public names (besides TrainSettings, imported above)
+_EXPORTS = {"trainer.api": ("train_model",), "trainer.data_check": ("TrainingDataError",)}
 
 __all__ = ["TrainSettings", "TrainingDataError", "train_model"]  # sorted; the last two from _EXPORTS
 
