@@ -158,7 +158,14 @@ def labeled_classes(root: str) -> list[str]:
 
 def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int = 3) -> ImageSet:
     """Labeled images with one-hot targets, from class folders or Parquet (``image``, ``label``);
-    images that cannot be read or decoded are left out and counted in ``ImageSet.unreadable``."""
+    images that cannot be read or decoded are left out and counted in ``ImageSet.unreadable``.
+
+    Returns an :class:`ImageSet`: ``images`` uint8 (n, image_size, image_size, in_chans), ``targets``
+    float32 (n, len(classes)) one-hot (smoothing is applied per step, ``trainer.noise.target_smoothing``).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist. ValueError: no class folders, or a class not in ``classes``.
+    """
     if parquet_files(root):
         cols = _parquet_columns(root, ["image", "label"])
         indices = class_indices(cols["label"], classes, root)
@@ -285,9 +292,10 @@ def pseudo_sources(table: pa.Table) -> list[bytes | str]:
 
 
 def dense_targets(table: pa.Table, num_classes: int) -> np.ndarray:
-    """(rows, classes) soft targets from full ``probs`` or from top-k + remaining mass.
+    """float32 (rows, num_classes) soft targets from full ``probs`` or from top-k + remaining mass.
 
-    With top-k labels the remaining mass is spread evenly over the other classes.
+    With top-k labels (``topk_classes``, fp16 ``topk_probs``, ``rest_mass``) the remaining mass is
+    spread evenly over the other classes and each row renormalised to sum to 1.
     """
     if "probs" in table.column_names:
         return np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
@@ -312,7 +320,12 @@ def pseudo_targets(table: pa.Table, num_classes: int, hard: bool) -> np.ndarray:
 
 def load_pseudo(balanced: str, num_classes: int, image_size: int, in_chans: int = 3, hard: bool = False) -> ImageSet:
     """The balanced pseudo-labeled set, each row repeated ``copies`` times; rows that cannot be
-    read or decoded are left out and counted (once per copy) in ``ImageSet.unreadable``."""
+    read or decoded are left out and counted (once per copy) in ``ImageSet.unreadable``.
+
+    Returns an :class:`ImageSet` sorted by ``id``: ``images`` uint8 (sum of copies, image_size,
+    image_size, in_chans), ``targets`` float32 (sum of copies, num_classes): one-hot pseudo labels
+    when ``hard``, else the stored distributions (:func:`pseudo_targets`).
+    """
     fs, path = filesystem_for(balanced)
     table = pq.read_table(path, filesystem=fs)
     table = table.sort_by("id")  # file order from a distributed write varies; training order must not
