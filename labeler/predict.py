@@ -17,17 +17,23 @@ logger = logging.getLogger(__name__)
 
 
 def _actor_logging() -> None:
-    """In a Ray actor nothing handles our INFO lines (Ray sets up its own loggers, not the root or
-    ours); give the ``labeler`` logger a plain stderr handler there, so the line lands in the worker's
-    log (and on the driver with ``log_to_driver``). Where a handler exists (a driver that called
-    ``labeler.progress.configure_console``, pytest), nothing changes."""
+    """In a Ray actor, the ``labeler`` loggers write INFO lines to the actor's stderr: its worker log
+    (and the driver's console with ``log_to_driver``). Ray configures its own loggers there, not ours,
+    so without this our INFO lines would be dropped. Outside an actor (a driver that called
+    ``labeler.progress.configure_console``, pytest) nothing changes."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
     package = logging.getLogger("labeler")
-    if logger.hasHandlers():
+    if any(getattr(h, "_labeler_actor", False) for h in package.handlers):
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._labeler_actor = True
     package.addHandler(handler)
     package.setLevel(logging.INFO)
+    package.propagate = False  # once, even where Ray's set-up gave the root logger a handler too
 
 
 BASE_FIELDS = [("id", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("confidence", pa.float32())]
