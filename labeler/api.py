@@ -26,6 +26,19 @@ from labeler.units import UNIT_COLUMN, UNIT_LOG, finished_units
 
 logger = logging.getLogger(__name__)
 
+
+def gpus_per_task(resources: dict[str, float] | None = None) -> int:
+    """GPUs to ask for per inference actor or evaluation task: 1 when the cluster has at least one
+    whole GPU, else 0 (CPU).
+
+    ``resources``: a ``ray.cluster_resources()`` dict (read from the running cluster when None).
+    A total below 1 (a fractional GPU resource, or none) gives 0: a request for one whole GPU could
+    never be scheduled there and would wait forever.
+    """
+    total = (ray.cluster_resources() if resources is None else resources).get("GPU", 0)
+    return 1 if total >= 1 else 0
+
+
 GPU_BATCH_SIZE = 256
 # On CPU, large batches are slower: efficientnet_b0 at 224 px on 2 cores ran at 57-85 images/s with
 # batches of 16 and 39-41 with 64 or 128 (activations outgrow the caches and memory is re-faulted each call)
@@ -107,7 +120,7 @@ def label_images(
     progress: ProgressChannel | None = None,
     plan=None,
 ) -> ray.data.Dataset:
-    """Lazily label every image in ``source`` (folder tree, Parquet or WebDataset; local or s3://).
+    """Lazily label every image in ``source`` (folder tree, Parquet, WebDataset or manifest; local or s3://).
 
     Every input image yields exactly one row: a prediction, or a rejection with a
     ``reject_reason`` (label -1), with the key of its input ``unit`` (labeler.units). Units in
@@ -115,14 +128,31 @@ def label_images(
     row count there. Nothing runs until the dataset is consumed. With ``progress``, the actors
     report the rows they finish (``labeled`` and ``rejected`` counts) to it. ``plan``: the corpus's
     ``labeler.sources.plan_units`` when the caller has listed it already.
+
+    Rows (``labeler.predict.prediction_schema``): ``id``, ``path`` (a URI: ``s3://bucket/key`` for
+    S3 corpora), ``label`` int64 (-1 when rejected), ``confidence`` float32 (top probability, 0..1),
+    ``probs`` float32 (classes,) or top-k columns (``topk_classes``, fp16 ``topk_probs``,
+    ``rest_mass``), ``reject_reason``, ``unit``, and ``image`` bytes with ``keep_image_bytes``.
+    Soft labels are ``softmax(logits / temperature)`` (google-research/noisystudent
+    ``predict_label.py``: ``probs ** (1/T)`` renormalised, the same distribution); ``hard`` stores
+    one-hot rows.
+
+    Raises:
+        ValueError: an unknown ``precision`` or ``format``, or an input without files.
+        FileNotFoundError: ``source``, or the checkpoint's ``model.json``, does not exist.
     """
     opts = options or LabelOptions()
     check_precision(opts.precision)  # here too, not only in the actors: fail before any work
     spec = _resolve_spec(checkpoint, spec)
+    ds = _decoded(read_source(source, opts, frozenset(skip_units), unit_log, plan), spec, opts)
+    return _predicted(ds, checkpoint, spec, opts, progress)
+
+
+def _decoded(ds: ray.data.Dataset, spec: ModelSpec, opts: LabelOptions) -> ray.data.Dataset:
+    """The decode stage: read rows -> uint8 images at the model's size (labeler.images.decode_batch)."""
     # the actors' CPUs differ from decode_cpus (by default) so Ray Data does not fuse decoding into
     # the actors, where it would run in turn with inference instead of beside it
-    ds = read_source(source, opts, frozenset(skip_units), unit_log, plan)
-    ds = ds.map_batches(
+    return ds.map_batches(
         decode_batch,
         batch_size=64,
         batch_format="numpy",
@@ -135,9 +165,15 @@ def label_images(
             "keep_bytes": opts.keep_image_bytes,
         },
     )
+
+
+def _predicted(
+    ds: ray.data.Dataset, checkpoint: str, spec: ModelSpec, opts: LabelOptions, progress: ProgressChannel | None
+) -> ray.data.Dataset:
+    """The inference stage: a pool of :class:`labeler.predict.Predictor` actors (on GPUs when there are)."""
     gpus = opts.num_gpus_per_actor
     if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = gpus_per_task()
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = opts.wait_for_actors_s
     return ds.map_batches(
@@ -171,10 +207,16 @@ def run_labeling(
 
     Running it again with the same ``out`` resumes by input unit (labeler.units): finished units
     are kept as written, anything else is redone whole, so no row is written twice or lost.
+    ``out`` is a local folder or an ``s3://`` prefix. Returns the manifest: counts (``rows``,
+    ``labeled``, ``rejected``, ``reject_reasons``), ``seconds`` (wall time), ``images_per_s``,
+    ``units`` and ``resumed_from`` (images already labeled before this call).
+
+    Raises:
+        LabelingStalled: no output for ``options.stall_timeout_s`` seconds (a pool that cannot start).
+        ValueError, FileNotFoundError: as :func:`label_images`.
     """
     start, started = time.time(), time.monotonic()
     opts = options or LabelOptions()
-    out = out.rstrip("/")
     plan = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
     fmt, units, _ = plan
     done, resumed = finished_units(out, units)
@@ -187,8 +229,8 @@ def run_labeling(
         if len(done) < len(units):
             ds = label_images(source, checkpoint, opts, spec, frozenset(done), join(out, UNIT_LOG), channel, plan)
             display = Progress("labeling", total=total, unit="img", initial=resumed if total else 0)
-            _write_watched(ds, out + "/predictions", opts.stall_timeout_s, channel, display)
-        manifest = summarize_predictions(out + "/predictions", out + "/rejected.parquet")
+            _write_watched(ds, join(out, "predictions"), opts.stall_timeout_s, channel, display)
+        manifest = summarize_predictions(join(out, "predictions"), join(out, "rejected.parquet"))
         if display is not None:
             # the last line: the whole job's rate (the actors' last counts arrive with the manifest, not before)
             display.restart_clock(display.initial, since=started)
@@ -197,11 +239,17 @@ def run_labeling(
         if display is not None:
             display.close()
         channel.shutdown()
-    seconds = time.time() - start
+    return _write_manifest(manifest, out, source, checkpoint, time.time() - start, len(units), resumed)
+
+
+def _write_manifest(
+    manifest: dict, out: str, source: str, checkpoint: str, seconds: float, units: int, resumed: int
+) -> dict:
+    """``manifest`` with the run's inputs, time and rate, written to ``out/manifest.json`` and logged."""
     manifest.update({"source": source, "checkpoint": checkpoint, "seconds": round(seconds, 2)})
-    manifest.update(units=len(units), resumed_from=resumed)
+    manifest.update(units=units, resumed_from=resumed)
     manifest["images_per_s"] = round((manifest["rows"] - resumed) / max(seconds, 1e-9), 1)
-    write_bytes(out + "/manifest.json", json.dumps(manifest, indent=2).encode())
+    write_bytes(join(out, "manifest.json"), json.dumps(manifest, indent=2).encode())
     logger.info(
         f"labeled {manifest['labeled']} images, rejected {manifest['rejected']} "
         f"({manifest['reject_reasons']}) in {manifest['seconds']} s: {manifest['images_per_s']} images/s"

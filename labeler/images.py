@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -142,6 +143,29 @@ def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, 
     return (x - m) / s
 
 
+def decode_into(
+    out: np.ndarray,
+    read: Callable,
+    src,
+    image_size: int,
+    in_chans: int,
+    crop_pct: float = 1.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> str | None:
+    """Decode ``read(src)`` into ``out`` (uint8 ``(image_size, image_size, in_chans)``) with the eval
+    geometry (:func:`decode_image`, then :func:`resize_center_crop`); the one decode step of the
+    labeler and of both training feeds, so an image is rejected for the same reasons everywhere.
+
+    Returns the reject reason (``out`` then untouched), or None when it decoded. ``read`` may raise
+    :class:`RejectedImage` too (``unreadable``); any other exception propagates.
+    """
+    try:
+        out[...] = resize_center_crop(decode_image(read(src), in_chans, max_pixels), image_size, crop_pct)
+        return None
+    except RejectedImage as err:
+        return err.reason
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     image_size: int,
@@ -164,11 +188,8 @@ def decode_batch(
         if read_errors is not None and isinstance(read_errors[i], str):  # nulls may arrive as None or NaN
             reasons[i] = read_reason(read_errors[i])
             continue
-        try:
-            img = decode_image(bytes(data) if data is not None else b"", in_chans, max_pixels)
-            images[i] = resize_center_crop(img, image_size, crop_pct)
-        except RejectedImage as err:
-            reasons[i] = err.reason
+        src = data if data is not None else b""
+        reasons[i] = decode_into(images[i], bytes, src, image_size, in_chans, crop_pct, max_pixels) or ""
     out = {"id": batch["id"], "path": batch["path"], "image": images, "reject_reason": reasons}
     if keep_bytes:
         out["encoded"] = batch["bytes"]

@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from labeler.storage import read_bytes, write_bytes
+from labeler.storage import join, read_bytes, write_bytes
 
 if TYPE_CHECKING:  # torch is imported on use: drivers that only read specs start faster
     import torch
@@ -50,13 +50,20 @@ class ModelSpec:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes: the model's output width."""
         return len(self.classes)
 
     def to_json(self) -> str:
+        """``model.json``'s text: every field, indented."""
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
+        """A spec from ``model.json``'s text.
+
+        Raises:
+            ValueError: unknown keys, or a ``format_version`` newer than this package reads.
+        """
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -90,7 +97,15 @@ def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float 
         raise
 
 
-def count_parameters(model: torch.nn.Module) -> int:
+def count_parameters(model: torch.nn.Module | ModelSpec) -> int:
+    """Number of parameters (elements of every parameter tensor) of a model, or of the model a spec
+    describes. A spec's model is built on ``torch.device("meta")``: shapes only, no memory and no
+    weight initialisation, so sizing a large architecture costs next to nothing."""
+    import torch
+
+    if isinstance(model, ModelSpec):
+        with torch.device("meta"):
+            model = create_model(model)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -105,13 +120,9 @@ def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, directory: str) -> 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state)
     spec = dataclasses.replace(spec, model_id=f"{spec.arch}-{hashlib.sha256(blob).hexdigest()[:12]}")
-    write_bytes(_join(directory, WEIGHTS_FILE), blob)
-    write_bytes(_join(directory, SPEC_FILE), spec.to_json().encode())
+    write_bytes(join(directory, WEIGHTS_FILE), blob)
+    write_bytes(join(directory, SPEC_FILE), spec.to_json().encode())
     return spec
-
-
-def _join(directory: str, name: str) -> str:
-    return directory.rstrip("/") + "/" + name
 
 
 def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
@@ -131,7 +142,12 @@ def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 
 def load_spec(directory: str) -> ModelSpec:
-    return ModelSpec.from_json(read_bytes(_join(directory, SPEC_FILE)).decode())
+    """The :class:`ModelSpec` in ``directory/model.json`` (a local folder or an ``s3://`` prefix).
+
+    Raises:
+        FileNotFoundError: no ``model.json`` there. ValueError: as :meth:`ModelSpec.from_json`.
+    """
+    return ModelSpec.from_json(read_bytes(join(directory, SPEC_FILE)).decode())
 
 
 def load_checkpoint(
@@ -155,7 +171,7 @@ def load_checkpoint(
             spec = dataclasses.replace(spec, model_id=f"{spec.arch}-{os.path.basename(path)}")
     else:
         spec = spec or load_spec(path)
-        state = _load_state_dict(_join(path, WEIGHTS_FILE))
+        state = _load_state_dict(join(path, WEIGHTS_FILE))
     model = create_model(spec)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -7,14 +7,17 @@ copied into every variant, so differences come from the student side only.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
 from omegaconf import DictConfig
 
-from labeler.storage import write_bytes, write_json
+from labeler.storage import join, write_bytes, write_json
 from pipeline.config import load_config
 from pipeline.loop import format_number, run_loop
+
+logger = logging.getLogger(__name__)
 
 METRICS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
 
@@ -53,16 +56,16 @@ def run_ablation(config: str, overrides: list[str] | None = None, only: list[str
     configs = {n: load_config(config, overrides + todo[n] + [f"run_dir={os.path.join(root, n)}"]) for n in names}
     rows = []
     for name in names:
-        run_dir = os.path.join(root, name)
-        if name != "baseline" and not os.path.exists(os.path.join(run_dir, "round_0")):
-            shutil.copytree(os.path.join(root, "baseline", "round_0"), os.path.join(run_dir, "round_0"))
-        print(f"=== ablation variant {name}: {' '.join(todo[name]) or '(config as is)'}")
+        run_dir = join(root, name)
+        if name != "baseline" and not os.path.exists(join(run_dir, "round_0")):
+            shutil.copytree(join(root, "baseline", "round_0"), join(run_dir, "round_0"))
+        logger.info(f"=== ablation variant {name}: {' '.join(todo[name]) or '(config as is)'}")
         summary = run_loop(configs[name])
         rows.append({"variant": name, "overrides": todo[name], **{k: summary[-1].get(k) for k in METRICS}})
-    write_json(os.path.join(root, "ablation.json"), rows)
+    write_json(join(root, "ablation.json"), rows)
     table = format_ablation(rows, summary[0])
-    write_bytes(os.path.join(root, "ablation.md"), (table + "\n").encode())
-    print(table)
+    write_bytes(join(root, "ablation.md"), (table + "\n").encode())
+    logger.info(table)
     return rows
 
 

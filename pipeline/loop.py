@@ -15,11 +15,10 @@ import tempfile
 import time
 
 import ray
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from labeler.api import run_labeling
-from labeler.model import SPEC_FILE, ModelSpec, count_parameters, create_model, load_spec
+from labeler.api import gpus_per_task, run_labeling
+from labeler.model import SPEC_FILE, ModelSpec, count_parameters, load_spec
 from labeler.progress import log_file, quiet_ray, ray_init_kwargs, verbose
 from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
@@ -116,8 +115,7 @@ def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: boo
         ValueError: when the student has fewer parameters and ``allow_smaller`` is false.
     """
     teacher = load_spec(teacher_dir)
-    with torch.device("meta"):  # shapes only: counting needs no memory
-        n_s, n_t = count_parameters(create_model(student)), count_parameters(create_model(teacher))
+    n_s, n_t = count_parameters(student), count_parameters(teacher)
     if n_s < n_t and not allow_smaller:
         raise ValueError(
             f"student {student.arch} has {n_s:,} parameters, fewer than its teacher {teacher.arch} ({n_t:,}); "
@@ -154,8 +152,7 @@ def _evaluate(cfg: DictConfig, model_dir: str, data: dict) -> dict:
         return read_json(path)
     if not data["test"]:
         return {}
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_model)
+    task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(evaluate_model)
     extra = {name: absolute(uri) for name, uri in cfg.eval.extra.items()}
     start = time.time()
     logger.info(f"evaluating {model_dir}: test split, corruptions, flips" + (f", {', '.join(extra)}" if extra else ""))
@@ -283,6 +280,7 @@ TABLE_COLUMNS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
 
 
 def format_number(v) -> str:
+    """A metric for the summary table: 4 decimals, ``n/a`` for None."""
     return "n/a" if v is None else f"{v:.4f}"
 
 
@@ -299,5 +297,6 @@ def format_table(summary: list[dict]) -> str:
 
 
 def write_summary(run_dir: str, summary: list[dict]) -> None:
+    """Write ``run_dir/summary.json`` (a list of per-model dicts) and log the summary table."""
     write_json(join(run_dir, "summary.json"), summary)
     logger.info(format_table(summary))

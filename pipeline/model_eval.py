@@ -154,15 +154,19 @@ def evaluate_model(
     out["corruption_errors"] = {name: [1.0 - c / n for c in correct] for name, correct in corrupt_correct.items()}
     out["flip_rates"] = {name: f / (n * (FRAMES - 1)) for name, f in flips.items()}
     out["flip_rate"] = float(np.mean(list(out["flip_rates"].values())))
-    out["extra"] = {}
-    for name, root in (extra or {}).items():
-        ex = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch)
-        sums = AccuracySums()
-        for images, labels in ex:
-            sums.add(predict_logits(model, images, spec, device, batch), labels)
-        _require_images(root, sums.n, ex)
-        out["extra"][name] = {**sums.metrics(name), f"{name}_unreadable": sum(ex.rejected.values())}
+    extra = extra or {}
+    out["extra"] = {name: _evaluate_extra(model, spec, device, name, root, batch) for name, root in extra.items()}
     return out
+
+
+def _evaluate_extra(model, spec: ModelSpec, device, name: str, root: str, batch: int) -> dict:
+    """``{name}_top1/_top5/_loss`` and ``{name}_unreadable`` of one extra labeled set, streamed."""
+    data = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch)
+    sums = AccuracySums()
+    for images, labels in data:
+        sums.add(predict_logits(model, images, spec, device, batch), labels)
+    _require_images(root, sums.n, data)
+    return {**sums.metrics(name), f"{name}_unreadable": sum(data.rejected.values())}
 
 
 def _require_images(root: str, n: int, data: LabeledBatches) -> None:

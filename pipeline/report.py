@@ -322,7 +322,7 @@ def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
         head = "".join(f"<th>{html.escape(g)}</th>" for g in GROUPS)
         rows = []
         for c, groups in sample.items():
-            cells = "".join(f"<td class='thumbs'>{_thumbs(groups[g], predictions)}</td>" for g in GROUPS)
+            cells = "".join(f"<td class='thumbs'>{_thumbs(groups[g])}</td>" for g in GROUPS)
             label = classes[c] if c < len(classes) else str(c)
             rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
         shown = f"classes 0-{len(sample) - 1} of {num_classes}; " if len(sample) < num_classes else ""
@@ -334,10 +334,10 @@ def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
     return parts
 
 
-def _thumbs(rows: list[dict], predictions: str) -> str:
+def _thumbs(rows: list[dict]) -> str:
     out = []
     for r in rows:
-        src = thumbnail(r["path"], predictions, data=r.get("image"))
+        src = thumbnail(r["path"], data=r.get("image"))
         title = html.escape(r["id"])
         if src is None:
             out.append(f"<figure title='{title}'>(unreadable)<figcaption>{r['confidence']:.3f}</figcaption></figure>")

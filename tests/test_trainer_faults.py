@@ -11,6 +11,7 @@ import time
 
 import pytest
 import ray
+import torch
 
 from labeler.model import ModelSpec
 from pipeline.digits import write_digits_corpus
@@ -123,3 +124,28 @@ def test_second_invocation_resumes_the_interrupted_run(ray_local, digits, tmp_pa
     assert final["final"] and final["epoch"] == EPOCHS
     assert len(final["resumed_from"]) == 1 and final["resumed_from"][0] >= 1
     assert [h["epoch"] for h in _history(out)] == list(range(1, EPOCHS + 1))
+
+
+def test_init_from_is_read_by_the_workers_from_its_path(ray_local, digits, tmp_path):
+    """``init_from`` travels as a path (not a state dict in the config); with lr 0 the trained
+    model's parameters are exactly the initial checkpoint's."""
+    from labeler.model import load_checkpoint
+    from tests.helpers import random_checkpoint
+
+    spec = random_checkpoint(str(tmp_path / "init"), seed=3)
+    settings = TrainSettings(epochs=1, batch_size=16, num_workers=1, lr=0.0, weight_decay=0.0, randaugment_ops=0,
+                             drop_rate=0.0, drop_path_rate=0.0, recalibrate_bn=False)  # fmt: skip
+    train_model(settings, spec, f"{digits}/labeled", str(tmp_path / "out"), str(tmp_path / "ray"), "init_run",
+                init_from=str(tmp_path / "init"), progress=False)  # fmt: skip
+    init = dict(load_checkpoint(str(tmp_path / "init"))[0].named_parameters())
+    trained = dict(load_checkpoint(str(tmp_path / "out"))[0].named_parameters())
+    assert init.keys() == trained.keys()
+    for name, value in init.items():
+        assert torch.equal(value, trained[name]), name
+
+
+def test_init_from_without_a_checkpoint_fails_in_the_driver(ray_local, digits, tmp_path):
+    spec = ModelSpec("test_resnet", [str(i) for i in range(10)], 16)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train_model(TrainSettings(epochs=1, num_workers=1), spec, f"{digits}/labeled", str(tmp_path / "out"),
+                    str(tmp_path / "ray"), "no_init", init_from=str(tmp_path / "nowhere"), progress=False)  # fmt: skip

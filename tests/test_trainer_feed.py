@@ -45,7 +45,7 @@ def _run(batch, **kwargs) -> dict:
 
 def test_pseudo_rows_expand_by_their_copies_after_one_decode(corpus):
     _, balanced = corpus
-    rows = _pseudo_rows(pq.read_table(balanced), 10, hard=True, balanced=balanced)
+    rows = _pseudo_rows(pq.read_table(balanced), 10, hard=True)
     assert len(rows["path"]) == len(rows["target"]) == 40 and rows["copies"].sum() == 60
     random.seed(0)  # timm's RandAugment draws from Python's RNG: two copies can draw the same no-op ops
     out = _run(rows)

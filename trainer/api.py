@@ -12,12 +12,13 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
+from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_spec
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH
 from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
 from trainer.loop import steps_per_epoch, train_loop_per_worker
+from trainer.noise import target_smoothing
 from trainer.settings import TrainSettings
 
 
@@ -50,17 +51,24 @@ def train_model(
     ``test_top1`` ...); each epoch's ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows
     of that set the epoch could not read or decode (the summary keeps the largest).
 
+    ``pseudo``: the balanced set (``pipeline.balance``), each row trained ``copies`` times, at
+    ``settings.ratio`` pseudo-labeled images per labeled image in a step. ``hard``: its labels are
+    one-hot and get label smoothing like the labeled set (``trainer.noise.target_smoothing``;
+    google-research/noisystudent ``main.py``). ``init_from``: a checkpoint directory in the labeler's
+    format whose weights start the model (Xie et al. 2020 train the student from scratch; this is
+    the option); the workers read it from there.
+
     Raises:
         TrainingDataError: a set is mostly unreadable, found in a sample before training starts
             or by the workers (which then stop without Ray Train retrying a data error).
+        FileNotFoundError: ``init_from`` holds no ``model.json``.
         RuntimeError: the run ended without finishing every epoch (run it again to resume).
     """
     preflight(labeled, pseudo, spec.classes, spec.image_size, spec.in_chans)  # a bad set fails here, not in retries
     error_file = join(out_dir, "data_error.json")
     clear_recorded_error(error_file)
-    init_state = None
-    if init_from:
-        init_state = load_checkpoint(init_from)[0].state_dict()
+    if init_from:  # fail here, naming the checkpoint, rather than in every worker
+        load_spec(init_from)
     config = {
         "settings": settings.to_dict(),
         "spec": dataclasses.asdict(spec),
@@ -68,7 +76,7 @@ def train_model(
         "pseudo": pseudo,
         "test": test,
         "hard": hard,
-        "init_state": init_state,
+        "init_from": init_from,
         "label": label,
         "data_error_file": error_file,
         "tensorboard": tensorboard,
@@ -77,7 +85,23 @@ def train_model(
     datasets = {}
     if settings.feed == "ray_data":
         datasets, config["stream_steps"] = streaming_datasets(settings, spec, labeled, pseudo, hard)
-    trainer = TorchTrainer(
+    channel = config["progress"] = ProgressChannel.create() if progress else None
+    trainer = _torch_trainer(settings, config, datasets, storage_path, name, max_failures)
+    watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
+    try:
+        result = trainer.fit()
+    finally:
+        if watcher:
+            watcher.stop()
+    raise_recorded_error(error_file)  # the workers stopped on a data error
+    return _export(result, out_dir, name, settings.epochs)
+
+
+def _torch_trainer(
+    settings: TrainSettings, config: dict, datasets: dict, storage_path: str, name: str, max_failures: int
+) -> TorchTrainer:
+    """The TorchTrainer of one run: workers, backend, datasets split over the workers, storage, retries."""
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         datasets=datasets or None,
@@ -95,14 +119,15 @@ def train_model(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    channel = config["progress"] = ProgressChannel.create() if progress else None
-    watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
-    try:
-        result = trainer.fit()
-    finally:
-        if watcher:
-            watcher.stop()
-    raise_recorded_error(error_file)  # the workers stopped on a data error
+
+
+def _export(result: ray.train.Result, out_dir: str, name: str, epochs: int) -> dict:
+    """Copy the final checkpoint into ``out_dir`` in the labeler's format with ``metrics.jsonl``; the
+    summary metrics (the last epoch's, with the largest unreadable counts of any epoch).
+
+    Raises:
+        RuntimeError: no checkpoint, or the last one is not of the final epoch (run again to resume).
+    """
     if result.checkpoint is None:
         raise RuntimeError(
             f"training run {name} finished without a checkpoint; see Ray Train's logs in Ray's session folder "
@@ -116,7 +141,7 @@ def train_model(
     if not history or not history[-1].get("final"):
         done = history[-1]["epoch"] if history else 0
         raise RuntimeError(
-            f"training run {name} stopped after epoch {done} of {settings.epochs} (interrupted or out of retries); "
+            f"training run {name} stopped after epoch {done} of {epochs} (interrupted or out of retries); "
             "run the same command again to resume from its last checkpoint"
         )
     write_bytes(join(out_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
@@ -176,13 +201,14 @@ def streaming_datasets(
 
     s, sp = settings, dataclasses.asdict(spec)
     rows = labeled_dataset(labeled, spec.classes)
+    eps_labeled = target_smoothing(s.label_smoothing, pseudo=False, hard=True)
     datasets = {
-        "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, s.label_smoothing),
+        "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, eps_labeled),
         "clean": augmented(rows, sp, 0, 0, 0.0),
     }
     pseudo_rows = None
     if pseudo and s.ratio > 0:
-        smoothing = s.label_smoothing if hard else 0.0
+        smoothing = target_smoothing(s.label_smoothing, pseudo=True, hard=hard)
         rows_p = pseudo_dataset(pseudo, spec.num_classes, hard)
         datasets["pseudo"] = augmented(rows_p, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
         pseudo_rows = pseudo_row_count(pseudo)

@@ -24,15 +24,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from labeler.images import normalize
+from labeler.images import decode_into, normalize
 from labeler.storage import filesystem_for
 from trainer.data import (
     class_indices,
-    decode_into,
     list_class_folders,
+    one_hot,
     parquet_files,
     pseudo_targets,
-    pseudo_uris,
     read_source_bytes,
 )
 from trainer.data_check import reason_codes
@@ -47,17 +46,17 @@ def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
         raise ValueError(f"{root} is a Parquet labeled set; feed: ray_data reads class folders, use feed: memory")
     _, pairs = list_class_folders(root)
     indices = class_indices([c for _, c in pairs], classes, root)
-    eye = np.eye(len(classes), dtype=np.float32)
-    rows = ray.data.from_items([{"path": uri, "target": eye[i]} for (uri, _), i in zip(pairs, indices)])
+    targets = one_hot(indices, len(classes))
+    rows = ray.data.from_items([{"path": uri, "target": t} for (uri, _), t in zip(pairs, targets)])
     return rows.randomize_block_order()  # a small set: every pass in a new block order
 
 
-def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool, balanced: str) -> dict[str, np.ndarray]:
+def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool) -> dict[str, np.ndarray]:
     """Balanced rows -> (path, image bytes or None, copies, dense soft or one-hot target)."""
     n = table.num_rows
     image = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
     return {
-        "path": np.asarray(pseudo_uris(table, balanced), dtype=object),
+        "path": np.asarray(table.column("path").to_pylist(), dtype=object),
         "image": np.asarray(image, dtype=object),
         "copies": table.column("copies").to_numpy(),
         "target": pseudo_targets(table, num_classes, hard),
@@ -77,7 +76,7 @@ def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Data
     # file (150k rows at 1M images) while holding a CPU, and on a small cluster the labeled stream
     # waits for that CPU for minutes (benchmarks/scale_run.py's 1M student stalled so).
     ds = ds.repartition(target_num_rows_per_block=DECODE_BATCH)
-    kwargs = {"num_classes": num_classes, "hard": hard, "balanced": balanced}
+    kwargs = {"num_classes": num_classes, "hard": hard}
     return ds.map_batches(_pseudo_rows, batch_format="pyarrow", fn_kwargs=kwargs)
 
 

@@ -18,7 +18,7 @@ import ray.train.torch
 import torch
 from timm.utils import ModelEmaV3
 
-from labeler.model import ModelSpec, create_model, save_checkpoint
+from labeler.model import ModelSpec, create_model, load_checkpoint, save_checkpoint
 from trainer.board import Board
 from trainer.data import EVAL_BATCH, LabeledBatches, load_labeled, load_pseudo
 from trainer.data_check import (
@@ -30,7 +30,7 @@ from trainer.data_check import (
     record_data_error,
 )
 from trainer.evaluate import evaluate_many, recalibrate_batchnorm, recalibrate_batchnorm_on
-from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
+from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy, target_smoothing
 from trainer.settings import TrainSettings
 
 STATE_FILE = "train_state.pt"
@@ -40,7 +40,13 @@ logger = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
-    """Linear warm-up, then cosine to zero or the paper's 0.97 every 2.4 epochs."""
+    """The learning-rate multiplier (of ``s.lr``) at optimizer ``step`` (0-based).
+
+    Linear warm-up over ``s.warmup_epochs`` epochs, then ``s.schedule``: ``cosine`` to zero at the
+    last step, ``exponential`` (Xie et al. 2020, section 3; google-research/noisystudent
+    ``main.py``: 0.97 every 2.4 epochs after 5 warm-up epochs; continuous here, staircase there),
+    or ``constant``. ``steps_per_epoch``: optimizer steps in one epoch (``steps_per_epoch``).
+    """
     warm = s.warmup_epochs * steps_per_epoch
     if step < warm:
         return (step + 1) / warm
@@ -53,6 +59,13 @@ def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """timm's optimizer for ``s.optimizer`` at ``s.lr`` and ``s.weight_decay``: ``sgd`` (momentum),
+    ``rmsprop`` as the reference code's TensorFlow RMSProp (timm ``rmsproptf``: decay 0.9, eps 1e-3,
+    momentum ``s.momentum``; google-research/noisystudent ``utils.py``), or ``adamw``.
+
+    Raises:
+        KeyError: an unknown ``s.optimizer`` (``TrainSettings.validate`` refuses it first).
+    """
     from timm.optim import create_optimizer_v2
 
     name = {"sgd": "sgd", "rmsprop": "rmsproptf", "adamw": "adamw"}[s.optimizer]
@@ -82,13 +95,18 @@ class Cycler:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's ``random`` (timm's RandAugment draws from it), numpy's global RNG and torch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def steps_per_epoch(labeled: int, pseudo: int | None, s: TrainSettings) -> int:
-    """One epoch is one pass over the primary set: the pseudo labels if any, else the labels."""
+    """Optimizer steps in one epoch: ``s.steps_per_epoch`` when set (> 0), else one pass over the
+    primary set, the pseudo-labeled rows (``pseudo``, copies counted) at ``batch_size * ratio`` per
+    step when training on them, else the ``labeled`` rows at ``batch_size`` per step; at least
+    ``s.min_steps_per_epoch``. Both feeds use it. (google-research/noisystudent counts epochs of
+    the labeled set instead; here an epoch sees every pseudo label once.)"""
     if s.steps_per_epoch > 0:
         return s.steps_per_epoch
     per_step = s.batch_size * (s.ratio if pseudo is not None and s.ratio > 0 else 1)
@@ -111,7 +129,9 @@ class MemoryFeed:
             self.pseudo = load_pseudo(
                 config["pseudo"], spec.num_classes, spec.image_size, spec.in_chans, config["hard"]
             )
-        self.s, self.spec, self.hard = s, spec, config["hard"]
+        self.s, self.spec = s, spec
+        self.eps_labeled = target_smoothing(s.label_smoothing, pseudo=False, hard=True)
+        self.eps_pseudo = target_smoothing(s.label_smoothing, pseudo=True, hard=config["hard"])
         for name, data in (("labeled", self.labeled), ("pseudo", self.pseudo)):
             if data is not None:
                 check_image_set(name, data)
@@ -125,17 +145,15 @@ class MemoryFeed:
             self.pse_iter = Cycler(len(self.pseudo), per_worker * s.ratio, rank, world, s.seed + 1, start_epoch)
 
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        s, spec = self.s, self.spec
+        spec = self.spec
         for _ in range(self.steps):
             idx = self.lab_iter.next()
             x = augment_batch(self.labeled.images[idx], self.transform, spec.mean, spec.std)
-            y = smooth(torch.from_numpy(self.labeled.targets[idx]), s.label_smoothing)
+            y = smooth(torch.from_numpy(self.labeled.targets[idx]), self.eps_labeled)
             if self.pse_iter is not None:
                 pidx = self.pse_iter.next()
                 px = augment_batch(self.pseudo.images[pidx], self.transform, spec.mean, spec.std)
-                py = torch.from_numpy(self.pseudo.targets[pidx])
-                if self.hard:
-                    py = smooth(py, s.label_smoothing)
+                py = smooth(torch.from_numpy(self.pseudo.targets[pidx]), self.eps_pseudo)
                 x, y = torch.cat([x, px]), torch.cat([y, py])
             yield x, y
 
@@ -293,8 +311,8 @@ def _train_worker(config: dict) -> None:
     steps = feed.steps
 
     model = create_model(spec, s.drop_rate, s.drop_path_rate)
-    if config.get("init_state"):
-        model.load_state_dict(config["init_state"])
+    if config.get("init_from"):  # a path, read here: a state dict inside the config would travel to every worker
+        model.load_state_dict(load_checkpoint(config["init_from"])[0].state_dict())
     model = ray.train.torch.prepare_model(model, move_to_device=device)
     bare = model.module if hasattr(model, "module") else model
     ema = ModelEmaV3(bare, decay=s.ema_decay, use_warmup=True) if s.ema_decay > 0 else None

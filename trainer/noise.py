@@ -31,11 +31,28 @@ def augment_batch(images_hwc: np.ndarray, transform, mean, std) -> torch.Tensor:
     return normalize(out, mean, std)
 
 
-def smooth(targets: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Label smoothing for one-hot targets (soft targets pass through unchanged by callers)."""
+def smooth(targets: torch.Tensor | np.ndarray, epsilon: float) -> torch.Tensor | np.ndarray:
+    """Label smoothing: ``targets * (1 - epsilon) + epsilon / classes`` over the last axis.
+
+    ``targets``: float (..., classes) rows summing to 1, a torch tensor or a numpy array (returned
+    as the same kind and dtype); ``epsilon`` <= 0 returns ``targets`` itself. Which targets are
+    smoothed, and by how much, is :func:`target_smoothing`'s rule.
+    """
     if epsilon <= 0:
         return targets
     return targets * (1.0 - epsilon) + epsilon / targets.shape[-1]
+
+
+def target_smoothing(label_smoothing: float, pseudo: bool, hard: bool) -> float:
+    """The label smoothing epsilon for a set's targets: ``label_smoothing`` for the labeled set and
+    for hard (one-hot) pseudo labels, 0 for soft pseudo labels, which are already distributions.
+
+    Source: google-research/noisystudent ``main.py`` smooths one-hot labels (labeled images, and
+    hard pseudo labels when ``teacher_softmax_temp = -1``) with ``label_smoothing = 0.1`` and
+    feeds soft pseudo labels as they are. Both training feeds (``trainer.loop.MemoryFeed`` and
+    ``trainer.feed``) take their epsilon from here.
+    """
+    return label_smoothing if not pseudo or hard else 0.0
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
