@@ -25,7 +25,13 @@ class TrainSettings:
     drop_path_rate: float = 0.1  # stochastic depth
     ema_decay: float = 0.0  # EMA of weights (paper: 0.9999); 0 = off. When on, the EMA model is exported
     grad_clip_norm: float = 0.0  # clip the global gradient norm; 0 = off
-    eval_every: int = 1  # epochs between test-split evaluations (the last epoch always evaluates)
+    eval_every: int = 1  # epochs between validation-split evaluations (the last epoch always evaluates)
+    # model selection (issue 13): which checkpoint becomes the model. best: the checkpoint with the best
+    # select_metric on the validation split (Ray Train's CheckpointConfig score); last: the last epoch's.
+    # Without a validation split there is nothing to select on, and the last epoch is exported.
+    export: str = "best"  # best | last
+    select_metric: str = "val_top1"  # a per-epoch validation metric: val_top1, val_top5, val_loss, raw_val_*
+    select_mode: str = "max"  # max | min (min for val_loss)
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on clean images at the end
     min_steps_per_epoch: int = 1
     steps_per_epoch: int = 0  # 0: one pass over the primary set (pseudo labels if any, else labels); N: fixed
@@ -59,6 +65,15 @@ class TrainSettings:
             raise ValueError("epochs must be >= 1 and ratio >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 switches EMA off), not {self.ema_decay}")
+        if self.export not in ("best", "last"):
+            raise ValueError(f"export must be best or last, not {self.export!r}")
+        if self.select_mode not in ("max", "min"):
+            raise ValueError(f"select_mode must be max or min, not {self.select_mode!r}")
+        if not self.select_metric.startswith(("val_", "raw_val_")):
+            raise ValueError(
+                f"select_metric must be a validation metric (val_top1, val_top5, val_loss or raw_val_*), not "
+                f"{self.select_metric!r}: checkpoints are never selected on the test split or the training loss"
+            )
         if self.checkpoint_every < 1 or self.eval_every < 1:
             raise ValueError("checkpoint_every and eval_every must be >= 1")
 
