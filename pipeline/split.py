@@ -16,6 +16,7 @@ URI; ``label``, class name) for a class-folder labeled set, or the rows themselv
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -30,9 +31,9 @@ SPLIT_FILE = "split.json"
 def carve_indices(labels: list[str], fraction: float, seed: int) -> np.ndarray:
     """Indices (sorted, int64) of the rows held out for validation: per class, ``round(n * fraction)``
     of its ``n`` rows, at least 1 and at most ``n - 1`` (a class keeps a training image; a class with
-    a single image gives none), drawn by a generator seeded with ``seed``. Classes are visited in
-    sorted order and each draws from its own stream (``(seed, class position)``), so a class's split
-    does not depend on the others.
+    a single image gives none). Each class draws from its own generator, seeded with ``seed`` and a
+    CRC-32 of the class name (stable across processes, unlike ``hash``), so a class's split does not
+    depend on which other classes there are.
 
     Raises:
         ValueError: ``fraction`` is not in (0, 1).
@@ -41,11 +42,12 @@ def carve_indices(labels: list[str], fraction: float, seed: int) -> np.ndarray:
         raise ValueError(f"data.val_fraction must be between 0 and 1 (exclusive), not {fraction}")
     labels_arr = np.asarray(labels, dtype=object)
     held = []
-    for k, c in enumerate(sorted(set(labels))):
+    for c in sorted(set(labels)):
         rows = np.flatnonzero(labels_arr == c)
         n_val = min(len(rows) - 1, max(1, int(round(len(rows) * fraction))))
         if n_val > 0:
-            held.append(np.random.default_rng((seed, k)).permutation(rows)[:n_val])
+            rng = np.random.default_rng((seed, zlib.crc32(str(c).encode())))
+            held.append(rng.permutation(rows)[:n_val])
     return np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
 
 

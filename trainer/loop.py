@@ -350,15 +350,16 @@ def _setup(config: dict) -> _Worker:
 def epoch_plan(epoch: int, s: TrainSettings, has_val: bool) -> tuple[bool, bool, bool]:
     """``(final, evaluate, checkpoint)`` for 0-based ``epoch``: the same answer on every worker.
 
-    Validation runs every ``eval_every`` epochs, at the last epoch and at every checkpoint (so every
-    checkpoint carries the score it may be selected by); with ``export: best`` every validated epoch is
-    also checkpointed (a candidate for export). Without a validation split nothing is evaluated.
+    Validation runs every ``eval_every`` epochs and at the last epoch. With ``export: best`` it also
+    runs at every checkpoint (so each carries the score Ray Train ranks it by) and every validated
+    epoch is checkpointed (a candidate for export). Without a validation split nothing is evaluated.
     """
     n = epoch + 1
     final = n == s.epochs
     checkpoint = final or n % s.checkpoint_every == 0
-    evaluate = has_val and (final or checkpoint or n % s.eval_every == 0)
-    return final, evaluate, checkpoint or (evaluate and s.export == "best")
+    best = s.export == "best"
+    evaluate = has_val and (final or n % s.eval_every == 0 or (checkpoint and best))
+    return final, evaluate, checkpoint or (evaluate and best)
 
 
 def _train_epoch(w: _Worker, epoch: int) -> dict:
