@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from labeler.model import WEIGHTS_FILE, ModelSpec, load_checkpoint
@@ -163,8 +164,8 @@ def test_the_best_validation_checkpoint_is_exported_not_the_last(ray_local, tmp_
     # the exported weights are that epoch's checkpoint, byte for byte, and not the last one
     checkpoints = {}
     for d in (tmp_path / "storage" / "diverging").glob("checkpoint_*"):
-        import torch
-
+        if not d.is_dir():  # checkpoint_manager_snapshot.json
+            continue
         epoch = torch.load(d / "train_state.pt", weights_only=True)["epoch"]
         checkpoints[epoch] = (d / WEIGHTS_FILE).read_bytes()
     assert 6 in checkpoints and final["exported_epoch"] in checkpoints  # kept: the best and the resume point
