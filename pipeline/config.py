@@ -80,10 +80,25 @@ class DataConfig:
     unlabeled: str | None = setting(
         None, help="any corpus the labeler reads (folder tree, Parquet, .tar shards, manifest)"
     )
-    test: str | None = setting(None, help="test class folders or Parquet; null with the digits corpus: its test split")
+    test: str | None = setting(
+        None,
+        help="test class folders or Parquet, evaluated once per finished model and never selected on; "
+        "null with the digits corpus: its test split",
+    )
+    val: str | None = setting(
+        None, help="validation class folders or Parquet: selects each model's exported checkpoint (export: best)"
+    )
+    val_fraction: float = setting(
+        0.0,
+        help="> 0 (and no data.val): carve this share of each class of data.labeled as validation, seeded; "
+        "the carved images are not trained on",
+    )
     root: str = setting("runs/data/digits", help="where the embedded digits corpus is written")
     labels_per_class: int = setting(5, help="digits corpus only: labeled images per class")
     test_fraction: float = setting(0.3, help="digits corpus only: share of each class held out for test")
+    val_per_class: int = setting(
+        10, help="digits corpus only: a val/ split of this many per class, taken from the unlabeled pool"
+    )
     image_size: int = setting(32, help="model input size (stored in the checkpoint)")
     mean: list[float] = setting(default_factory=lambda: [0.5, 0.5, 0.5], help="input normalisation mean (per channel)")
     std: list[float] = setting(default_factory=lambda: [0.5, 0.5, 0.5], help="input normalisation std (per channel)")
@@ -114,7 +129,7 @@ class EvalConfig:
     extra: dict[str, str] = setting(
         default_factory=dict, help="more class-folder test sets for every model, e.g. {imagenet_a: s3://b/imagenet-a}"
     )
-    batch_size: int = setting(EVAL_BATCH, help="images per evaluation batch (also the trainer's per-epoch test pass)")
+    batch_size: int = setting(EVAL_BATCH, help="images per evaluation batch (also the trainer's per-epoch validation)")
 
 
 @dataclass
@@ -361,6 +376,10 @@ def check_rules(cfg: DictConfig) -> None:
         raise ConfigError("set both data.labeled and data.unlabeled, or neither (to use the embedded digits corpus)")
     if len(data.mean) != len(data.std):
         raise ConfigError(f"data.mean has {len(data.mean)} values and data.std {len(data.std)}; give one per channel")
+    if not 0.0 <= data.val_fraction < 1.0:
+        raise ConfigError(
+            f"data.val_fraction must be in [0, 1) (0: no carved validation split), not {data.val_fraction}"
+        )
     if cfg.iterations < 0:
         raise ConfigError(f"iterations must be >= 0, not {cfg.iterations}")
     if not 0.0 <= cfg.balance.threshold <= 1.0:

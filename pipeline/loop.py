@@ -24,8 +24,15 @@ from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_jso
 from pipeline.balance import balance_predictions
 from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
 from pipeline.digits import write_digits_corpus
-from pipeline.model_eval import PER_CLASS_KEYS, add_relative_errors, evaluate_model
+from pipeline.model_eval import (
+    PER_CLASS_KEYS,
+    add_relative_errors,
+    evaluate_model,
+    mark_worse_than_teacher,
+    worse_than_teacher_warnings,
+)
 from pipeline.report import write_report
+from pipeline.split import carve_validation
 from trainer.api import train_model
 from trainer.data import labeled_classes
 from trainer.settings import TrainSettings
@@ -96,14 +103,27 @@ def software_versions() -> dict:
 
 
 def prepare_data(cfg: DictConfig) -> dict:
-    """The three splits; writes the embedded digits corpus when none is configured
-    (``check_rules`` has made sure ``data.labeled`` and ``data.unlabeled`` are both set or both null)."""
+    """The splits: ``labeled`` (what models train on), ``unlabeled``, ``test``, ``val`` (or None) and
+    ``classes_from`` (the labeled set as given, whose classes the models predict); writes the embedded
+    digits corpus when none is configured (``check_rules`` has made sure ``data.labeled`` and
+    ``data.unlabeled`` are both set or both null).
+
+    The validation split, first that applies: ``data.val`` (a labeled set); ``data.val_fraction`` > 0,
+    carved per class from the labeled set into ``run_dir/splits/`` (:mod:`pipeline.split`; the carved
+    images leave the training set); the digits corpus's own ``val/`` (``data.val_per_class``); none.
+    """
     d = cfg.data
+    fraction = d.val_fraction or 0.0
     if d.labeled and d.unlabeled:
         paths = {"labeled": d.labeled, "unlabeled": d.unlabeled, "test": d.test}
     else:
-        paths = write_digits_corpus(d.root, d.labels_per_class, d.test_fraction, cfg.seed)
+        own_val = 0 if d.val or fraction else d.val_per_class
+        paths = write_digits_corpus(d.root, d.labels_per_class, d.test_fraction, cfg.seed, own_val)
         paths["test"] = d.test or paths["test"]
+    paths["classes_from"] = paths["labeled"]
+    paths["val"] = d.val or paths.get("val")
+    if not d.val and fraction:
+        paths.update(carve_validation(absolute(paths["labeled"]), fraction, cfg.seed, join(cfg.run_dir, "splits")))
     # absolute: Ray Train workers run in their own working directory
     return {k: absolute(v) if v else v for k, v in paths.items()}
 
@@ -134,13 +154,14 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
     start = time.time()
     metrics = train_model(
         settings, spec, data["labeled"], out_dir, join(cfg.run_dir, "ray_train"), name,
-        pseudo=pseudo, test=data["test"], hard=cfg.label.hard, init_from=init_from, label=name,
+        pseudo=pseudo, val=data.get("val"), hard=cfg.label.hard, init_from=init_from, label=name,
         tensorboard=join(cfg.run_dir, "tensorboard", name),
         eval_batch=cfg.eval.batch_size,
     )  # fmt: skip
     metrics["train_seconds"] = round(time.time() - start, 1)
-    top1 = metrics.get("test_top1", float("nan"))
-    logger.info(f"trained {name} in {metrics['train_seconds']:.0f} s: test_top1 {top1:.4f}")
+    top1 = metrics.get("val_top1", float("nan"))
+    logger.info(f"trained {name} in {metrics['train_seconds']:.0f} s: exported epoch {metrics.get('exported_epoch')} "
+                f"({metrics.get('export', 'last')}), val_top1 {top1:.4f}")  # fmt: skip
     write_json(join(out_dir, "final.json"), metrics)
     return metrics
 
@@ -231,11 +252,13 @@ def run_loop(cfg: DictConfig | RunConfig | dict) -> list[dict]:
 
 def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
     data = prepare_data(cfg)
-    classes = labeled_classes(data["labeled"])
+    classes = labeled_classes(data["classes_from"])
     check_model_sizes(cfg, len(classes))  # before Ray starts and before the teacher trains
     init_ray(cfg)
     info = {"config": OmegaConf.to_container(cfg), "versions": software_versions(), "argv": sys.argv}
     write_json(join(run_dir, RUN_INFO_FILE), info)
+    logger.info(f"validation split: {data['val']}" if data["val"] else
+                "no validation split (data.val, data.val_fraction): every model exports its last epoch")  # fmt: skip
     d = cfg.data
     spec = ModelSpec(cfg.teacher.arch, classes, d.image_size, mean=tuple(d.mean), std=tuple(d.std))
     teacher_dir = join(run_dir, "round_0", "teacher")
@@ -258,6 +281,7 @@ def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
         summary.append(_entry(it, "student", arch, student_dir, metrics, evaluation, stats["total_rows"]))
         teacher_dir = student_dir
     add_relative_errors(summary)
+    mark_worse_than_teacher(summary)
     write_summary(run_dir, summary)
     logger.info(f"report: {write_report(run_dir)}")
     logger.info(f"TensorBoard: tensorboard --logdir {run_dir}")
@@ -272,11 +296,13 @@ def _entry(iteration: int, role: str, arch: str, directory: str, train: dict, ev
     # per class and the confusion matrix stay in eval.json (classes x classes numbers; the report reads them there)
     entry.update({k: v for k, v in evaluation.items() if k not in entry and k not in PER_CLASS_KEYS})
     entry.update(pseudo_rows=pseudo_rows, train_seconds=train.get("train_seconds"), checkpoint=directory)
+    # the exported checkpoint's validation numbers (what selected it), and which epoch that was
+    entry.update({k: train[k] for k in ("val_top1", "val_top5", "val_loss", "exported_epoch", "export") if k in train})
     entry.update({k: train[k] for k in ("unreadable_labeled", "unreadable_pseudo") if k in train})
     return entry
 
 
-TABLE_COLUMNS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
+TABLE_COLUMNS = ("val_top1", "test_top1", "test_top5", "test_ece", "mce", "flip_rate")
 
 
 def format_number(v) -> str:
@@ -285,15 +311,18 @@ def format_number(v) -> str:
 
 
 def format_table(summary: list[dict]) -> str:
-    """The printed summary; mCE is relative to the first teacher (1.0 = as robust as it)."""
+    """The printed summary; mCE is relative to the first teacher (1.0 = as robust as it). A student
+    worse than its teacher on validation is marked ``WORSE`` in the last column and warned about
+    below the table."""
     head = f"{'iteration':>9}  {'role':<8} {'model':<14}" + "".join(f" {c:>9}" for c in TABLE_COLUMNS)
-    head += f" {'pseudo_rows':>11}"
+    head += f" {'pseudo_rows':>11}  {'vs_teacher':<10}"
     lines = [head, "-" * len(head)]
     for e in summary:
         row = f"{e['iteration']:>9}  {e['role']:<8} {e['model']:<14}"
         row += "".join(f" {format_number(e.get(c)):>9}" for c in TABLE_COLUMNS) + f" {e['pseudo_rows']:>11}"
-        lines.append(row)
-    return "\n".join(lines)
+        verdict = {True: "WORSE", False: "ok", None: ""}[e.get("worse_than_teacher")]
+        lines.append(f"{row}  {verdict:<10}".rstrip())
+    return "\n".join(lines + worse_than_teacher_warnings(summary))
 
 
 def write_summary(run_dir: str, summary: list[dict]) -> None:

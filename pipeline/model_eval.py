@@ -190,3 +190,29 @@ def add_relative_errors(entries: list[dict]) -> None:
         e["mce"] = float(np.mean(valid)) if valid else None
         fr = [e["flip_rates"][k] / b for k, b in base["flip_rates"].items() if b > 0]
         e["mfr"] = float(np.mean(fr)) if fr else None
+
+
+def mark_worse_than_teacher(summary: list[dict]) -> None:
+    """Set ``worse_than_teacher`` on each student: True when its exported checkpoint's ``val_top1`` is
+    below its own teacher's (the previous entry), False when not, None when either has no validation
+    number. The comparison is on validation, the split models are selected on; test numbers are
+    reported, never used to decide."""
+    for prev, e in zip(summary, summary[1:]):
+        if e.get("role") != "student":
+            continue
+        mine, theirs = e.get("val_top1"), prev.get("val_top1")
+        e["worse_than_teacher"] = None if mine is None or theirs is None else mine < theirs
+
+
+def worse_than_teacher_warnings(summary: list[dict]) -> list[str]:
+    """One ``WARNING: ...`` line per student that is worse than its teacher on validation."""
+    lines = []
+    for prev, e in zip(summary, summary[1:]):
+        if e.get("worse_than_teacher"):
+            lines.append(
+                f"WARNING: the iteration {e['iteration']} student ({e['model']}) is worse than its teacher "
+                f"({prev['model']}, iteration {prev['iteration']}) on validation: val_top1 {e['val_top1']:.4f} < "
+                f"{prev['val_top1']:.4f}. Noisy Student expects the student to beat its teacher: try more student "
+                "epochs, more pseudo labels (balance.per_class), or less noise"
+            )
+    return lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import threading
@@ -21,6 +22,8 @@ from trainer.loop import steps_per_epoch, train_loop_per_worker
 from trainer.noise import target_smoothing
 from trainer.settings import TrainSettings
 
+logger = logging.getLogger(__name__)
+
 
 def train_model(
     settings: TrainSettings,
@@ -30,7 +33,7 @@ def train_model(
     storage_path: str,
     name: str,
     pseudo: str | None = None,
-    test: str | None = None,
+    val: str | None = None,
     hard: bool = False,
     init_from: str | None = None,
     max_failures: int = 2,
@@ -43,13 +46,23 @@ def train_model(
 
     ``out_dir`` and ``storage_path`` are local paths or ``s3://`` URIs. Running again with the
     same ``storage_path``/``name`` resumes from the last epoch's checkpoint (Ray Train V2
-    semantics). ``test`` (a labeled set, as ``labeled``) is evaluated every ``eval_every`` epochs by
-    rank 0, streamed in batches of ``eval_batch`` images. ``tensorboard``: a folder or ``s3://``
-    prefix for this run's TensorBoard event files (``trainer.board``). ``progress``: show epoch k of
-    N, loss, test top-1, images/s and the ETA on the console (``labeler.progress``). Returns the
-    final metrics (a dict of floats and ints: ``epoch``, ``train_loss``, ``lr``, ``images_per_s``,
-    ``test_top1`` ...); each epoch's ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows
-    of that set the epoch could not read or decode (the summary keeps the largest).
+    semantics). ``val`` (a labeled validation set, as ``labeled``; never the test split) is evaluated
+    every ``eval_every`` epochs and at every checkpoint by rank 0, streamed in batches of
+    ``eval_batch`` images (``val_top1``, ``val_top5``, ``val_loss``, ``val_unreadable``).
+
+    The exported model (``settings.export``): ``best``, the checkpoint with the best
+    ``settings.select_metric`` (``select_mode`` max or min) as Ray Train's ``CheckpointConfig`` scores
+    it (``Result.get_best_checkpoint``); ``last``, the last epoch's. Without ``val`` the last epoch is
+    exported (and the log says so). Checkpoints hold the exported weights (EMA ones when
+    ``ema_decay`` > 0, BatchNorm re-estimated when ``recalibrate_bn``).
+
+    ``tensorboard``: a folder or ``s3://`` prefix for this run's TensorBoard event files
+    (``trainer.board``). ``progress``: show epoch k of N, loss, val top-1, images/s and the ETA on the
+    console (``labeler.progress``). Returns the exported epoch's metrics (a dict of floats and ints:
+    ``epoch``, ``train_loss``, ``lr``, ``images_per_s``, ``val_top1`` ...) plus ``exported_epoch``,
+    ``last_epoch`` (the epochs trained), ``export`` (``"best val_top1 (max)"`` or ``"last"``); each
+    epoch's ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows of that set the epoch
+    could not read or decode (the returned value is the largest of any epoch).
 
     ``pseudo``: the balanced set (``pipeline.balance``), each row trained ``copies`` times, at
     ``settings.ratio`` pseudo-labeled images per labeled image in a step. ``hard``: its labels are
@@ -74,7 +87,7 @@ def train_model(
         "spec": dataclasses.asdict(spec),
         "labeled": labeled,
         "pseudo": pseudo,
-        "test": test,
+        "val": val,
         "hard": hard,
         "init_from": init_from,
         "label": label,
@@ -85,6 +98,8 @@ def train_model(
     datasets = {}
     if settings.feed == "ray_data":
         datasets, config["stream_steps"] = streaming_datasets(settings, spec, labeled, pseudo, hard)
+    if not val:
+        logger.info(f"[{label}] no validation split: the last epoch's checkpoint is exported")
     channel = config["progress"] = ProgressChannel.create() if progress else None
     trainer = _torch_trainer(settings, config, datasets, storage_path, name, max_failures)
     watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
@@ -94,7 +109,7 @@ def train_model(
         if watcher:
             watcher.stop()
     raise_recorded_error(error_file)  # the workers stopped on a data error
-    return _export(result, out_dir, name, settings.epochs)
+    return _export(result, out_dir, name, settings, label, val is not None)
 
 
 def _torch_trainer(
@@ -116,27 +131,28 @@ def _torch_trainer(
             name=name,
             **ray_storage(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=checkpoint_config(settings, config["val"] is not None),
         ),
     )
 
 
-def _export(result: ray.train.Result, out_dir: str, name: str, epochs: int) -> dict:
-    """Copy the final checkpoint into ``out_dir`` in the labeler's format with ``metrics.jsonl``; the
-    summary metrics (the last epoch's, with the largest unreadable counts of any epoch).
+def _export(
+    result: ray.train.Result, out_dir: str, name: str, settings: TrainSettings, label: str, has_val: bool
+) -> dict:
+    """Copy the exported checkpoint (``settings.export``: the best by ``select_metric`` when there is a
+    validation split, else the last) into ``out_dir`` in the labeler's format with ``metrics.jsonl``;
+    the summary metrics (the exported epoch's, with the largest unreadable counts of any epoch).
 
     Raises:
         RuntimeError: no checkpoint, or the last one is not of the final epoch (run again to resume).
     """
+    epochs, select_best = settings.epochs, has_val and settings.export == "best"
     if result.checkpoint is None:
         raise RuntimeError(
             f"training run {name} finished without a checkpoint; see Ray Train's logs in Ray's session folder "
             "(or run with --verbose)"
         )
-    with result.checkpoint.as_directory() as d:
-        for f in (WEIGHTS_FILE, SPEC_FILE):
-            with open(os.path.join(d, f), "rb") as src:
-                write_bytes(join(out_dir, f), src.read())
+    with result.checkpoint.as_directory() as d:  # the latest: its history says whether every epoch ran
         history = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)["history"]
     if not history or not history[-1].get("final"):
         done = history[-1]["epoch"] if history else 0
@@ -144,8 +160,21 @@ def _export(result: ray.train.Result, out_dir: str, name: str, epochs: int) -> d
             f"training run {name} stopped after epoch {done} of {epochs} (interrupted or out of retries); "
             "run the same command again to resume from its last checkpoint"
         )
+    chosen = result.checkpoint
+    if select_best:
+        chosen = result.get_best_checkpoint(settings.select_metric, settings.select_mode) or chosen
+    with chosen.as_directory() as d:
+        for f in (WEIGHTS_FILE, SPEC_FILE):
+            with open(os.path.join(d, f), "rb") as src:
+                write_bytes(join(out_dir, f), src.read())
+        epoch = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)["epoch"]
     write_bytes(join(out_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
-    final = dict(history[-1])
+    final = dict(next(h for h in history if h["epoch"] == epoch))
+    how = f"best {settings.select_metric} ({settings.select_mode})" if select_best else "last"
+    final.update(exported_epoch=epoch, last_epoch=history[-1]["epoch"], export=how)
+    if select_best:
+        value = final.get(settings.select_metric)
+        logger.info(f"[{label}] exported epoch {epoch} of {settings.epochs}: {how}, {settings.select_metric} {value}")
     for key in UNREADABLE_KEYS:  # for the summary: the most rows of a set any epoch could not read
         values = [h[key] for h in history if key in h]
         if values:
@@ -154,6 +183,21 @@ def _export(result: ray.train.Result, out_dir: str, name: str, epochs: int) -> d
 
 
 UNREADABLE_KEYS = ("unreadable_labeled", "unreadable_pseudo")
+CHECKPOINTS_KEPT = 2  # by score when selecting the best (Ray Train V2 always keeps the latest too, to resume)
+
+
+def checkpoint_config(settings: TrainSettings, has_val: bool) -> ray.train.CheckpointConfig:
+    """Ray Train's checkpoint policy: with a validation split and ``export: best``, checkpoints are
+    ranked by ``select_metric`` and the ``CHECKPOINTS_KEPT`` best are kept; Ray Train V2 never deletes
+    the latest one either (``CheckpointManager._save_state_and_delete_old_checkpoints``), so the run
+    can still resume from where it stopped. Otherwise the most recent ones are kept."""
+    if has_val and settings.export == "best":
+        return ray.train.CheckpointConfig(
+            num_to_keep=CHECKPOINTS_KEPT,
+            checkpoint_score_attribute=settings.select_metric,
+            checkpoint_score_order=settings.select_mode,
+        )
+    return ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
 
 
 class _ProgressWatcher:
@@ -178,8 +222,8 @@ class _ProgressWatcher:
                 self.started = True
                 self.display.restart_clock(max(0, math.ceil(e["done"]) - 1))
             fields = {"loss": e.get("loss"), "images/s": round(e.get("images_per_s") or 0)}
-            if e.get("test_top1") is not None:
-                fields["test_top1"] = round(e["test_top1"], 4)
+            if e.get("val_top1") is not None:
+                fields["val_top1"] = round(e["val_top1"], 4)
             self.display.update(round(e["done"], 2), **fields)
 
     def stop(self) -> None:

@@ -144,6 +144,25 @@ def _parquet_columns(root: str, columns: list[str]) -> dict[str, list]:
     return out
 
 
+def parquet_source_column(root: str) -> str:
+    """Where a Parquet labeled set's images are: ``image`` (bytes, or a struct with ``bytes``) or, in a
+    manifest (a file list such as the validation carving writes, ``pipeline.split``), ``path`` (a URI
+    per row, read like a class-folder file).
+
+    Raises:
+        ValueError: the first file has neither column.
+    """
+    fs, files = list_files(root, suffix=".parquet")
+    names = pq.read_schema(files[0], filesystem=fs).names
+    for column in ("image", "path"):
+        if column in names:
+            return column
+    raise ValueError(
+        f"{files[0]} has neither an image column (image bytes) nor a path column (image URIs); a labeled "
+        "Parquet set needs one of them and a label column"
+    )
+
+
 def labeled_classes(root: str) -> list[str]:
     """Sorted class names of a labeled set: class folders, or the ``label`` values of Parquet files
     (``image`` column, bytes or a struct with ``bytes``; ``label`` column, class names or integer
@@ -157,7 +176,7 @@ def labeled_classes(root: str) -> list[str]:
 
 
 def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int = 3) -> ImageSet:
-    """Labeled images with one-hot targets, from class folders or Parquet (``image``, ``label``);
+    """Labeled images with one-hot targets, from class folders or Parquet (``image`` or ``path``, ``label``);
     images that cannot be read or decoded are left out and counted in ``ImageSet.unreadable``.
 
     Returns an :class:`ImageSet`: ``images`` uint8 (n, image_size, image_size, in_chans), ``targets``
@@ -167,8 +186,12 @@ def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int =
         FileNotFoundError: ``root`` does not exist. ValueError: no class folders, or a class not in ``classes``.
     """
     if parquet_files(root):
-        cols = _parquet_columns(root, ["image", "label"])
+        source = parquet_source_column(root)
+        cols = _parquet_columns(root, [source, "label"])
         indices = class_indices(cols["label"], classes, root)
+        if source == "path":  # a manifest: files named by URI, read as class-folder files are
+            images, reasons = _decode_many(cols["path"], image_size, in_chans)
+            return _one_hot(images, reasons, indices, cols["path"], len(classes))
         images, reasons = _decode_many([b or b"" for b in cols["image"]], image_size, in_chans)
         return _one_hot(images, reasons, indices, [f"{root}#{k}" for k in range(len(reasons))], len(classes))
     _, pairs = list_class_folders(root)
@@ -181,8 +204,9 @@ class LabeledBatches:
     """A labeled set read batch by batch: the evaluation reader, in bounded memory.
 
     The same inputs and class rules as :func:`load_labeled`: a ``root/<class>/<image>`` tree
-    (local or ``s3://``) or Parquet files with ``image`` (bytes, or a struct with ``bytes``) and
-    ``label`` (class names, or integer indices) columns; every class must be one of ``classes``.
+    (local or ``s3://``) or Parquet files with ``image`` (bytes, or a struct with ``bytes``; or
+    ``path``, image URIs, in a manifest) and ``label`` (class names, or integer indices) columns;
+    every class must be one of ``classes``.
     Images are decoded by :func:`labeler.images.decode_into` (decode, then resize and centre crop),
     as everywhere else.
 
@@ -235,10 +259,14 @@ class LabeledBatches:
     def _sources(self) -> Iterator[tuple[bytes | None, int]]:
         """(image bytes or None when unreadable, class index) in the set's order."""
         if self._parquet:
+            source = parquet_source_column(self.root)
             for pf in self._parquet_files():
                 with pf:
-                    for rb in pf.iter_batches(batch_size=self.batch, columns=["image", "label"]):
-                        blobs = image_bytes(pa.chunked_array([rb.column(0)])).to_pylist()
+                    for rb in pf.iter_batches(batch_size=self.batch, columns=[source, "label"]):
+                        if source == "path":  # a manifest of image URIs
+                            blobs = [_read_or_none(u) for u in rb.column(0).to_pylist()]
+                        else:
+                            blobs = image_bytes(pa.chunked_array([rb.column(0)])).to_pylist()
                         labels = [self._index[str(v)] for v in rb.column(1).to_pylist()]
                         yield from zip(blobs, labels)
             return

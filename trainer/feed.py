@@ -25,12 +25,13 @@ import pyarrow.parquet as pq
 import ray
 
 from labeler.images import decode_into, normalize
-from labeler.storage import filesystem_for
+from labeler.storage import filesystem_for, list_files
 from trainer.data import (
     class_indices,
     list_class_folders,
     one_hot,
     parquet_files,
+    parquet_source_column,
     pseudo_targets,
     read_source_bytes,
 )
@@ -41,10 +42,19 @@ DECODE_BATCH = 64
 
 
 def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
-    """Rows (path, one-hot target) of a class-folder tree, in a stable order."""
+    """Rows (path, one-hot target) of a class-folder tree or a Parquet manifest (``path``, ``label``:
+    a carved training split, ``pipeline.split``), in a stable order."""
     if parquet_files(root):
-        raise ValueError(f"{root} is a Parquet labeled set; feed: ray_data reads class folders, use feed: memory")
-    _, pairs = list_class_folders(root)
+        if parquet_source_column(root) != "path":
+            raise ValueError(
+                f"{root} is a Parquet labeled set with image bytes; feed: ray_data reads class folders or "
+                "manifests of image paths, use feed: memory"
+            )
+        fs, files = list_files(root, suffix=".parquet")
+        table = pa.concat_tables([pq.read_table(f, filesystem=fs, columns=["path", "label"]) for f in files])
+        pairs = list(zip(table.column("path").to_pylist(), [str(v) for v in table.column("label").to_pylist()]))
+    else:
+        _, pairs = list_class_folders(root)
     indices = class_indices([c for _, c in pairs], classes, root)
     targets = one_hot(indices, len(classes))
     rows = ray.data.from_items([{"path": uri, "target": t} for (uri, _), t in zip(pairs, targets)])

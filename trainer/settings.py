@@ -41,7 +41,19 @@ class TrainSettings:
     drop_path_rate: float = setting(0.1, help="stochastic depth (paper: survival 0.8 at the last block, i.e. 0.2)")
     ema_decay: float = setting(0.0, help="EMA of weights, exported when on (paper: 0.9999); 0 = off")
     grad_clip_norm: float = setting(0.0, help="clip the global gradient norm; 0 = off")
-    eval_every: int = setting(1, help="epochs between test-split evaluations (the last epoch always evaluates)")
+    eval_every: int = setting(1, help="epochs between validation-split evaluations (the last epoch always evaluates)")
+    # model selection (issue 13): which checkpoint becomes the model. Without a validation split there
+    # is nothing to select on, and the last epoch is exported.
+    export: Literal["best", "last"] = setting(
+        "best",
+        help="best: the checkpoint with the best select_metric on validation (Ray Train's CheckpointConfig "
+        "score) | last: the last epoch's; no validation split: last",
+    )
+    select_metric: str = setting(
+        "val_top1",
+        help="validation metric that selects the exported checkpoint: val_top1, val_top5, val_loss, raw_val_*",
+    )
+    select_mode: Literal["max", "min"] = setting("max", help="max | min (min for val_loss)")
     recalibrate_bn: bool = setting(True, help="re-estimate BatchNorm statistics on clean images at the end")
     min_steps_per_epoch: int = setting(1, help="at least this many steps per epoch")
     steps_per_epoch: int = setting(
@@ -95,6 +107,11 @@ class TrainSettings:
             raise ValueError(f"{where}ratio must be >= 0, not {self.ratio}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"{where}ema_decay must be in [0, 1) (0 switches EMA off), not {self.ema_decay}")
+        if not self.select_metric.startswith(("val_", "raw_val_")):
+            raise ValueError(
+                f"{where}select_metric must be a validation metric (val_top1, val_top5, val_loss or raw_val_*), not "
+                f"{self.select_metric!r}: checkpoints are never selected on the test split or the training loss"
+            )
         if self.checkpoint_every < 1 or self.eval_every < 1:
             raise ValueError(f"{where}checkpoint_every and {where}eval_every must be >= 1")
 
