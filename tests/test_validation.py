@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from labeler.model import WEIGHTS_FILE, ModelSpec, load_checkpoint
+from pipeline.config import as_config
 from pipeline.digits import write_digits_corpus
 from pipeline.loop import format_table, prepare_data
 from pipeline.model_eval import mark_worse_than_teacher
@@ -101,14 +102,16 @@ def test_prepare_data_chooses_the_validation_split(tmp_path):
     base = {"labeled": None, "unlabeled": None, "test": None, "root": str(tmp_path / "digits"),
             "labels_per_class": 5, "test_fraction": 0.3, "val_per_class": 2}  # fmt: skip
     cfg = {"seed": 0, "run_dir": str(tmp_path / "run"), "data": base}
-    digits = prepare_data(cfg)  # the digits corpus's own val/: 2 per class, from the unlabeled pool
+    digits = prepare_data(as_config(cfg))  # the digits corpus's own val/: 2 per class, from the unlabeled pool
     assert digits["val"].endswith("val") and len(load_labeled(digits["val"], [str(i) for i in range(10)], 8)) == 20
     assert json.loads((tmp_path / "digits" / "corpus.json").read_text())["counts"]["val"] == 20
     folders = _folders(tmp_path / "given_val")
-    given = prepare_data({**cfg, "data": {**base, "val": str(tmp_path / "given_val"), "root": str(tmp_path / "d2")}})
+    given = prepare_data(
+        as_config({**cfg, "data": {**base, "val": str(tmp_path / "given_val"), "root": str(tmp_path / "d2")}})
+    )
     assert given["val"] == str(tmp_path / "given_val")  # data.val, class folders, as given
     assert len(LabeledBatches(given["val"], sorted(PER_CLASS), 8).__iter__().__next__()[1]) == len(folders)
-    carved = prepare_data({**cfg, "data": {**base, "val_fraction": 0.4, "root": str(tmp_path / "d3")}})
+    carved = prepare_data(as_config({**cfg, "data": {**base, "val_fraction": 0.4, "root": str(tmp_path / "d3")}}))
     assert carved["val"] == str(tmp_path / "run" / "splits" / "val")  # 2 of each class's 5 labels
     assert carved["classes_from"].endswith("labeled") and labeled_classes(carved["labeled"]) == list("0123456789")
     assert len(load_labeled(carved["labeled"], list("0123456789"), 8)) == 30
