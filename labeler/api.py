@@ -108,6 +108,7 @@ def label_images(
         fn_kwargs={
             "image_size": spec.image_size,
             "crop_pct": spec.crop_pct,
+            "interpolation": spec.interpolation,
             "in_chans": spec.in_chans,
             "max_pixels": opts.max_pixels,
             "keep_bytes": opts.keep_image_bytes,

@@ -12,7 +12,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
+from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_checkpoint
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH
@@ -61,6 +61,8 @@ def train_model(
     init_state = None
     if init_from:
         init_state = load_checkpoint(init_from)[0].state_dict()
+    elif settings.pretrained:  # read once here, on the driver: workers on other nodes may not see the file
+        init_state = create_model(spec, pretrained=settings.pretrained).state_dict()
     config = {
         "settings": settings.to_dict(),
         "spec": dataclasses.asdict(spec),
@@ -175,16 +177,17 @@ def streaming_datasets(
     from trainer.feed import augmented, labeled_dataset, pseudo_dataset, pseudo_row_count
 
     s, sp = settings, dataclasses.asdict(spec)
+    noise, geometry = (s.randaugment_ops, s.randaugment_magnitude), (s.random_resized_crop, s.hflip)
     rows = labeled_dataset(labeled, spec.classes)
     datasets = {
-        "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, s.label_smoothing),
+        "labeled": augmented(rows, sp, *noise, s.label_smoothing, *geometry),
         "clean": augmented(rows, sp, 0, 0, 0.0),
     }
     pseudo_rows = None
     if pseudo and s.ratio > 0:
         smoothing = s.label_smoothing if hard else 0.0
         rows_p = pseudo_dataset(pseudo, spec.num_classes, hard)
-        datasets["pseudo"] = augmented(rows_p, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
+        datasets["pseudo"] = augmented(rows_p, sp, *noise, smoothing, *geometry)
         pseudo_rows = pseudo_row_count(pseudo)
     labeled_rows = rows.count()
     for name, n, per_step in (

@@ -20,7 +20,9 @@ class TrainSettings:
     schedule: str = "cosine"  # cosine | exponential | constant
     label_smoothing: float = 0.1
     randaugment_ops: int = 2  # 0 switches RandAugment off
-    randaugment_magnitude: int = 9
+    randaugment_magnitude: int = 9  # above 10 honoured (timm's mmax), as the TF reference maps magnitude/10 unclipped
+    random_resized_crop: bool = True  # paper's distorted crop (area 0.08-1, aspect 3/4-4/3) before RandAugment
+    hflip: bool = True  # random horizontal flip before RandAugment (off where a flip changes the class: digits)
     drop_rate: float = 0.2  # dropout before the classifier
     drop_path_rate: float = 0.1  # stochastic depth
     ema_decay: float = 0.0  # EMA of weights (paper: 0.9999); 0 = off. When on, the EMA model is exported
@@ -35,6 +37,12 @@ class TrainSettings:
     cpus_per_worker: float = 1.0  # Ray CPUs per training worker; on CPU also its torch threads
     use_gpu: bool = False
     seed: int = 0
+    # bring your own model (labeler.checkpoint_import); read for the first teacher only
+    checkpoint: str | None = None  # project checkpoint folder, or a .safetensors/.pth state dict of `arch`
+    reset_classifier: bool = False  # class count differs: new head, then fine-tuned for `epochs` (else an error)
+    # pretrained init: None/false = from scratch; true = what timm resolves (needs network); or a weights file
+    pretrained: str | None = None
+    preprocessing: str = "model"  # with pretrained: model = its pretrained_cfg mean/std/crop_pct/interpolation
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainSettings:
@@ -47,6 +55,14 @@ class TrainSettings:
         return settings
 
     def validate(self) -> None:
+        if self.pretrained is True or self.pretrained is False:  # YAML true/false
+            self.pretrained = "timm" if self.pretrained else None
+        if self.pretrained in ("", "false", "none", "null"):
+            self.pretrained = None
+        if self.pretrained in ("true", "True"):
+            self.pretrained = "timm"
+        if self.preprocessing not in ("model", "config"):
+            raise ValueError(f"preprocessing must be model or config, not {self.preprocessing!r}")
         if self.optimizer not in ("sgd", "rmsprop", "adamw"):
             raise ValueError(f"optimizer must be sgd, rmsprop or adamw, not {self.optimizer!r}")
         if self.schedule not in ("cosine", "exponential", "constant"):
