@@ -128,7 +128,7 @@ def evaluate_model(
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_checkpoint(model_dir, device=device)
-    data = LabeledBatches(test, spec.classes, spec.image_size, spec.in_chans, batch)
+    data = LabeledBatches(test, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation)
     accuracy, calibration = AccuracySums(), CalibrationSums()
     matrix = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     corrupt_correct = {name: [0] * len(SEVERITIES) for name in CORRUPTIONS}
@@ -156,7 +156,9 @@ def evaluate_model(
     out["flip_rate"] = float(np.mean(list(out["flip_rates"].values())))
     out["extra"] = {}
     for name, root in (extra or {}).items():
-        ex = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch)
+        ex = LabeledBatches(
+            root, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation
+        )
         sums = AccuracySums()
         for images, labels in ex:
             sums.add(predict_logits(model, images, spec, device, batch), labels)

@@ -91,11 +91,20 @@ def _decode_many(
     return out, [decode_into(out[i], read, src, image_size, in_chans) for i, src in enumerate(sources)]
 
 
-def decode_into(out: np.ndarray, read: Callable, src, image_size: int, in_chans: int) -> str | None:
+def decode_into(
+    out: np.ndarray,
+    read: Callable,
+    src,
+    image_size: int,
+    in_chans: int,
+    crop_pct: float = 1.0,
+    interpolation: str = "bilinear",
+) -> str | None:
     """Decode ``read(src)`` at the model's size into ``out`` (uint8 HxWxC); the reject reason
-    (``read`` may raise RejectedImage too), or None when it decoded."""
+    (``read`` may raise RejectedImage too), or None when it decoded. ``crop_pct``/``interpolation``: the
+    eval resize (:func:`labeler.images.resize_center_crop`); training sets keep the whole image (1.0)."""
     try:
-        out[...] = resize_center_crop(decode_image(read(src), in_chans), image_size)
+        out[...] = resize_center_crop(decode_image(read(src), in_chans), image_size, crop_pct, interpolation)
         return None
     except RejectedImage as err:
         return err.reason
@@ -198,10 +207,20 @@ class LabeledBatches:
             name or ``label`` value) that is not in ``classes``.
     """
 
-    def __init__(self, root: str, classes: list[str], image_size: int, in_chans: int = 3, batch: int = EVAL_BATCH):
+    def __init__(
+        self,
+        root: str,
+        classes: list[str],
+        image_size: int,
+        in_chans: int = 3,
+        batch: int = EVAL_BATCH,
+        crop_pct: float = 1.0,
+        interpolation: str = "bilinear",
+    ):
         if batch < 1:
             raise ValueError(f"the evaluation batch must hold at least one image, not {batch}")
         self.root, self.classes, self.image_size, self.in_chans, self.batch = root, classes, image_size, in_chans, batch
+        self.crop_pct, self.interpolation = crop_pct, interpolation  # the model's eval resize (ModelSpec)
         self.rejected: Counter[str] = Counter()
         self._index = {c: i for i, c in enumerate(classes)}
         self._parquet = parquet_files(root)
@@ -255,7 +274,9 @@ class LabeledBatches:
             if data is None:
                 reason = "unreadable"
             else:
-                reason = decode_into(images[n], bytes, data, self.image_size, self.in_chans)
+                reason = decode_into(
+                    images[n], bytes, data, self.image_size, self.in_chans, self.crop_pct, self.interpolation
+                )
             if reason is not None:
                 self.rejected[reason] += 1
                 continue

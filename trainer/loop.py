@@ -292,7 +292,9 @@ def _train_worker(config: dict) -> None:
     test = None  # rank 0 streams the test split at each evaluation; it is never held decoded
     eval_batch = config.get("eval_batch", EVAL_BATCH)
     if config.get("test") and rank == 0:
-        test = LabeledBatches(config["test"], spec.classes, spec.image_size, spec.in_chans, eval_batch)
+        test = LabeledBatches(
+            config["test"], spec.classes, spec.image_size, spec.in_chans, eval_batch, spec.crop_pct, spec.interpolation
+        )
 
     state = _last_state()
     start_epoch = state["epoch"] if state else 0
