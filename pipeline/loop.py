@@ -43,6 +43,7 @@ RUN_LOG = "run.log"
 RUNLOCAL = {
     "teacher.epochs": 4, "teacher.checkpoint_every": 2, "student.epochs": 2, "student.checkpoint_every": 1,
     "balance.per_class": 16, "iterations": 1,
+    "student.steps_per_epoch": 0,  # one pass over the shrunk pseudo set (the JFT config counts labeled epochs)
 }  # fmt: skip
 
 
