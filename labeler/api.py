@@ -160,6 +160,7 @@ def _decoded(ds: ray.data.Dataset, spec: ModelSpec, opts: LabelOptions) -> ray.d
         fn_kwargs={
             "image_size": spec.image_size,
             "crop_pct": spec.crop_pct,
+            "interpolation": spec.interpolation,
             "in_chans": spec.in_chans,
             "max_pixels": opts.max_pixels,
             "keep_bytes": opts.keep_image_bytes,

@@ -13,11 +13,14 @@ Users can also bring a bare state dict (``.safetensors`` or ``.pth`` loaded with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,7 +46,8 @@ class ModelSpec:
     in_chans: int = 3
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    crop_pct: float = 1.0
+    crop_pct: float = 1.0  # eval resize: shorter side to floor(image_size / crop_pct), then a centre crop
+    interpolation: str = "bilinear"  # eval resize filter, a timm name (bilinear, bicubic, ...)
     model_id: str = ""
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
@@ -79,15 +83,36 @@ class ModelSpec:
         return cls(**data)
 
 
-def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
-    """The one way to build a model in this project (timm's factory, no pretrained weights)."""
+def create_model(
+    spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0, pretrained: str | None = None
+) -> torch.nn.Module:
+    """The one way to build a model in this project: timm's factory.
+
+    ``pretrained``: None (random init), ``"timm"`` (whatever timm resolves for ``spec.arch``: the Hugging
+    Face hub or a URL, so it needs network or timm's cache), or a ``.safetensors``/``.pth`` weights file
+    (local or ``s3://``), loaded by timm (``pretrained_cfg_overlay=dict(file=...)``, ``weights_only``);
+    timm drops the classifier when its class count differs, and adapts ``in_chans``. Architectures with a
+    fixed input size (ViT, Swin: ``fixed_input_size`` in their pretrained config) get
+    ``img_size=spec.image_size``.
+
+    Raises:
+        ValueError: unknown architecture, or pretrained weights that cannot be had.
+    """
     import timm
 
     kwargs = {"num_classes": spec.num_classes, "in_chans": spec.in_chans, "drop_rate": drop_rate}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+    cfg = _pretrained_cfg(spec.arch)
+    if cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = spec.image_size
     try:
-        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+        if not pretrained:
+            return timm.create_model(spec.arch, pretrained=False, **kwargs)
+        if pretrained == "timm":
+            return _create_from_hub(spec.arch, kwargs)
+        with local_copy(pretrained) as path:
+            return timm.create_model(spec.arch, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(
@@ -95,6 +120,65 @@ def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float 
                 "`python -c 'import timm; print(timm.list_models())'`"
             ) from err
         raise
+
+
+def _create_from_hub(arch: str, kwargs: dict) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=True, **kwargs)
+    except Exception as err:
+        if isinstance(err, RuntimeError) and "Unknown model" in str(err):
+            raise
+        raise ValueError(
+            f"could not get timm's pretrained weights for {arch!r} ({type(err).__name__}: {str(err)[:200]}); "
+            "this needs network access to the Hugging Face hub (or timm's cache). Without network, download "
+            "the weights elsewhere and set pretrained to the .safetensors/.pth file (local or s3://)."
+        ) from err
+
+
+def _pretrained_cfg(arch: str):
+    """timm's default pretrained config of ``arch`` (input size, interpolation, crop_pct, mean/std), or None."""
+    import timm
+
+    try:
+        return timm.get_pretrained_cfg(arch)
+    except Exception:  # an unknown name is reported by create_model, with a hint
+        return None
+
+
+def model_preprocessing(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with the eval preprocessing of its architecture's pretrained config (mean, std,
+    crop_pct, interpolation), as timm's ``resolve_data_config`` gives them; the image size stays
+    ``spec.image_size`` (the configured resolution). Unchanged when timm has no pretrained config."""
+    from timm.data import resolve_data_config
+
+    cfg = _pretrained_cfg(spec.arch)
+    if cfg is None:
+        return spec
+    data = resolve_data_config(pretrained_cfg=cfg.to_dict())
+    mean, std = tuple(data["mean"]), tuple(data["std"])
+    if spec.in_chans == 1:  # a grey model: timm averages the first conv over RGB; the statistics likewise
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return dataclasses.replace(
+        spec, mean=mean, std=std, crop_pct=float(data["crop_pct"]), interpolation=str(data["interpolation"])
+    )
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local path for ``uri``: itself when local, else a temporary copy (``s3://``) that is removed after."""
+    if not uri.startswith("s3://"):
+        if not os.path.isfile(uri):
+            raise ValueError(f"weights file {uri} does not exist; give a local path or an s3:// URI")
+        yield uri
+        return
+    suffix = os.path.splitext(uri)[1]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "weights" + suffix)
+        with open(path, "wb") as f:
+            f.write(read_bytes(uri))
+        yield path
 
 
 def count_parameters(model: torch.nn.Module | ModelSpec) -> int:

@@ -178,7 +178,7 @@ RUNLOCAL: dict = {
     "iterations": 1,
     "balance": {"per_class": 16},
     "teacher": {"epochs": 4, "checkpoint_every": 2},
-    "student": {"epochs": 2, "checkpoint_every": 1},
+    "student": {"epochs": 2, "checkpoint_every": 1, "steps_per_epoch": 0},  # 0: one pass over the shrunk pseudo set
 }
 
 # keys a user may not set, and why (the loop sets them itself)
@@ -395,6 +395,11 @@ def check_rules(cfg: DictConfig) -> None:
             train_settings(cfg[section], 0).validate(f"{section}.")
         except ValueError as err:
             raise ConfigError(str(err)) from None
+    if cfg.student.checkpoint or cfg.student.reset_classifier:
+        raise ConfigError(
+            "checkpoint and reset_classifier are the first teacher's (a supplied model): set teacher.checkpoint, "
+            "not student.checkpoint or train.checkpoint; students always train"
+        )
     if cfg.student.init_from_teacher:
         previous = ("teacher.arch", cfg.teacher.arch)
         for i, arch in enumerate(student_archs(cfg)):

@@ -18,9 +18,10 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from labeler.api import gpus_per_task, run_labeling
-from labeler.model import SPEC_FILE, ModelSpec, count_parameters, load_spec
+from labeler.checkpoint_import import import_checkpoint
+from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, load_spec, model_preprocessing
 from labeler.progress import log_file, quiet_ray, ray_init_kwargs, verbose
-from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_bytes, write_json
+from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_bytes, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
 from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
 from pipeline.digits import write_digits_corpus
@@ -31,7 +32,7 @@ from pipeline.model_eval import (
     mark_worse_than_teacher,
     worse_than_teacher_warnings,
 )
-from pipeline.report import write_report
+from pipeline.report import role_label, write_report
 from pipeline.split import carve_validation
 from trainer.api import train_model
 from trainer.data import labeled_classes
@@ -126,6 +127,37 @@ def prepare_data(cfg: DictConfig) -> dict:
         paths.update(carve_validation(absolute(paths["labeled"]), fraction, cfg.seed, join(cfg.run_dir, "splits")))
     # absolute: Ray Train workers run in their own working directory
     return {k: absolute(v) if v else v for k, v in paths.items()}
+
+
+def _model_spec(cfg: DictConfig, classes: list[str], settings: TrainSettings) -> ModelSpec:
+    """The spec a model is trained with: data.image_size/mean/std, or with ``pretrained`` and
+    ``preprocessing: model`` the architecture's own mean/std/crop_pct/interpolation (timm's pretrained_cfg)."""
+    d = cfg.data
+    spec = ModelSpec(settings.arch, classes, d.image_size, mean=tuple(d.mean), std=tuple(d.std))
+    if settings.pretrained and settings.preprocessing == "model":
+        spec = model_preprocessing(spec)
+    return spec
+
+
+def _supplied_teacher(cfg: DictConfig, settings: TrainSettings, spec: ModelSpec, data: dict, teacher_dir: str) -> dict:
+    """Round 0 from ``teacher.checkpoint``: converted into ``teacher_dir`` (the project's checkpoint folder),
+    not trained; with ``reset_classifier`` and another class count, its new head is fine-tuned on the labels."""
+    if exists(join(teacher_dir, SPEC_FILE)) and exists(join(teacher_dir, "final.json")):
+        return read_json(join(teacher_dir, "final.json"))
+    uri = settings.checkpoint if "://" in settings.checkpoint else absolute(settings.checkpoint)
+    staged = join(os.path.dirname(teacher_dir.rstrip("/")), "supplied")
+    logger.info(f"round 0: the supplied teacher {uri} (teacher training skipped)")
+    spec, reset = import_checkpoint(uri, spec, staged, settings.reset_classifier)
+    if reset:  # a new head knows nothing yet: fine-tune the supplied model on the labeled set
+        logger.info(f"the supplied teacher's head was re-initialised; fine-tuning it for {settings.epochs} epochs")
+        metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher", init_from=staged)
+    else:
+        for name in (SPEC_FILE, WEIGHTS_FILE):
+            write_bytes(join(teacher_dir, name), read_bytes(join(staged, name)))
+        metrics = {"train_seconds": 0.0}
+    metrics.update(supplied=uri, classifier_reset=reset)
+    write_json(join(teacher_dir, "final.json"), metrics)
+    return metrics
 
 
 def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: bool) -> None:
@@ -255,26 +287,34 @@ def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
     classes = labeled_classes(data["classes_from"])
     check_model_sizes(cfg, len(classes))  # before Ray starts and before the teacher trains
     init_ray(cfg)
-    info = {"config": OmegaConf.to_container(cfg), "versions": software_versions(), "argv": sys.argv}
+    supplied = cfg.teacher.checkpoint  # a supplied first teacher: not trained by this run
+    info = {"config": OmegaConf.to_container(cfg), "versions": software_versions(), "argv": sys.argv,
+            "teacher_supplied": supplied}  # fmt: skip
     write_json(join(run_dir, RUN_INFO_FILE), info)
     logger.info(f"validation split: {data['val']}" if data["val"] else
                 "no validation split (data.val, data.val_fraction): every model exports its last epoch")  # fmt: skip
-    d = cfg.data
-    spec = ModelSpec(cfg.teacher.arch, classes, d.image_size, mean=tuple(d.mean), std=tuple(d.std))
     teacher_dir = join(run_dir, "round_0", "teacher")
-    metrics = _train(cfg, train_settings(cfg.teacher, cfg.seed), spec, data, teacher_dir, "round_0_teacher")
+    settings = train_settings(cfg.teacher, cfg.seed)
+    spec = _model_spec(cfg, classes, settings)
+    if settings.checkpoint:
+        metrics = _supplied_teacher(cfg, settings, spec, data, teacher_dir)
+    else:
+        metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher")
+    spec = load_spec(teacher_dir)
     summary = [_entry(0, "teacher", spec.arch, teacher_dir, metrics, _evaluate(cfg, teacher_dir, data))]
+    if settings.checkpoint:
+        summary[0]["supplied"] = metrics.get("supplied", settings.checkpoint)
     archs = student_archs(cfg)
     for it in range(1, cfg.iterations + 1):
         logger.info(f"== round {it} of {cfg.iterations} ==")
         round_dir = join(run_dir, f"round_{it}")
         stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes))
         arch = archs[it - 1]
-        student = ModelSpec(arch, classes, d.image_size, mean=tuple(d.mean), std=tuple(d.std))
+        settings = train_settings(cfg.student, cfg.seed + it, arch)
+        student = _model_spec(cfg, classes, settings)
         _check_student_size(student, teacher_dir, cfg.allow_smaller_student)
         student_dir = join(round_dir, "student")
         init = teacher_dir if cfg.student.init_from_teacher else None
-        settings = train_settings(cfg.student, cfg.seed + it, arch)
         balanced = join(round_dir, "balanced")
         metrics = _train(cfg, settings, student, data, student_dir, f"round_{it}_student", balanced, init)
         evaluation = _evaluate(cfg, student_dir, data)
@@ -318,7 +358,7 @@ def format_table(summary: list[dict]) -> str:
     head += f" {'pseudo_rows':>11}  {'vs_teacher':<10}"
     lines = [head, "-" * len(head)]
     for e in summary:
-        row = f"{e['iteration']:>9}  {e['role']:<8} {e['model']:<14}"
+        row = f"{e['iteration']:>9}  {role_label(e):<8} {e['model']:<14}"
         row += "".join(f" {format_number(e.get(c)):>9}" for c in TABLE_COLUMNS) + f" {e['pseudo_rows']:>11}"
         verdict = {True: "WORSE", False: "ok", None: ""}[e.get("worse_than_teacher")]
         lines.append(f"{row}  {verdict:<10}".rstrip())

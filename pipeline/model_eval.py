@@ -128,7 +128,7 @@ def evaluate_model(
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_checkpoint(model_dir, device=device)
-    data = LabeledBatches(test, spec.classes, spec.image_size, spec.in_chans, batch)
+    data = LabeledBatches(test, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation)
     accuracy, calibration = AccuracySums(), CalibrationSums()
     matrix = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     corrupt_correct = {name: [0] * len(SEVERITIES) for name in CORRUPTIONS}
@@ -161,7 +161,7 @@ def evaluate_model(
 
 def _evaluate_extra(model, spec: ModelSpec, device, name: str, root: str, batch: int) -> dict:
     """``{name}_top1/_top5/_loss`` and ``{name}_unreadable`` of one extra labeled set, streamed."""
-    data = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch)
+    data = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation)
     sums = AccuracySums()
     for images, labels in data:
         sums.add(predict_logits(model, images, spec, device, batch), labels)

@@ -101,8 +101,13 @@ def plot_corruptions(summary: list[dict]) -> bytes:
     return _png(fig)
 
 
+def role_label(e: dict) -> str:
+    """A summary entry's role as shown: ``supplied`` for a first teacher brought by ``teacher.checkpoint``."""
+    return "supplied" if e.get("supplied") else e["role"]
+
+
 def _name(e: dict) -> str:
-    return f"{e['iteration']} {e['role']} {e['model']}"
+    return f"{e['iteration']} {role_label(e)} {e['model']}"
 
 
 def _key(e: dict) -> str:
@@ -231,7 +236,7 @@ def _flatten(entry: dict, prefix: str = "") -> dict:
 def _table(summary: list[dict]) -> str:
     rows = [_flatten(e) for e in summary]
     keys = [k for k in rows[0] if k != "checkpoint"] + sorted({k for r in rows for k in r} - set(rows[0]))
-    head = "".join(f"<th>{html.escape(str(e['iteration']))} {html.escape(e['role'])}</th>" for e in summary)
+    head = "".join(f"<th>{html.escape(str(e['iteration']))} {html.escape(role_label(e))}</th>" for e in summary)
     body = []
     for k in keys:
         cells = "".join(f"<td>{_cell(r.get(k))}</td>" for r in rows)

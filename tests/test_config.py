@@ -324,3 +324,12 @@ def test_a_smaller_student_is_refused_before_training():
 def test_data_splits_are_both_set_or_neither():
     with pytest.raises(ConfigError, match="set both data.labeled and data.unlabeled"):
         load_config("digits", ["data.labeled=/tmp/x"])
+
+
+def test_a_supplied_checkpoint_is_the_first_teachers_only():
+    assert load_config("digits", ["teacher.checkpoint=/models/mine.pth"]).teacher.checkpoint == "/models/mine.pth"
+    for key in ("student.checkpoint=/m.pth", "train.checkpoint=/m.pth", "student.reset_classifier=true"):
+        with pytest.raises(ConfigError, match="set teacher.checkpoint"):
+            load_config("digits", [key])
+    assert load_config("digits", ["teacher.pretrained=true"]).teacher.pretrained == "timm"
+    assert train_settings(load_config("digits", ["teacher.pretrained=true"]).teacher, 0).pretrained == "timm"

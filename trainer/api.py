@@ -13,7 +13,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_spec
+from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, save_checkpoint
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH
@@ -82,6 +82,10 @@ def train_model(
     clear_recorded_error(error_file)
     if init_from:  # fail here, naming the checkpoint, rather than in every worker
         load_spec(init_from)
+    elif settings.pretrained:  # read once here, on the driver (workers on other nodes may not see the file),
+        # and handed to the workers as a checkpoint path like init_from, never as a state dict in the config
+        init_from = join(out_dir, "pretrained_init")
+        save_checkpoint(create_model(spec, pretrained=settings.pretrained), spec, init_from)
     config = {
         "settings": settings.to_dict(),
         "spec": dataclasses.asdict(spec),
@@ -244,17 +248,18 @@ def streaming_datasets(
     from trainer.feed import augmented, labeled_dataset, pseudo_dataset, pseudo_row_count
 
     s, sp = settings, dataclasses.asdict(spec)
+    noise, geometry = (s.randaugment_ops, s.randaugment_magnitude), (s.random_resized_crop, s.hflip)
     rows = labeled_dataset(labeled, spec.classes)
     eps_labeled = target_smoothing(s.label_smoothing, pseudo=False, hard=True)
     datasets = {
-        "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, eps_labeled),
+        "labeled": augmented(rows, sp, *noise, eps_labeled, *geometry),
         "clean": augmented(rows, sp, 0, 0, 0.0),
     }
     pseudo_rows = None
     if pseudo and s.ratio > 0:
         smoothing = target_smoothing(s.label_smoothing, pseudo=True, hard=hard)
         rows_p = pseudo_dataset(pseudo, spec.num_classes, hard)
-        datasets["pseudo"] = augmented(rows_p, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
+        datasets["pseudo"] = augmented(rows_p, sp, *noise, smoothing, *geometry)
         pseudo_rows = pseudo_row_count(pseudo)
     labeled_rows = rows.count()
     for name, n, per_step in (

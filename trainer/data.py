@@ -227,10 +227,20 @@ class LabeledBatches:
             name or ``label`` value) that is not in ``classes``.
     """
 
-    def __init__(self, root: str, classes: list[str], image_size: int, in_chans: int = 3, batch: int = EVAL_BATCH):
+    def __init__(
+        self,
+        root: str,
+        classes: list[str],
+        image_size: int,
+        in_chans: int = 3,
+        batch: int = EVAL_BATCH,
+        crop_pct: float = 1.0,
+        interpolation: str = "bilinear",
+    ):
         if batch < 1:
             raise ValueError(f"the evaluation batch must hold at least one image, not {batch}")
         self.root, self.classes, self.image_size, self.in_chans, self.batch = root, classes, image_size, in_chans, batch
+        self.crop_pct, self.interpolation = crop_pct, interpolation  # the model's eval resize (ModelSpec)
         self.rejected: Counter[str] = Counter()
         self._index = {c: i for i, c in enumerate(classes)}
         self._parquet = parquet_files(root)
@@ -288,7 +298,15 @@ class LabeledBatches:
             if data is None:
                 reason = "unreadable"
             else:
-                reason = decode_into(images[n], bytes, data, self.image_size, self.in_chans)
+                reason = decode_into(
+                    images[n],
+                    bytes,
+                    data,
+                    self.image_size,
+                    self.in_chans,
+                    self.crop_pct,
+                    interpolation=self.interpolation,
+                )
             if reason is not None:
                 self.rejected[reason] += 1
                 continue

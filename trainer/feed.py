@@ -36,7 +36,7 @@ from trainer.data import (
     read_source_bytes,
 )
 from trainer.data_check import reason_codes
-from trainer.noise import randaugment, smooth
+from trainer.noise import smooth, train_transform
 
 DECODE_BATCH = 64
 
@@ -107,9 +107,10 @@ def _decode(src, size: int, chans: int) -> tuple[np.ndarray | None, int]:
 
 
 def decode_and_augment(
-    batch: dict, spec: dict, ops: int, magnitude: int, smoothing: float
+    batch: dict, spec: dict, ops: int, magnitude: int, smoothing: float, crop: bool = False, flip: bool = False
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Read, decode, RandAugment (once per copy) and normalise; yields at most DECODE_BATCH rows at a time.
+    """Read, decode, noise (random-resized-crop with ``crop``, flip with ``flip``, RandAugment; once per copy;
+    :func:`trainer.noise.train_transform`) and normalise; yields at most DECODE_BATCH rows at a time.
 
     Out: ``image`` float32 (n, C, H, W), ``target`` float32 (n, classes), ``ok`` uint8 (n,) and
     ``reason`` int64 (n,): a row that failed keeps its place with a zero image, ``ok = 0``.
@@ -117,7 +118,7 @@ def decode_and_augment(
     from PIL import Image
 
     size, chans = spec["image_size"], spec["in_chans"]
-    transform = randaugment(ops, magnitude, size)
+    transform = train_transform(ops, magnitude, size, crop, flip)
     images = batch.get("image", [None] * len(batch["path"]))  # bytes the labeler kept; null (None/NaN): path
     sources = [i if isinstance(i, bytes) else p for i, p in zip(images, batch["path"])]
     copies = batch["copies"] if "copies" in batch else np.ones(len(sources), np.int64)
@@ -149,9 +150,17 @@ def _finish(out: dict[str, list], spec: dict, smoothing: float) -> dict[str, np.
     }
 
 
-def augmented(ds: ray.data.Dataset, spec: dict, ops: int, magnitude: int, smoothing: float) -> ray.data.Dataset:
+def augmented(
+    ds: ray.data.Dataset,
+    spec: dict,
+    ops: int,
+    magnitude: int,
+    smoothing: float,
+    crop: bool = False,
+    flip: bool = False,
+) -> ray.data.Dataset:
     """The CPU-task stage: decode + augment (each dataset shuffles its own order per pass)."""
-    kwargs = {"spec": spec, "ops": ops, "magnitude": magnitude, "smoothing": smoothing}
+    kwargs = {"spec": spec, "ops": ops, "magnitude": magnitude, "smoothing": smoothing, "crop": crop, "flip": flip}
     return ds.map_batches(
         decode_and_augment, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1, fn_kwargs=kwargs
     )

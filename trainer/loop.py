@@ -33,7 +33,7 @@ from trainer.data_check import (
     record_data_error,
 )
 from trainer.evaluate import evaluate_many, recalibrate_batchnorm, recalibrate_batchnorm_on
-from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy, target_smoothing
+from trainer.noise import augment_batch, smooth, soft_cross_entropy, target_smoothing, train_transform
 from trainer.settings import TrainSettings
 
 STATE_FILE = "train_state.pt"
@@ -43,12 +43,12 @@ logger = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
-    """The learning-rate multiplier (of ``s.lr``) at optimizer ``step`` (0-based).
+    """Linear warm-up, then cosine to zero, or the paper's staircase decay, or constant.
 
-    Linear warm-up over ``s.warmup_epochs`` epochs, then ``s.schedule``: ``cosine`` to zero at the
-    last step, ``exponential`` (Xie et al. 2020, section 3; google-research/noisystudent
-    ``main.py``: 0.97 every 2.4 epochs after 5 warm-up epochs; continuous here, staircase there),
-    or ``constant``. ``steps_per_epoch``: optimizer steps in one epoch (``steps_per_epoch``).
+    ``exponential`` is the reference code's (google-research/noisystudent ``utils.build_learning_rate``):
+    ``tf.train.exponential_decay(lr, step, 2.4 * steps_per_epoch, 0.97, staircase=True)``, i.e.
+    ``0.97 ** floor(step / (2.4 * steps_per_epoch))`` counted from step 0 (warm-up included), replaced by the
+    linear warm-up while ``step < warmup_epochs * steps_per_epoch``.
     """
     warm = s.warmup_epochs * steps_per_epoch
     if step < warm:
@@ -57,7 +57,7 @@ def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
         total = max(1, s.epochs * steps_per_epoch - warm)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / total)))
     if s.schedule == "exponential":
-        return 0.97 ** ((step - warm) / (2.4 * steps_per_epoch))
+        return 0.97 ** math.floor(step / (2.4 * steps_per_epoch))
     return 1.0
 
 
@@ -139,7 +139,9 @@ class MemoryFeed:
             if data is not None:
                 check_image_set(name, data)
         self.steps = steps_per_epoch(len(self.labeled), len(self.pseudo) if self.pseudo else None, s)
-        self.transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
+        self.transform = train_transform(
+            s.randaugment_ops, s.randaugment_magnitude, spec.image_size, s.random_resized_crop, s.hflip
+        )
         per_worker = s.batch_size // world
         # after a resume the data order is deterministic, yet not a replay of the epochs already done
         self.lab_iter = Cycler(len(self.labeled), per_worker, rank, world, s.seed, start_round=start_epoch * 1000)
@@ -332,7 +334,9 @@ def _setup(config: dict) -> _Worker:
     eval_batch = config.get("eval_batch", EVAL_BATCH)
     val = None
     if config.get("val") and rank == 0:
-        val = LabeledBatches(config["val"], spec.classes, spec.image_size, spec.in_chans, eval_batch)
+        val = LabeledBatches(
+            config["val"], spec.classes, spec.image_size, spec.in_chans, eval_batch, spec.crop_pct, spec.interpolation
+        )
 
     state = _last_state()
     start_epoch = state["epoch"] if state else 0

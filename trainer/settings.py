@@ -36,7 +36,13 @@ class TrainSettings:
     )
     label_smoothing: float = setting(0.1, help="on labeled (and hard pseudo) targets")
     randaugment_ops: int = setting(2, help="RandAugment operations per image; 0 switches RandAugment off")
-    randaugment_magnitude: int = setting(9, help="RandAugment magnitude (paper: 27 for B7/L2)")
+    randaugment_magnitude: int = setting(
+        9, help="RandAugment magnitude (paper: 27 for B7/L2); above 10 honoured (timm's mmax), as the TF reference"
+    )
+    random_resized_crop: bool = setting(
+        True, help="the reference's distorted crop (area 0.08-1, aspect 3/4-4/3) before RandAugment"
+    )
+    hflip: bool = setting(True, help="random horizontal flip before RandAugment (off where a flip changes the class)")
     drop_rate: float = setting(0.2, help="dropout before the classifier (paper: 0.2 for B0 to 0.5 for B7/L2)")
     drop_path_rate: float = setting(0.1, help="stochastic depth (paper: survival 0.8 at the last block, i.e. 0.2)")
     ema_decay: float = setting(0.0, help="EMA of weights, exported when on (paper: 0.9999); 0 = off")
@@ -67,8 +73,31 @@ class TrainSettings:
     cpus_per_worker: float = setting(1.0, help="Ray CPUs per training worker; on CPU also its torch threads")
     use_gpu: bool = setting(False, help="train on GPUs (one per worker)")
     seed: int = setting(0, help="set by the loop from the top-level seed (teacher: seed, round i: seed + i)")
+    # bring your own model (labeler.checkpoint_import); read for the first teacher only
+    checkpoint: str | None = setting(
+        None,
+        help="teacher only: start from this model, skipping its training: a checkpoint folder, or a "
+        ".safetensors/.pth state dict of arch (DDP module. prefix, state_dict/model/state_dict_ema nesting accepted)",
+    )
+    reset_classifier: bool = setting(
+        False,
+        help="teacher only, with checkpoint: another class count re-initialises the head, then fine-tunes it "
+        "for epochs (else an error naming both counts)",
+    )
+    pretrained: str | None = setting(
+        None,
+        help="initialise from pretrained weights: a weights file (local or s3://), or true for timm's own "
+        "(needs network); null: from scratch",
+    )
+    preprocessing: Literal["model", "config"] = setting(
+        "model", help="with pretrained: model = its own mean/std/crop_pct/interpolation; config = data.*"
+    )
 
     def __post_init__(self) -> None:
+        if self.pretrained in (True, "true", "True"):  # YAML true (a str field reads it as "True")
+            self.pretrained = "timm"
+        elif self.pretrained in (False, "", "false", "False", "none", "null"):
+            self.pretrained = None
         if self.lr_per_256 is not None:  # derived, never written by hand
             self.lr = self.lr_per_256 * self.batch_size / 256
 
