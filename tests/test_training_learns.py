@@ -62,7 +62,7 @@ def _train_and_evaluate(paths: dict, pseudo: str | None, ratio: int, batch: int)
     spec = ModelSpec("test_resnet", classes, SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
     s = TrainSettings(
         batch_size=batch, ratio=ratio, epochs=6, steps_per_epoch=50, lr=0.05, warmup_epochs=1, randaugment_ops=2,
-        randaugment_magnitude=5, num_workers=1, seed=0,
+        randaugment_magnitude=5, num_workers=1, seed=0, random_resized_crop=False, hflip=False,  # as digits.yaml
     )  # fmt: skip
     feed = MemoryFeed({"labeled": paths["labeled"], "pseudo": pseudo, "hard": False}, s, spec, 0, 1, 0)
     model = create_model(spec, s.drop_rate, s.drop_path_rate)
