@@ -67,18 +67,29 @@ def main() -> None:
     p.add_argument("--pseudo-rows", type=float, default=130e6)
     p.add_argument("--labeled", type=float, default=1.28e6)
     p.add_argument("--epochs", type=float, default=350)
+    p.add_argument("--ratio", type=float, default=3, help="pseudo-labeled images per labeled image in a step")
+    p.add_argument(
+        "--epoch-over",
+        choices=("labeled", "pseudo"),
+        default="labeled",
+        help="what an epoch counts: passes over the labeled set (the reference code; configs/imagenet_jft.yaml's "
+        "student.steps_per_epoch) or over the pseudo-labeled set (student.steps_per_epoch: 0)",
+    )
     a = p.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     label_s = per_image_seconds(a.teacher, a.size, a.batch, a.batches, train=False)
     train_s = per_image_seconds(a.student, a.size, a.batch, a.batches, train=True)
     label_h = label_s * a.unlabeled / 3600
-    train_h = train_s * a.epochs * (a.pseudo_rows + a.labeled) / 3600
+    # images through the student: a step holds 1 labeled + ratio pseudo-labeled images per labeled slot
+    per_epoch = a.labeled * (1 + a.ratio) if a.epoch_over == "labeled" else a.pseudo_rows * (1 + 1 / a.ratio)
+    train_h = train_s * a.epochs * per_epoch / 3600
     params = [count_parameters(create_model(ModelSpec(m, ["c"] * 1000, a.size))) / 1e6 for m in (a.teacher, a.student)]
     print(f"device: {device}; {a.size}px, batch {a.batch}")
     print(f"teacher {a.teacher} ({params[0]:.1f}M): {1 / label_s:,.1f} images/s labeling")
     print(f"student {a.student} ({params[1]:.1f}M): {1 / train_s:,.1f} images/s training")
     print(f"label {a.unlabeled:,.0f} images: {label_h:,.0f} device-hours")
-    print(f"train {a.epochs:g} epochs over {a.pseudo_rows + a.labeled:,.0f} rows: {train_h:,.0f} device-hours")
+    print(f"train {a.epochs:g} epochs over the {a.epoch_over} set ({a.epochs * per_epoch:,.0f} images at ratio "
+          f"{a.ratio:g}): {train_h:,.0f} device-hours")  # fmt: skip
 
 
 if __name__ == "__main__":

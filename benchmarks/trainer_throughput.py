@@ -28,7 +28,7 @@ import torch
 from labeler.model import ModelSpec, create_model
 from pipeline.digits import write_digits_corpus
 from trainer.data import load_labeled
-from trainer.loop import Cycler, build_optimizer, seed_everything
+from trainer.loop import Cycler, build_optimizer, seed_everything, steps_per_epoch
 from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
 from trainer.settings import TrainSettings
 
@@ -79,7 +79,7 @@ def main() -> None:
     spec = ModelSpec(a.arch, [str(i) for i in range(10)], 32, mean=(0.5,) * 3, std=(0.5,) * 3)
     base = dict(arch=a.arch, epochs=a.epochs, batch_size=a.batch, warmup_epochs=0, checkpoint_every=a.epochs,
                 eval_every=a.epochs, recalibrate_bn=False, use_gpu=False)  # fmt: skip
-    steps = 600 // a.batch  # one epoch over the 600 labeled images, as the trainer counts it
+    steps = steps_per_epoch(600, None, TrainSettings(**base))  # one epoch over the 600 labeled images
     torch.set_num_threads(a.cpus)
     plain = plain_loop(TrainSettings(**base, num_workers=1), spec, paths["labeled"], steps, a.epochs)
     ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, log_to_driver=False)

@@ -11,7 +11,9 @@ it (EXIF orientation applied; transparency flattened onto :data:`BACKGROUND`).
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -114,18 +116,26 @@ def read_reason(read_error: str) -> str:
     return reason if reason in READ_REASONS else "unreadable"
 
 
-def resize_center_crop(img: Image.Image, image_size: int, crop_pct: float = 1.0) -> np.ndarray:
-    """Eval geometry: shorter side to ``image_size / crop_pct``, then a centre crop.
+def resize_center_crop(
+    img: Image.Image, image_size: int, crop_pct: float = 1.0, interpolation: str = "bilinear"
+) -> np.ndarray:
+    """Eval geometry as timm's ``transforms_factory`` does it: shorter side to
+    ``floor(image_size / crop_pct)`` with ``interpolation`` (a timm name: bilinear, bicubic, ...), then a
+    centre crop of ``image_size``.
 
     Returns uint8 HxWxC (C = 1 or 3); normalisation happens next to the model.
     """
-    scale_size = int(round(image_size / crop_pct))
+    # our own loop over PIL rather than torchvision's Resize/CenterCrop: it runs per image inside Ray
+    # Data decode tasks on numpy arrays; the geometry (floor of the scale size) is timm's
+    from timm.data.transforms import str_to_pil_interp
+
+    scale_size = math.floor(image_size / crop_pct)
     w, h = img.size
     if w <= h:
         new_w, new_h = scale_size, max(scale_size, int(round(h * scale_size / w)))
     else:
         new_w, new_h = max(scale_size, int(round(w * scale_size / h))), scale_size
-    img = img.resize((new_w, new_h), Image.BILINEAR)
+    img = img.resize((new_w, new_h), str_to_pil_interp(interpolation))
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
     img = img.crop((left, top, left + image_size, top + image_size))
     arr = np.asarray(img, dtype=np.uint8)
@@ -142,6 +152,31 @@ def normalize(batch_hwc: np.ndarray, mean: tuple[float, ...], std: tuple[float, 
     return (x - m) / s
 
 
+def decode_into(
+    out: np.ndarray,
+    read: Callable,
+    src,
+    image_size: int,
+    in_chans: int,
+    crop_pct: float = 1.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    interpolation: str = "bilinear",
+) -> str | None:
+    """Decode ``read(src)`` into ``out`` (uint8 ``(image_size, image_size, in_chans)``) with the eval
+    geometry (:func:`decode_image`, then :func:`resize_center_crop`); the one decode step of the
+    labeler and of both training feeds, so an image is rejected for the same reasons everywhere.
+
+    Returns the reject reason (``out`` then untouched), or None when it decoded. ``read`` may raise
+    :class:`RejectedImage` too (``unreadable``); any other exception propagates.
+    """
+    try:
+        img = decode_image(read(src), in_chans, max_pixels)
+        out[...] = resize_center_crop(img, image_size, crop_pct, interpolation)
+        return None
+    except RejectedImage as err:
+        return err.reason
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     image_size: int,
@@ -149,6 +184,7 @@ def decode_batch(
     in_chans: int,
     max_pixels: int,
     keep_bytes: bool = False,
+    interpolation: str = "bilinear",
 ) -> dict[str, np.ndarray]:
     """bytes -> fixed-size uint8 images; a bad image becomes a row with a reject reason.
 
@@ -164,11 +200,8 @@ def decode_batch(
         if read_errors is not None and isinstance(read_errors[i], str):  # nulls may arrive as None or NaN
             reasons[i] = read_reason(read_errors[i])
             continue
-        try:
-            img = decode_image(bytes(data) if data is not None else b"", in_chans, max_pixels)
-            images[i] = resize_center_crop(img, image_size, crop_pct)
-        except RejectedImage as err:
-            reasons[i] = err.reason
+        src = data if data is not None else b""
+        reasons[i] = decode_into(images[i], bytes, src, image_size, in_chans, crop_pct, max_pixels, interpolation) or ""
     out = {"id": batch["id"], "path": batch["path"], "image": images, "reject_reason": reasons}
     if keep_bytes:
         out["encoded"] = batch["bytes"]

@@ -29,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.file_reader import read_files
-from labeler.storage import escape_name, filesystem_for, is_hidden
+from labeler.storage import escape_name, filesystem_for, is_hidden, s3_endpoint_and_region
 from labeler.units import Unit
 
 PATH_COLUMN = "path"
@@ -81,9 +81,8 @@ def _s3_client():
     credentials from the standard AWS chain."""
     import boto3
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None)
+    endpoint, region = s3_endpoint_and_region()
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
 
 def _iter_s3(root: str) -> Iterator[str]:

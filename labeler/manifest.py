@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.file_reader import REMOTE_READ_THREADS, _read_one, blocks
-from labeler.storage import escape_name
+from labeler.storage import escape_name, join
 from labeler.units import Unit
 
 URI_COLUMN = "uri"
@@ -100,18 +100,18 @@ def read_manifest_range(fs: pafs.FileSystem, manifest: str, start: int, stop: in
 
     entries = (_parquet_entries if manifest.endswith(".parquet") else _text_entries)(fs, manifest, start, stop)
     folder = manifest.rsplit("/", 1)[0]
-    local, s3 = pafs.LocalFileSystem(), (filesystem_for("s3://bucket")[0] if any(map(is_s3, entries)) else None)
+    local = pafs.LocalFileSystem()
 
     def where(entry: str) -> tuple[pafs.FileSystem, str]:
         if is_s3(entry):
-            return s3, entry[len("s3://") :]
+            return filesystem_for(entry)  # one S3 filesystem per process (labeler.storage)
         # local names stay escaped here (valid UTF-8 in the path column); _read_one unescapes them
-        return (local, entry) if os.path.isabs(entry) else (fs, f"{folder}/{entry}")
+        return (local, entry) if os.path.isabs(entry) else (fs, join(folder, entry))
 
     def one(entry: str) -> tuple:
         entry_fs, path = where(entry)
-        return (entry, path if entry_fs is not s3 else entry, *_read_one(entry_fs, path))
+        return (entry, entry if is_s3(entry) else path, *_read_one(entry_fs, path))
 
-    remote = s3 is not None or not isinstance(fs, pafs.LocalFileSystem)
+    remote = any(map(is_s3, entries)) or not isinstance(fs, pafs.LocalFileSystem)
     with ThreadPoolExecutor(REMOTE_READ_THREADS if remote else 1) as pool:
         yield from blocks(pool.map(one, entries))

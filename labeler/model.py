@@ -13,15 +13,18 @@ Users can also bring a bare state dict (``.safetensors`` or ``.pth`` loaded with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from labeler.storage import read_bytes, write_bytes
+from labeler.storage import join, read_bytes, write_bytes
 
 if TYPE_CHECKING:  # torch is imported on use: drivers that only read specs start faster
     import torch
@@ -43,20 +46,28 @@ class ModelSpec:
     in_chans: int = 3
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    crop_pct: float = 1.0
+    crop_pct: float = 1.0  # eval resize: shorter side to floor(image_size / crop_pct), then a centre crop
+    interpolation: str = "bilinear"  # eval resize filter, a timm name (bilinear, bicubic, ...)
     model_id: str = ""
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
+        """Number of classes: the model's output width."""
         return len(self.classes)
 
     def to_json(self) -> str:
+        """``model.json``'s text: every field, indented."""
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> ModelSpec:
+        """A spec from ``model.json``'s text.
+
+        Raises:
+            ValueError: unknown keys, or a ``format_version`` newer than this package reads.
+        """
         data = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
@@ -72,15 +83,36 @@ class ModelSpec:
         return cls(**data)
 
 
-def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> torch.nn.Module:
-    """The one way to build a model in this project (timm's factory, no pretrained weights)."""
+def create_model(
+    spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float = 0.0, pretrained: str | None = None
+) -> torch.nn.Module:
+    """The one way to build a model in this project: timm's factory.
+
+    ``pretrained``: None (random init), ``"timm"`` (whatever timm resolves for ``spec.arch``: the Hugging
+    Face hub or a URL, so it needs network or timm's cache), or a ``.safetensors``/``.pth`` weights file
+    (local or ``s3://``), loaded by timm (``pretrained_cfg_overlay=dict(file=...)``, ``weights_only``);
+    timm drops the classifier when its class count differs, and adapts ``in_chans``. Architectures with a
+    fixed input size (ViT, Swin: ``fixed_input_size`` in their pretrained config) get
+    ``img_size=spec.image_size``.
+
+    Raises:
+        ValueError: unknown architecture, or pretrained weights that cannot be had.
+    """
     import timm
 
     kwargs = {"num_classes": spec.num_classes, "in_chans": spec.in_chans, "drop_rate": drop_rate}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+    cfg = _pretrained_cfg(spec.arch)
+    if cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = spec.image_size
     try:
-        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+        if not pretrained:
+            return timm.create_model(spec.arch, pretrained=False, **kwargs)
+        if pretrained == "timm":
+            return _create_from_hub(spec.arch, kwargs)
+        with local_copy(pretrained) as path:
+            return timm.create_model(spec.arch, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
             raise ValueError(
@@ -90,7 +122,74 @@ def create_model(spec: ModelSpec, drop_rate: float = 0.0, drop_path_rate: float 
         raise
 
 
-def count_parameters(model: torch.nn.Module) -> int:
+def _create_from_hub(arch: str, kwargs: dict) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(arch, pretrained=True, **kwargs)
+    except Exception as err:
+        if isinstance(err, RuntimeError) and "Unknown model" in str(err):
+            raise
+        raise ValueError(
+            f"could not get timm's pretrained weights for {arch!r} ({type(err).__name__}: {str(err)[:200]}); "
+            "this needs network access to the Hugging Face hub (or timm's cache). Without network, download "
+            "the weights elsewhere and set pretrained to the .safetensors/.pth file (local or s3://)."
+        ) from err
+
+
+def _pretrained_cfg(arch: str):
+    """timm's default pretrained config of ``arch`` (input size, interpolation, crop_pct, mean/std), or None."""
+    import timm
+
+    try:
+        return timm.get_pretrained_cfg(arch)
+    except Exception:  # an unknown name is reported by create_model, with a hint
+        return None
+
+
+def model_preprocessing(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with the eval preprocessing of its architecture's pretrained config (mean, std,
+    crop_pct, interpolation), as timm's ``resolve_data_config`` gives them; the image size stays
+    ``spec.image_size`` (the configured resolution). Unchanged when timm has no pretrained config."""
+    from timm.data import resolve_data_config
+
+    cfg = _pretrained_cfg(spec.arch)
+    if cfg is None:
+        return spec
+    data = resolve_data_config(pretrained_cfg=cfg.to_dict())
+    mean, std = tuple(data["mean"]), tuple(data["std"])
+    if spec.in_chans == 1:  # a grey model: timm averages the first conv over RGB; the statistics likewise
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return dataclasses.replace(
+        spec, mean=mean, std=std, crop_pct=float(data["crop_pct"]), interpolation=str(data["interpolation"])
+    )
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local path for ``uri``: itself when local, else a temporary copy (``s3://``) that is removed after."""
+    if not uri.startswith("s3://"):
+        if not os.path.isfile(uri):
+            raise ValueError(f"weights file {uri} does not exist; give a local path or an s3:// URI")
+        yield uri
+        return
+    suffix = os.path.splitext(uri)[1]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "weights" + suffix)
+        with open(path, "wb") as f:
+            f.write(read_bytes(uri))
+        yield path
+
+
+def count_parameters(model: torch.nn.Module | ModelSpec) -> int:
+    """Number of parameters (elements of every parameter tensor) of a model, or of the model a spec
+    describes. A spec's model is built on ``torch.device("meta")``: shapes only, no memory and no
+    weight initialisation, so sizing a large architecture costs next to nothing."""
+    import torch
+
+    if isinstance(model, ModelSpec):
+        with torch.device("meta"):
+            model = create_model(model)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -105,13 +204,9 @@ def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, directory: str) -> 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state)
     spec = dataclasses.replace(spec, model_id=f"{spec.arch}-{hashlib.sha256(blob).hexdigest()[:12]}")
-    write_bytes(_join(directory, WEIGHTS_FILE), blob)
-    write_bytes(_join(directory, SPEC_FILE), spec.to_json().encode())
+    write_bytes(join(directory, WEIGHTS_FILE), blob)
+    write_bytes(join(directory, SPEC_FILE), spec.to_json().encode())
     return spec
-
-
-def _join(directory: str, name: str) -> str:
-    return directory.rstrip("/") + "/" + name
 
 
 def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
@@ -131,7 +226,12 @@ def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
 
 
 def load_spec(directory: str) -> ModelSpec:
-    return ModelSpec.from_json(read_bytes(_join(directory, SPEC_FILE)).decode())
+    """The :class:`ModelSpec` in ``directory/model.json`` (a local folder or an ``s3://`` prefix).
+
+    Raises:
+        FileNotFoundError: no ``model.json`` there. ValueError: as :meth:`ModelSpec.from_json`.
+    """
+    return ModelSpec.from_json(read_bytes(join(directory, SPEC_FILE)).decode())
 
 
 def load_checkpoint(
@@ -155,7 +255,7 @@ def load_checkpoint(
             spec = dataclasses.replace(spec, model_id=f"{spec.arch}-{os.path.basename(path)}")
     else:
         spec = spec or load_spec(path)
-        state = _load_state_dict(_join(path, WEIGHTS_FILE))
+        state = _load_state_dict(join(path, WEIGHTS_FILE))
     model = create_model(spec)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

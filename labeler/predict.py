@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import nullcontext
 
@@ -11,6 +12,29 @@ import pyarrow as pa
 from labeler.images import normalize
 from labeler.inference import optimize_for_inference
 from labeler.model import ModelSpec, load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def _actor_logging() -> None:
+    """In a Ray actor, the ``labeler`` loggers write INFO lines to the actor's stderr: its worker log
+    (and the driver's console with ``log_to_driver``). Ray configures its own loggers there, not ours,
+    so without this our INFO lines would be dropped. Outside an actor (a driver that called
+    ``labeler.progress.configure_console``, pytest) nothing changes."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    package = logging.getLogger("labeler")
+    if any(getattr(h, "_labeler_actor", False) for h in package.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._labeler_actor = True
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False  # once, even where Ray's set-up gave the root logger a handler too
+
 
 BASE_FIELDS = [("id", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("confidence", pa.float32())]
 TAIL_FIELDS = [("reject_reason", pa.string()), ("model_id", pa.string())]
@@ -106,8 +130,8 @@ class Predictor:
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         dtype = str(self.autocast or torch.float32).replace("torch.", "")
         self.progress = progress  # a labeler.progress.ProgressChannel, or None
-        # print, not logging: an actor's stdout goes to Ray's worker log (and to the driver with log_to_driver)
-        print(f"labeler: predictor for {self.spec.model_id} on node {node}, device {self.device} {dtype}, {note}")
+        _actor_logging()
+        logger.info(f"labeler: predictor for {self.spec.model_id} on node {node}, device {self.device} {dtype}, {note}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch

@@ -7,30 +7,62 @@ S3-compatible store. Nothing here logs credentials.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 
 import pyarrow.fs as pafs
 
+S3_SCHEME = "s3://"
+
 
 def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
+    """Whether ``uri`` names an S3 object or prefix (``s3://bucket/key``) rather than a local path."""
+    return uri.startswith(S3_SCHEME)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None, profile: str | None) -> pafs.S3FileSystem:
+    """One S3 filesystem per process and setting: building one per read costs a credential lookup
+    (and, on an instance role, a metadata request) each time. Keyed by what selects the store and
+    the credentials, never by the credentials themselves."""
+    kwargs = {}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def s3_endpoint_and_region() -> tuple[str | None, str | None]:
+    """The S3 endpoint (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``) and region (``AWS_REGION`` or
+    ``AWS_DEFAULT_REGION``) every S3 client of the project uses; None where unset (the AWS defaults)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return endpoint or None, region or None
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """Return (filesystem, path inside it) for a local path or an s3:// URI."""
+    """(filesystem, path inside it) for a local path or an ``s3://`` URI.
+
+    The path inside an S3 filesystem is ``bucket/key`` (pyarrow's form, without the scheme);
+    :func:`uri_of` turns it back into a URI. S3 filesystems are shared within a process (one per
+    endpoint, region and profile, as read from ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``,
+    ``AWS_REGION``/``AWS_DEFAULT_REGION`` and ``AWS_PROFILE``); local paths come back absolute.
+    """
     if is_s3(uri):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        kwargs = {}
-        if endpoint:
-            kwargs["endpoint_override"] = endpoint
-            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs), uri[len("s3://") :]
+        return _s3_filesystem(*s3_endpoint_and_region(), os.environ.get("AWS_PROFILE")), uri[len(S3_SCHEME) :]
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def uri_of(fs: pafs.FileSystem, path: str) -> str:
+    """The URI of ``path`` inside ``fs`` (the inverse of :func:`filesystem_for`): ``s3://bucket/key``
+    on S3, so a stored path is never mistaken for a relative local one; local paths unchanged."""
+    if fs.type_name == "s3" and not is_s3(path):
+        return S3_SCHEME + path
+    return path
 
 
 _ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
@@ -74,6 +106,7 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to a local file (parent folders created) or an ``s3://`` object, replacing it."""
     fs, path = filesystem_for(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
@@ -83,6 +116,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def exists(uri: str) -> bool:
+    """Whether a file, folder or object (or, on S3, any object under the prefix) is at ``uri``."""
     fs, path = filesystem_for(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -145,10 +179,16 @@ def absolute(uri: str) -> str:
 
 
 def read_json(uri: str):
+    """The JSON value in a local file or ``s3://`` object.
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``. json.JSONDecodeError: not JSON.
+    """
     return json.loads(read_bytes(uri))
 
 
 def write_json(uri: str, obj) -> None:
+    """``obj`` as indented JSON at ``uri`` (local or ``s3://``)."""
     write_bytes(uri, json.dumps(obj, indent=2).encode())
 
 

@@ -24,7 +24,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from labeler.file_reader import SCHEMA
-from labeler.storage import delete_file, delete_tree, join, list_files, read_bytes, write_bytes
+from labeler.storage import delete_file, delete_tree, join, list_files, read_bytes, uri_of, write_bytes
 
 UNIT_COLUMN = "unit"
 UNIT_LOG = "units"  # beside predictions/: one <key>.json per fully read unit
@@ -66,6 +66,9 @@ def _read_unit(fs: pafs.FileSystem, root: str, unit: Unit, reader: Reader, log: 
     tables = reader(fs, root, list(unit.paths)) if unit.stop is None else reader(fs, root, unit.start, unit.stop)
     for table in tables:
         rows += table.num_rows
+        if fs.type_name != "local":  # the path column holds URIs (s3://bucket/key), as a manifest's entries do
+            paths = pa.array([uri_of(fs, p) for p in table["path"].to_pylist()], pa.string())
+            table = table.set_column(table.schema.get_field_index("path"), "path", paths)
         yield table.append_column(UNIT_COLUMN, pa.array([unit.key] * table.num_rows, pa.string()))
     if log:  # every row of the unit is on its way: record how many there are
         write_bytes(join(log, unit.key + ".json"), json.dumps({"rows": rows, "input": unit.identity}).encode())

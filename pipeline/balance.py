@@ -172,52 +172,78 @@ def parquet_runner(path: str, batch_rows: int = 1 << 18) -> Runner:
 def plan_balance(
     data: ray.data.Dataset | Runner, num_classes: int, per_class: int, threshold: float = 0.3, duplicate: bool = True
 ) -> BalancePlan:
-    """Count, then find each class's exact cut-off with histogram refinement passes."""
+    """Count, then find each class's exact cut-off with histogram refinement passes.
+
+    ``data``: predictions with ``id`` (str), ``label`` (int, 0..num_classes-1), ``confidence``
+    (float32 top probability, 0..1) and ``reject_reason`` (null for a prediction) columns, as a Ray
+    Dataset or a :data:`Runner` (:func:`parquet_runner` runs in this process). ``threshold``: the
+    confidence filter (Xie et al. 2020, section 3: 0.3 on ImageNet); ``per_class``: N, the rows
+    every non-empty class gets (the paper's 130K on ImageNet); ``duplicate=False`` only trims
+    classes above N. The semantics are DESIGN.md section 4 (exact, unlike the reference code's
+    histogram approximation). Memory: classes x (256 + GATHER_LIMIT), never per row.
+
+    Raises:
+        ValueError: ``per_class`` < 1, ``threshold`` outside [0, 1], or a label outside 0..num_classes-1.
+    """
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, not {per_class}")
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be within [0, 1], not {threshold}")
     run = ray_runner(data) if isinstance(data, ray.data.Dataset) else data
+    pred, passing, top = _count_pass(run, num_classes, threshold)
+    plan, need = _new_plan(pred, passing, per_class, threshold, duplicate)
+    plan.max_confidence = top
+    todo = ~(plan.all_top | plan.none_top)
+    logger.info(f"balancing: counting pass done: {int(pred.sum())} predictions, {int(passing.sum())} pass the "
+                f"threshold; {int(todo.sum())} classes need a cut-off")  # fmt: skip
+    cut = _CutSearch(num_classes, passing)
+    while todo.any():
+        started = time.time()
+        cut.refine(run, plan, need, todo)
+        logger.info(f"balancing: refinement pass {plan.passes} in {time.time() - started:.0f} s, "
+                    f"{int(todo.sum())} classes left")  # fmt: skip
+    plan.stats = balance_stats(plan)
+    return plan
+
+
+def _count_pass(run: Runner, num_classes: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: predictions, predictions passing ``threshold`` (int64) and the top confidence (float64)."""
     pred, passing = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
     top = np.zeros(num_classes, np.float64)
     for b in run(_count_batch, {"threshold": threshold, "num_classes": num_classes}):
         pred += b["predictions"].sum(axis=0)
         passing += b["passing"].sum(axis=0)
         top = np.maximum(top, b["max_confidence"].max(axis=0))
-    plan, need = _new_plan(pred, passing, per_class, threshold, duplicate)
-    plan.max_confidence = top
-    todo = ~(plan.all_top | plan.none_top)
-    logger.info(f"balancing: counting pass done: {int(pred.sum())} predictions, {int(passing.sum())} pass the "
-                f"threshold; {int(todo.sum())} classes need a cut-off")  # fmt: skip
-    prefix, level = np.zeros(num_classes, np.uint64), np.zeros(num_classes, np.int64)
-    bucket = passing.copy()  # rows of each class that match its current prefix
-    tying = np.zeros(num_classes, bool)
-    while todo.any():
-        gathering = todo & ~tying & ((bucket <= GATHER_LIMIT) | (level >= KEY_BYTES))
-        refining = todo & ~tying & ~gathering
-        kwargs = {"threshold": threshold, "num_classes": num_classes, "prefix": prefix.copy(), "level": level.copy(),
-                  "refining": refining, "gathering": gathering, "tying": tying.copy(),
-                  "cut_key": plan.cut_key.copy()}  # fmt: skip
-        started = time.time()
-        hist = np.zeros((num_classes, 256), np.int64)
-        keys: dict[int, list] = {int(k): [] for k in np.flatnonzero(gathering)}
-        tie_ids: dict[int, list] = {int(k): [] for k in np.flatnonzero(tying)}
-        for b in run(_refine_batch, kwargs):
-            h = b["byte"] >= 0
-            np.add.at(hist, (b["label"][h], b["byte"][h]), b["count"][h])
-            g = b["byte"] == -1
-            for lab in np.unique(b["label"][g]):
-                keys[int(lab)].append(b["key"][g][b["label"][g] == lab])
-            t = b["byte"] == -2
-            for lab, id_ in zip(b["label"][t], b["id"][t]):
-                tie_ids[int(lab)].append(str(id_))
+    return pred, passing, top
+
+
+class _CutSearch:
+    """The state of the cut-off search across refinement passes, per class: the key prefix chosen so
+    far and its length in bytes, the rows still matching it, and whether the class is down to
+    breaking a tie of equal keys by id."""
+
+    def __init__(self, num_classes: int, passing: np.ndarray):
+        self.num_classes = num_classes
+        self.prefix, self.level = np.zeros(num_classes, np.uint64), np.zeros(num_classes, np.int64)
+        self.bucket = passing.copy()  # rows of each class that match its current prefix
+        self.tying = np.zeros(num_classes, bool)
+
+    def refine(self, run: Runner, plan: BalancePlan, need: np.ndarray, todo: np.ndarray) -> None:
+        """One pass over the data: refine, gather or tie-break each class in ``todo``; updates ``plan``,
+        ``need`` (rows still to rank at the cut) and ``todo`` (classes whose cut is not found yet)."""
+        gathering = todo & ~self.tying & ((self.bucket <= GATHER_LIMIT) | (self.level >= KEY_BYTES))
+        refining = todo & ~self.tying & ~gathering
+        kwargs = {"threshold": plan.threshold, "num_classes": self.num_classes, "prefix": self.prefix.copy(),
+                  "level": self.level.copy(), "refining": refining, "gathering": gathering,
+                  "tying": self.tying.copy(), "cut_key": plan.cut_key.copy()}  # fmt: skip
+        hist, keys, tie_ids = self._collect(run, kwargs, gathering)
         plan.passes += 1
         for k in np.flatnonzero(refining):
             byte, above, in_bucket = choose_bucket(hist[k], int(need[k]))
             need[k] -= above
-            prefix[k] = (prefix[k] << np.uint64(8)) | np.uint64(byte)
-            level[k] += 1
-            bucket[k] = in_bucket
+            self.prefix[k] = (self.prefix[k] << np.uint64(8)) | np.uint64(byte)
+            self.level[k] += 1
+            self.bucket[k] = in_bucket
         for k, parts in keys.items():
             ranked = np.sort(np.concatenate(parts))[::-1]
             cut = ranked[need[k] - 1]
@@ -227,14 +253,26 @@ def plan_balance(
                 todo[k] = False  # every row with the cut key is in: no id tie-break needed
             else:
                 need[k] -= above
-                tying[k] = True
+                self.tying[k] = True
         for k, ids in tie_ids.items():
             plan.cut_id[k] = sorted(ids)[need[k] - 1]
-            todo[k] = tying[k] = False
-        logger.info(f"balancing: refinement pass {plan.passes} in {time.time() - started:.0f} s, "
-                    f"{int(todo.sum())} classes left")  # fmt: skip
-    plan.stats = balance_stats(plan)
-    return plan
+            todo[k] = self.tying[k] = False
+
+    def _collect(self, run: Runner, kwargs: dict, gathering: np.ndarray) -> tuple[np.ndarray, dict, dict]:
+        """Sum one pass's batch outputs: byte histograms (classes, 256), gathered keys and tied ids per class."""
+        hist = np.zeros((self.num_classes, 256), np.int64)
+        keys: dict[int, list] = {int(k): [] for k in np.flatnonzero(gathering)}
+        tie_ids: dict[int, list] = {int(k): [] for k in np.flatnonzero(self.tying)}
+        for b in run(_refine_batch, kwargs):
+            h = b["byte"] >= 0
+            np.add.at(hist, (b["label"][h], b["byte"][h]), b["count"][h])
+            g = b["byte"] == -1
+            for lab in np.unique(b["label"][g]):
+                keys[int(lab)].append(b["key"][g][b["label"][g] == lab])
+            t = b["byte"] == -2
+            for lab, id_ in zip(b["label"][t], b["id"][t]):
+                tie_ids[int(lab)].append(str(id_))
+        return hist, keys, tie_ids
 
 
 def apply_batch(table: pa.Table, plan: BalancePlan) -> pa.Table:
@@ -252,6 +290,9 @@ def apply_balance(ds: ray.data.Dataset, plan: BalancePlan) -> ray.data.Dataset:
 
 
 def balance_stats(plan: BalancePlan) -> dict:
+    """``balance_stats.json``: per class (``classes``, a list indexed by class) the predictions, the
+    rows passing the threshold, the rows after balancing (``final``), the cut-off confidence and the top
+    confidence; ``empty_classes``, ``total_rows`` (sum of copies) and ``refinement_passes``."""
     classes = []
     for k in range(plan.num_classes):
         cut = None
@@ -307,17 +348,17 @@ def balance_predictions(
         NothingPassed: (a ValueError) no prediction reached ``threshold``; nothing is written, so a
             run with a lower threshold starts balancing afresh.
     """
-    from labeler.storage import filesystem_for, write_bytes
+    from labeler.storage import filesystem_for, join, write_bytes
 
     fs, path = filesystem_for(predictions)
     stats_ds = ray.data.read_parquet(path, filesystem=fs, columns=STAT_COLUMNS)
     plan = plan_balance(stats_ds, num_classes, per_class, threshold, duplicate)
     check_something_passed(plan.stats)
-    ofs, opath = filesystem_for(out.rstrip("/") + "/balanced")
+    ofs, opath = filesystem_for(join(out, "balanced"))
     logger.info("balancing: writing the balanced set (apply pass)")
     apply_balance(ray.data.read_parquet(path, filesystem=fs), plan).write_parquet(opath, filesystem=ofs)
-    write_bytes(out.rstrip("/") + "/balance_stats.json", json.dumps(plan.stats, indent=2).encode())
-    write_bytes(out.rstrip("/") + "/class_counts.png", plot_class_counts(plan.stats))
+    write_bytes(join(out, "balance_stats.json"), json.dumps(plan.stats, indent=2).encode())
+    write_bytes(join(out, "class_counts.png"), plot_class_counts(plan.stats))
     return plan.stats
 
 

@@ -6,7 +6,11 @@ import argparse
 import logging
 import sys
 
+from labeler.settings import add_arguments
+from pipeline.config import BalanceConfig
+
 logger = logging.getLogger("pipeline.cli")
+CONFIG_HELP = "a shipped config's name (digits, imagenet_jft) or a YAML file, which may extend one with `base: digits`"
 
 
 def _run(args) -> int:
@@ -41,7 +45,7 @@ def _balance(args) -> int:
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(args.verbose))
     stats = balance_predictions(
-        args.predictions, args.out, args.num_classes, args.per_class, args.threshold, not args.trim_only
+        args.predictions, args.out, args.num_classes, args.per_class, args.threshold, args.duplicate
     )
     logger.info(f"balanced: {stats['total_rows']} rows, empty classes {stats['empty_classes']}, "
           f"{stats['refinement_passes']} refinement passes")  # fmt: skip
@@ -56,14 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", parents=[common], help="run the Noisy Student loop from a YAML config")
-    run.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
-    run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=5 run_dir=runs/x")
+    run.add_argument("config", help=CONFIG_HELP)
+    run.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=5 run_dir=runs/x runlocal=true"
+    )
     run.set_defaults(func=_run)
     rep = sub.add_parser("report", parents=[common], help="write RUN_DIR/report.html from a finished (or partial) run")
     rep.add_argument("run_dir", help="the run_dir of a noisy-student run")
     rep.set_defaults(func=_report)
     abl = sub.add_parser("ablate", parents=[common], help="run the ablation variants of a config and compare them")
-    abl.add_argument("config", help="YAML config, e.g. configs/digits.yaml")
+    abl.add_argument("config", help=CONFIG_HELP)
     abl.add_argument("overrides", nargs="*", help="key=value overrides applied to every variant")
     abl.add_argument("--only", nargs="+", help="variants to run besides the baseline (default: all)")
     abl.set_defaults(func=_ablate)
@@ -72,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     bal.add_argument("--out", required=True, help="output folder: balanced/ and balance_stats.json")
     bal.add_argument("--num-classes", type=int, required=True)
     bal.add_argument("--per-class", type=int, required=True, help="target rows per class")
-    bal.add_argument("--threshold", type=float, default=0.3)
-    bal.add_argument("--trim-only", action="store_true", help="do not duplicate rows of small classes")
+    add_arguments(bal, BalanceConfig, only=("threshold", "duplicate"))  # the names of the config's balance: section
     bal.set_defaults(func=_balance)
     args = parser.parse_args(argv)
     from labeler.progress import configure_console
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_console(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        # what a user can fix (config errors name their key path); anything else is a bug and keeps its traceback
         print(f"noisy-student: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,50 +1,521 @@
-"""The one config system: a YAML file plus command-line ``key=value`` overrides.
+"""The run configuration: typed dataclasses (the one place defaults live), YAML files that hold only
+what differs, and command-line ``key=value`` overrides, merged and checked by OmegaConf structured
+configs (what Hydra and torchtune use) before anything starts.
 
-Overrides use dotted keys (``teacher.epochs=5``) and YAML values (``data.test=null``,
-``student.archs=[a,b]``). A key that is not in the file is an error, so a typo never
-silently does nothing.
+Layers, later ones win:
+
+1. the dataclass defaults (:class:`RunConfig`; ``teacher``/``student`` are ``trainer.settings.TrainSettings``,
+   ``label`` is ``labeler.api.LabelOptions``);
+2. the config file, after the file named by its ``base:`` key (a shipped config's name such as ``digits``,
+   or a path relative to the file), recursively;
+3. the ``runlocal`` overlay (:data:`RUNLOCAL`) when ``runlocal`` is true in the file or on the command line;
+4. command-line overrides: dotted keys, YAML values (``teacher.epochs=5``, ``data.test=null``,
+   ``student.archs=[a,b]``).
+
+The ``train:`` section holds training keys shared by teacher and student: each of ``teacher`` and
+``student`` is ``train`` with its own section's keys on top (a key set under ``teacher:`` always wins
+over ``train:``, whatever layer set either).
+
+A config names a file (``path/to/mine.yaml``, used when it exists) or a config shipped in
+``pipeline/configs/`` (``digits``, ``imagenet_jft``; ``configs/digits.yaml`` also finds the shipped one).
+Wrong types, unknown keys (with a did-you-mean), values outside a choice and the rules between keys
+raise :class:`ConfigError` naming the key path, before Ray starts.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from labeler.api import LabelOptions
+from labeler.settings import field_default, setting
+from trainer.settings import TrainSettings
+
+__all__ = [
+    "BalanceConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "RUNLOCAL",
+    "RayConfig",
+    "RunConfig",
+    "StudentSettings",
+    "as_config",
+    "check_model_sizes",
+    "check_rules",
+    "config_table",
+    "load_config",
+    "parameter_count",
+    "resolve_config_path",
+    "shipped_configs",
+    "student_archs",
+    "train_settings",
+]
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+EVAL_BATCH = 256  # trainer.data.EVAL_BATCH (not imported: loading a config should not import torch)
 
 
-def _flat_keys(cfg: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in cfg.items():
-        keys.append(prefix + k)
-        if isinstance(v, dict):
-            keys += _flat_keys(v, prefix + k + ".")
-    return keys
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key path and what to change."""
 
 
-def apply_override(cfg: dict, item: str) -> None:
-    if "=" not in item:
-        raise ValueError(f"override {item!r} is not key=value (for example teacher.epochs=5)")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    node = cfg
-    for i, part in enumerate(parts):
-        if not isinstance(node, dict) or part not in node:
-            close = difflib.get_close_matches(key, _flat_keys(cfg), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(f"unknown config key {key!r}{hint}")
-        if i == len(parts) - 1:
-            node[part] = yaml.safe_load(raw) if raw != "" else None
-        else:
-            node = node[part]
+@dataclass
+class DataConfig:
+    """The three splits and the model input (``data:``)."""
+
+    labeled: str | None = setting(
+        None, help="labeled class folders or Parquet; null (with unlabeled): the digits corpus"
+    )
+    unlabeled: str | None = setting(
+        None, help="any corpus the labeler reads (folder tree, Parquet, .tar shards, manifest)"
+    )
+    test: str | None = setting(
+        None,
+        help="test class folders or Parquet, evaluated once per finished model and never selected on; "
+        "null with the digits corpus: its test split",
+    )
+    val: str | None = setting(
+        None, help="validation class folders or Parquet: selects each model's exported checkpoint (export: best)"
+    )
+    val_fraction: float = setting(
+        0.0,
+        help="> 0 (and no data.val): carve this share of each class of data.labeled as validation, seeded; "
+        "the carved images are not trained on",
+    )
+    root: str = setting("runs/data/digits", help="where the embedded digits corpus is written")
+    labels_per_class: int = setting(5, help="digits corpus only: labeled images per class")
+    test_fraction: float = setting(0.3, help="digits corpus only: share of each class held out for test")
+    val_per_class: int = setting(
+        10, help="digits corpus only: a val/ split of this many per class, taken from the unlabeled pool"
+    )
+    image_size: int = setting(32, help="model input size (stored in the checkpoint)")
+    mean: list[float] = setting(default_factory=lambda: [0.5, 0.5, 0.5], help="input normalisation mean (per channel)")
+    std: list[float] = setting(default_factory=lambda: [0.5, 0.5, 0.5], help="input normalisation std (per channel)")
 
 
-def load_config(path: str, overrides: list[str] | None = None) -> dict:
+@dataclass
+class RayConfig:
+    """The Ray cluster to join or start (``ray:``)."""
+
+    address: str | None = setting(None, help="join this cluster; null: RAY_ADDRESS if set, else start a local one")
+    num_cpus: int | None = setting(None, help="CPUs of a local cluster; null: all cores")
+
+
+@dataclass
+class BalanceConfig:
+    """Confidence filter and per-class balancing (``balance:``; also ``noisy-student balance``'s options)."""
+
+    enabled: bool = setting(True, help="false: confidence filter only, every passing prediction once (an ablation)")
+    threshold: float = setting(0.3, help="keep predictions with confidence >= threshold (paper: 0.3)")
+    per_class: int = setting(0, help="N rows per class; 0: the mean number of predictions per class")
+    duplicate: bool = setting(True, help="fill small classes by duplicating rows; false only trims large ones")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of every trained model (``eval:``)."""
+
+    extra: dict[str, str] = setting(
+        default_factory=dict, help="more class-folder test sets for every model, e.g. {imagenet_a: s3://b/imagenet-a}"
+    )
+    batch_size: int = setting(EVAL_BATCH, help="images per evaluation batch (also the trainer's per-epoch validation)")
+
+
+@dataclass
+class StudentSettings(TrainSettings):
+    """A student's training settings: ``TrainSettings`` plus the per-round architectures (``student:``)."""
+
+    archs: list[str] = setting(
+        default_factory=list, help="student architecture of round i+1 (the last repeats); empty: the teacher's arch"
+    )
+    init_from_teacher: bool = setting(False, help="start each student from its teacher's weights (same arch needed)")
+
+
+@dataclass
+class RunConfig:
+    """The whole run (a ``noisy-student`` config); every default of every key is here or in the section classes."""
+
+    run_dir: str = setting("runs/noisy_student", help="where everything is written (local or s3://)")
+    seed: int = setting(0, help="seeds data splits, model init, augmentation and data order")
+    iterations: int = setting(1, help="Noisy Student rounds (students trained; the paper's best: 3)")
+    runlocal: bool = setting(False, help="merge the RUNLOCAL overlay (a quick plumbing check) under the overrides")
+    allow_smaller_student: bool = setting(False, help="permit a student with fewer parameters than its teacher")
+    data: DataConfig = setting(default_factory=DataConfig, help="")
+    ray: RayConfig = setting(default_factory=RayConfig, help="")
+    label: LabelOptions = setting(default_factory=LabelOptions, help="")
+    balance: BalanceConfig = setting(default_factory=BalanceConfig, help="")
+    eval: EvalConfig = setting(default_factory=EvalConfig, help="")
+    train: TrainSettings = setting(default_factory=TrainSettings, help="")
+    teacher: TrainSettings = setting(default_factory=TrainSettings, help="")
+    student: StudentSettings = setting(default_factory=StudentSettings, help="")
+
+
+SECTION_HELP = {
+    "data": "the three splits and the model input",
+    "ray": "the Ray cluster",
+    "label": "pseudo labeling (labeler.api.LabelOptions; the `labeler` command's options)",
+    "balance": "confidence filter and per-class balancing",
+    "eval": "evaluation of every trained model (top-1/5, ECE, corruptions, flips)",
+    "train": "training keys shared by teacher and student (trainer.settings.TrainSettings)",
+    "teacher": "the first teacher: `train` plus these keys on top",
+    "student": "every student: `train` plus these keys on top, and `archs`, `init_from_teacher`",
+}
+
+# big_vision-style switch: the same config, shrunk to a quick CPU plumbing check (accuracy meaningless).
+# Merged after the config file and before command-line overrides, so `runlocal=true teacher.epochs=10` trains 10.
+RUNLOCAL: dict = {
+    "iterations": 1,
+    "balance": {"per_class": 16},
+    "teacher": {"epochs": 4, "checkpoint_every": 2},
+    "student": {"epochs": 2, "checkpoint_every": 1, "steps_per_epoch": 0},  # 0: one pass over the shrunk pseudo set
+}
+
+# keys a user may not set, and why (the loop sets them itself)
+_RESERVED = {
+    "train.seed": "set the top-level seed (the teacher trains with seed, round i's student with seed + i)",
+    "teacher.seed": "set the top-level seed (the teacher trains with seed, round i's student with seed + i)",
+    "student.seed": "set the top-level seed (the teacher trains with seed, round i's student with seed + i)",
+    "student.arch": "the student's architecture is student.archs (one per round, the last repeats), e.g. "
+    "student.archs=[resnet18]",
+    "label.keep_image_bytes": "the loop always keeps the image bytes of predictions that pass balance.threshold",
+    "label.image_bytes_min_confidence": "the loop keeps image bytes at balance.threshold",
+}
+# renamed keys: old name -> what to write instead
+_RENAMED = {
+    "label.soft": "label.hard (the opposite switch: label.soft=false is label.hard=true)",
+    "balance.trim_only": "balance.duplicate=false",
+}
+
+
+# --- finding config files -------------------------------------------------------------------------------
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in ``pipeline/configs/`` (``digits``, ``imagenet_jft``)."""
+    return sorted(f[: -len(".yaml")] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def resolve_config_path(ref: str, relative_to: str | None = None) -> str:
+    """The file a config reference means: an existing path (relative to ``relative_to``'s folder if given,
+    else to the working directory), else a shipped config's name (``digits``, ``digits.yaml`` and
+    ``configs/digits.yaml`` all name the shipped one).
+
+    Raises:
+        ConfigError: when it is neither, listing the shipped names.
+    """
+    candidates = [ref]
+    if relative_to and not os.path.isabs(ref):
+        candidates.insert(0, os.path.join(os.path.dirname(relative_to), ref))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    name = os.path.basename(ref)
+    name = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    if name in shipped_configs() and os.path.dirname(ref) in ("", "configs"):
+        return os.path.join(CONFIG_DIR, name + ".yaml")
+    raise ConfigError(
+        f"no config file {ref!r} and no shipped config of that name; give a path to a YAML file or one of "
+        f"{', '.join(shipped_configs())}"
+    )
+
+
+def _read_layers(ref: str, relative_to: str | None = None, seen: tuple[str, ...] = ()) -> list[dict]:
+    """The config file's mappings, its ``base:`` chain first."""
+    path = os.path.abspath(resolve_config_path(ref, relative_to))
+    if path in seen:
+        raise ConfigError(f"config {path} names itself in its base: chain ({' -> '.join(seen)})")
     with open(path) as f:
-        cfg = yaml.safe_load(f)
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} must hold a YAML mapping at the top level")
-    cfg = copy.deepcopy(cfg)
-    for item in overrides or []:
-        apply_override(cfg, item)
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a YAML mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a config name or a path, not {base!r}")
+    return _read_layers(base, path, (*seen, path)) + [data]
+
+
+def _parse_override(item: str) -> dict:
+    """``a.b=value`` -> ``{"a": {"b": value}}`` (the value parsed as YAML; empty means null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (for example teacher.epochs=5)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() != "" else None
+    for part in reversed(key.strip().split(".")):
+        if not part:
+            raise ConfigError(f"override {item!r} has an empty key part")
+        value = {part: value}
+    return value
+
+
+# --- merging and checking -----------------------------------------------------------------------------
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.append(prefix + str(k))
+            if k != "extra":
+                out += _flat_keys(v, f"{prefix}{k}.")
+    return out
+
+
+def _schema_keys() -> list[str]:
+    return _flat_keys(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+
+
+def _explain(err: OmegaConfBaseException) -> ConfigError:
+    """An OmegaConf error as a one-line message with the key path and, for unknown keys, a suggestion."""
+    key = getattr(err, "full_key", None) or "?"
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ConfigKeyError) or "not in" in first:
+        if key in _RENAMED:
+            return ConfigError(f"unknown config key {key!r}; it is now {_RENAMED[key]}")
+        close = difflib.get_close_matches(key, _schema_keys(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; the README's config table lists every key"
+        return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"config key {key}: {first}")
+
+
+def _merge(*layers: Any) -> Any:
+    try:
+        return OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        raise _explain(err) from None
+
+
+def _check_reserved(user: dict) -> None:
+    for dotted, why in _RESERVED.items():
+        section, key = dotted.split(".")
+        if isinstance(user.get(section), dict) and key in user[section]:
+            raise ConfigError(f"config key {dotted} cannot be set: {why}")
+
+
+def _fold_train(user: dict) -> dict:
+    """``teacher`` and ``student`` = ``train`` with their own keys on top."""
+    folded = copy.deepcopy(user)
+    train = user.get("train") or {}
+    for section in ("teacher", "student"):
+        own = user.get(section) or {}
+        if "lr" in own and "lr_per_256" in own:
+            raise ConfigError(f"set {section}.lr or {section}.lr_per_256, not both (lr_per_256 computes lr)")
+        merged = {**copy.deepcopy(train), **copy.deepcopy(own)}
+        if "lr" in own:  # an explicit lr in the section beats a shared lr_per_256
+            merged.pop("lr_per_256", None)
+        folded[section] = merged
+    return folded
+
+
+def _resolve(user: dict) -> DictConfig:
+    """Validate the merged user layers against :class:`RunConfig`, fold ``train``, apply the cross-field rules."""
+    _check_reserved(user)
+    schema = OmegaConf.structured(RunConfig)
+    _merge(schema, user)  # types, unknown keys, choices: reported at the path the user wrote
+    cfg = _merge(schema, _fold_train(user))
+    for section in ("train", "teacher", "student"):
+        node = cfg[section]
+        if node.lr_per_256 is not None:  # derived: lr for the section's batch size
+            node.lr = node.lr_per_256 * node.batch_size / 256
+    check_rules(cfg)
     return cfg
+
+
+def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
+    """The typed run config: ``config`` (a path or a shipped name) with its ``base:`` chain, the ``runlocal``
+    overlay when on, then ``overrides`` (``key=value``).
+
+    Returns a DictConfig backed by :class:`RunConfig` (attribute and item access; assignments are
+    type-checked); ``OmegaConf.to_object`` turns it into a ``RunConfig``.
+
+    Raises:
+        ConfigError: unknown file or key, wrong type, value outside a choice, or a broken rule between keys.
+    """
+    layers = _read_layers(config)
+    cli = [_parse_override(item) for item in overrides or []]
+    user = OmegaConf.to_container(_merge(*[OmegaConf.create(x) for x in layers + cli]))
+    runlocal = _merge(OmegaConf.structured(RunConfig), {"runlocal": user.get("runlocal", False)}).runlocal
+    if runlocal:
+        user = OmegaConf.to_container(_merge(*[OmegaConf.create(x) for x in [*layers, RUNLOCAL, *cli]]))
+    return _resolve(user)
+
+
+def as_config(cfg: DictConfig | RunConfig | dict) -> DictConfig:
+    """A checked copy of ``cfg``: a loaded config, a ``RunConfig`` or a plain dict of what differs from the defaults.
+
+    Raises:
+        ConfigError: as :func:`load_config`.
+    """
+    if isinstance(cfg, (RunConfig, DictConfig)):  # already folded and derived: type-check and check the rules
+        checked = _merge(OmegaConf.structured(RunConfig), cfg)
+        check_rules(checked)
+        return checked
+    return _resolve(copy.deepcopy(dict(cfg)))
+
+
+def check_rules(cfg: DictConfig) -> None:
+    """The rules between keys, checked once before anything runs.
+
+    Raises:
+        ConfigError: naming the keys and what to change.
+    """
+    data = cfg.data
+    if bool(data.labeled) != bool(data.unlabeled):
+        raise ConfigError("set both data.labeled and data.unlabeled, or neither (to use the embedded digits corpus)")
+    if len(data.mean) != len(data.std):
+        raise ConfigError(f"data.mean has {len(data.mean)} values and data.std {len(data.std)}; give one per channel")
+    if not 0.0 <= data.val_fraction < 1.0:
+        raise ConfigError(
+            f"data.val_fraction must be in [0, 1) (0: no carved validation split), not {data.val_fraction}"
+        )
+    if cfg.iterations < 0:
+        raise ConfigError(f"iterations must be >= 0, not {cfg.iterations}")
+    if not 0.0 <= cfg.balance.threshold <= 1.0:
+        raise ConfigError(f"balance.threshold must be in [0, 1], not {cfg.balance.threshold}")
+    if cfg.balance.per_class < 0:
+        raise ConfigError(f"balance.per_class must be >= 0 (0: the mean per class), not {cfg.balance.per_class}")
+    if cfg.eval.batch_size < 1:
+        raise ConfigError(f"eval.batch_size must be >= 1, not {cfg.eval.batch_size}")
+    if cfg.label.num_actors < 1:
+        raise ConfigError(f"label.num_actors must be >= 1, not {cfg.label.num_actors}")
+    for section in ("teacher", "student"):
+        try:
+            train_settings(cfg[section], 0).validate(f"{section}.")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if cfg.student.checkpoint or cfg.student.reset_classifier:
+        raise ConfigError(
+            "checkpoint and reset_classifier are the first teacher's (a supplied model): set teacher.checkpoint, "
+            "not student.checkpoint or train.checkpoint; students always train"
+        )
+    if cfg.student.init_from_teacher:
+        previous = ("teacher.arch", cfg.teacher.arch)
+        for i, arch in enumerate(student_archs(cfg)):
+            if arch != previous[1]:
+                raise ConfigError(
+                    f"student.init_from_teacher=true loads each teacher's weights into its student, so they need the "
+                    f"same architecture, but {previous[0]} is {previous[1]} and student.archs[{i}] is {arch}. "
+                    f"Set student.archs=[{cfg.teacher.arch}] or student.init_from_teacher=false."
+                )
+            previous = (f"student.archs[{i}]", arch)
+
+
+def student_archs(cfg: DictConfig) -> list[str]:
+    """The student architecture of each round (round i+1 uses element i); ``student.archs`` empty: the teacher's."""
+    archs = list(cfg.student.archs) or [cfg.teacher.arch]
+    return [archs[min(i, len(archs) - 1)] for i in range(cfg.iterations)]
+
+
+def train_settings(section: DictConfig, seed: int, arch: str | None = None) -> TrainSettings:
+    """The ``TrainSettings`` of a ``teacher``/``student`` section (``archs``, ``init_from_teacher`` left out)."""
+    values = OmegaConf.to_container(section)
+    names = {f.name for f in dataclasses.fields(TrainSettings)}
+    values = {k: v for k, v in values.items() if k in names}
+    values.update(seed=seed, **({"arch": arch} if arch else {}))
+    values.pop("lr_per_256", None)  # lr is already derived from it (for this batch size)
+    return TrainSettings(**values)
+
+
+def parameter_count(arch: str, num_classes: int, image_size: int, in_chans: int = 3) -> int:
+    """Parameters of a timm architecture, counted on the meta device (shapes only: no memory, even for 480M)."""
+    import torch
+
+    from labeler.model import ModelSpec, count_parameters, create_model
+
+    with torch.device("meta"):
+        return count_parameters(create_model(ModelSpec(arch, [str(i) for i in range(num_classes)], image_size)))
+
+
+def check_model_sizes(cfg: DictConfig, num_classes: int) -> None:
+    """Noisy Student's rule: every student is at least as large as its teacher (unless ``allow_smaller_student``).
+
+    Raises:
+        ConfigError: naming both architectures and their parameter counts.
+    """
+    if cfg.allow_smaller_student:
+        return
+    teacher = ("teacher.arch", cfg.teacher.arch)
+    sizes: dict[str, int] = {}
+    for i, arch in enumerate(student_archs(cfg)):
+        for a in (teacher[1], arch):
+            if a not in sizes:
+                sizes[a] = parameter_count(a, num_classes, cfg.data.image_size)
+        if sizes[arch] < sizes[teacher[1]]:
+            raise ConfigError(
+                f"student.archs[{min(i, max(len(cfg.student.archs) - 1, 0))}] {arch} has {sizes[arch]:,} parameters, "
+                f"fewer than its teacher ({teacher[0]} {teacher[1]}, {sizes[teacher[1]]:,}); Noisy Student needs an "
+                "equal-or-larger student. Choose a larger student.archs entry, or set allow_smaller_student=true."
+            )
+        teacher = (f"student.archs[{i}]", arch)
+
+
+# --- the README's table ---------------------------------------------------------------------------------
+
+
+def _format_default(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return str(value)
+
+
+def _type_name(tp: Any) -> str:
+    """``int``, ``float or null``, ``sgd/rmsprop/adamw`` (a choice), ``list[str]``."""
+    from labeler.settings import choices_of
+
+    choices = choices_of(tp)
+    if choices:
+        return "/".join(map(str, choices))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp).replace("typing.", "")
+
+
+def config_table() -> str:
+    """The README's config table (Markdown), generated from the dataclasses: every key, its type, default and help."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        cls = hints[f.name]
+        if dataclasses.is_dataclass(cls):
+            lines.append(f"| **`{f.name}`** | | | {SECTION_HELP[f.name]} |")
+            sub = typing.get_type_hints(cls)
+            fields = dataclasses.fields(cls)
+            if f.name == "student":  # the TrainSettings keys are listed under train
+                fields = [g for g in fields if g.name not in {t.name for t in dataclasses.fields(TrainSettings)}]
+            elif f.name == "teacher":
+                continue
+            for g in fields:
+                text = g.metadata.get("help") or ""
+                if f"{f.name}.{g.name}" in _RESERVED:
+                    text += " (not a config key: the loop sets it)"
+                lines.append(
+                    f"| `{f.name}.{g.name}` | {_type_name(sub[g.name])} | `{_format_default(field_default(g))}` | "
+                    f"{text.replace('|', '/')} |"
+                )
+        else:
+            lines.append(
+                f"| `{f.name}` | {_type_name(cls)} | `{_format_default(field_default(f))}` | "
+                f"{f.metadata.get('help', '').replace('|', '/')} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m pipeline.config: print the README's table
+    print(config_table())

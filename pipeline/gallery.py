@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from labeler.storage import is_s3, list_files, read_bytes
+from labeler.storage import list_files, read_bytes
 from pipeline.balance_core import sort_keys
 
 logger = logging.getLogger(__name__)
@@ -51,32 +51,7 @@ def sample_gallery(
     kept: dict[int, dict[str, list[tuple]]] = {c: {g: [] for g in GROUPS} for c in range(shown)}
     fs, files = list_files(predictions, suffix=".parquet")
     for path in files:
-        t = pq.read_table(path, filesystem=fs, columns=["id", "path", "label", "confidence"])
-        t = t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64)))  # to fetch kept images later
-        t = t.filter(pc.and_(pc.greater_equal(t["label"], 0), pc.less(t["label"], shown)))
-        if t.num_rows == 0:
-            continue
-        labels = t["label"].to_numpy()
-        conf = t["confidence"].to_numpy()
-        keys = sort_keys(conf, t["id"])
-        order = np.lexsort((keys, labels))  # by class, then ascending rank
-        labels, keys = labels[order], keys[order]
-        ids, paths = t["id"].to_numpy(zero_copy_only=False)[order], t["path"].to_numpy(zero_copy_only=False)[order]
-        conf, file_rows = conf[order], t["row"].to_numpy()[order]
-        for c in np.unique(labels):
-            lo, hi = np.searchsorted(labels, c, "left"), np.searchsorted(labels, c, "right")
-            split = lo + np.searchsorted(keys[lo:hi], cut, "left")  # first row at or above the threshold
-            picks = {
-                GROUPS[0]: range(max(lo, hi - per_group), hi),
-                GROUPS[1]: range(split, min(hi, split + per_group)),
-                GROUPS[2]: range(max(lo, split - per_group), split),
-            }
-            for group, rows in picks.items():
-                pool = kept[int(c)][group] + [
-                    (int(keys[i]), str(ids[i]), str(paths[i]), float(conf[i]), path, int(file_rows[i])) for i in rows
-                ]
-                pool.sort()
-                kept[int(c)][group] = pool[:per_group] if group == GROUPS[1] else pool[-per_group:]
+        _keep_from_file(kept, fs, path, shown, cut, per_group)
     images = _kept_images(fs, [r for groups in kept.values() for rows in groups.values() for r in rows])
     return {
         c: {
@@ -88,6 +63,37 @@ def sample_gallery(
         }
         for c, groups in kept.items()
     }
+
+
+def _keep_from_file(kept: dict, fs, path: str, shown: int, cut: int, per_group: int) -> None:
+    """Merge one predictions file's candidates into ``kept`` (class -> group -> rows
+    ``(key, id, path, confidence, file, row)``), keeping ``per_group`` rows per group."""
+    t = pq.read_table(path, filesystem=fs, columns=["id", "path", "label", "confidence"])
+    t = t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64)))  # to fetch kept images later
+    t = t.filter(pc.and_(pc.greater_equal(t["label"], 0), pc.less(t["label"], shown)))
+    if t.num_rows == 0:
+        return
+    labels = t["label"].to_numpy()
+    conf = t["confidence"].to_numpy()
+    keys = sort_keys(conf, t["id"])
+    order = np.lexsort((keys, labels))  # by class, then ascending rank
+    labels, keys = labels[order], keys[order]
+    ids, paths = t["id"].to_numpy(zero_copy_only=False)[order], t["path"].to_numpy(zero_copy_only=False)[order]
+    conf, file_rows = conf[order], t["row"].to_numpy()[order]
+    for c in np.unique(labels):
+        lo, hi = np.searchsorted(labels, c, "left"), np.searchsorted(labels, c, "right")
+        split = lo + np.searchsorted(keys[lo:hi], cut, "left")  # first row at or above the threshold
+        picks = {
+            GROUPS[0]: range(max(lo, hi - per_group), hi),
+            GROUPS[1]: range(split, min(hi, split + per_group)),
+            GROUPS[2]: range(max(lo, split - per_group), split),
+        }
+        for group, rows in picks.items():
+            pool = kept[int(c)][group] + [
+                (int(keys[i]), str(ids[i]), str(paths[i]), float(conf[i]), path, int(file_rows[i])) for i in rows
+            ]
+            pool.sort()
+            kept[int(c)][group] = pool[:per_group] if group == GROUPS[1] else pool[-per_group:]
 
 
 def _kept_images(fs, rows: list[tuple]) -> dict[tuple[str, int], bytes]:
@@ -128,7 +134,7 @@ def sample_rejections(predictions: str, per_reason: int = 5) -> dict[str, dict]:
     return {r: {"count": counts[r], "examples": examples[r]} for r in sorted(counts)}
 
 
-def thumbnail(path: str, predictions: str, size: int = 48, data: bytes | None = None) -> str | None:
+def thumbnail(path: str, size: int = 48, data: bytes | None = None) -> str | None:
     """A ``data:image/png;base64,...`` thumbnail (``size`` px on the long side) of the image
     ``data`` (bytes the labeler kept), else of the image file at ``path``; None when neither can
     be read as an image (e.g. a row from a Parquet or tar corpus labeled without its bytes)."""
@@ -136,13 +142,12 @@ def thumbnail(path: str, predictions: str, size: int = 48, data: bytes | None = 
 
     from labeler.images import RejectedImage, decode_image, is_container
 
-    uri = "s3://" + path if is_s3(predictions) and not path.startswith("s3://") else path
     if data is None and is_container(path):
         return None  # a row of a shard or Parquet corpus without its bytes: never read the whole shard
     try:
-        img = decode_image(data if data is not None else read_bytes(uri))
+        img = decode_image(data if data is not None else read_bytes(path))
     except (OSError, RejectedImage) as err:
-        logger.debug(f"no thumbnail for {uri}: {err}")
+        logger.debug(f"no thumbnail for {path}: {err}")
         return None
     scale = size / max(img.width, img.height)
     resample = Image.NEAREST if scale >= 2 else Image.BILINEAR  # small images (digits) stay crisp

@@ -7,6 +7,7 @@ their last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -14,52 +15,45 @@ import tempfile
 import time
 
 import ray
+from omegaconf import DictConfig, OmegaConf
 
-from labeler.api import LabelOptions, run_labeling
-from labeler.model import SPEC_FILE, ModelSpec, count_parameters, create_model, load_spec
+from labeler.api import gpus_per_task, run_labeling
+from labeler.checkpoint_import import import_checkpoint
+from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, load_spec, model_preprocessing
 from labeler.progress import log_file, quiet_ray, ray_init_kwargs, verbose
-from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_json, write_bytes, write_json
+from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_bytes, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
+from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
 from pipeline.digits import write_digits_corpus
-from pipeline.model_eval import PER_CLASS_KEYS, add_relative_errors, evaluate_model
-from pipeline.report import write_report
+from pipeline.model_eval import (
+    PER_CLASS_KEYS,
+    add_relative_errors,
+    evaluate_model,
+    mark_worse_than_teacher,
+    worse_than_teacher_warnings,
+)
+from pipeline.report import role_label, write_report
+from pipeline.split import carve_validation
 from trainer.api import train_model
-from trainer.data import EVAL_BATCH, labeled_classes
+from trainer.data import labeled_classes
 from trainer.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
 RUN_INFO_FILE = "run_config.json"
 RUN_LOG = "run.log"
 
-RUNLOCAL = {
-    "teacher.epochs": 4, "teacher.checkpoint_every": 2, "student.epochs": 2, "student.checkpoint_every": 1,
-    "balance.per_class": 16, "iterations": 1,
-}  # fmt: skip
 
-
-def apply_runlocal(cfg: dict) -> dict:
-    """big_vision-style switch: the same config, shrunk to a quick CPU plumbing check."""
-    if cfg.get("runlocal"):
-        for key, value in RUNLOCAL.items():
-            node = cfg
-            *path, last = key.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = value
-    return cfg
-
-
-def init_ray(cfg: dict) -> None:
+def init_ray(cfg: DictConfig) -> None:
     """Join ``ray.address`` (or ``RAY_ADDRESS``), else start a local cluster; quiet unless ``--verbose``."""
     quiet_ray(verbose())
     if ray.is_initialized():
         return
-    address = cfg.get("ray", {}).get("address") or os.environ.get("RAY_ADDRESS")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = ray_init_kwargs(verbose())
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cfg.get("ray", {}).get("num_cpus"), include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
         _FIXED_CLUSTER.append(True)  # a local cluster: its CPUs are all there will be
     if not verbose():
         logger.info(f"Ray's own logs: {_session_logs()} (--verbose shows them here)")
@@ -109,30 +103,71 @@ def software_versions() -> dict:
     return out
 
 
-def prepare_data(cfg: dict) -> dict:
-    """The three splits; writes the embedded digits corpus when none is configured."""
-    d = cfg["data"]
-    if d["labeled"] and d["unlabeled"]:
-        paths = {"labeled": d["labeled"], "unlabeled": d["unlabeled"], "test": d["test"]}
-    elif d["labeled"] or d["unlabeled"]:
-        raise ValueError("set both data.labeled and data.unlabeled, or neither (to use the embedded digits corpus)")
+def prepare_data(cfg: DictConfig) -> dict:
+    """The splits: ``labeled`` (what models train on), ``unlabeled``, ``test``, ``val`` (or None) and
+    ``classes_from`` (the labeled set as given, whose classes the models predict); writes the embedded
+    digits corpus when none is configured (``check_rules`` has made sure ``data.labeled`` and
+    ``data.unlabeled`` are both set or both null).
+
+    The validation split, first that applies: ``data.val`` (a labeled set); ``data.val_fraction`` > 0,
+    carved per class from the labeled set into ``run_dir/splits/`` (:mod:`pipeline.split`; the carved
+    images leave the training set); the digits corpus's own ``val/`` (``data.val_per_class``); none.
+    """
+    d = cfg.data
+    fraction = d.val_fraction or 0.0
+    if d.labeled and d.unlabeled:
+        paths = {"labeled": d.labeled, "unlabeled": d.unlabeled, "test": d.test}
     else:
-        paths = write_digits_corpus(d["root"], d["labels_per_class"], d["test_fraction"], cfg["seed"])
-        paths["test"] = d["test"] or paths["test"]
+        own_val = 0 if d.val or fraction else d.val_per_class
+        paths = write_digits_corpus(d.root, d.labels_per_class, d.test_fraction, cfg.seed, own_val)
+        paths["test"] = d.test or paths["test"]
+    paths["classes_from"] = paths["labeled"]
+    paths["val"] = d.val or paths.get("val")
+    if not d.val and fraction:
+        paths.update(carve_validation(absolute(paths["labeled"]), fraction, cfg.seed, join(cfg.run_dir, "splits")))
     # absolute: Ray Train workers run in their own working directory
     return {k: absolute(v) if v else v for k, v in paths.items()}
 
 
-def _train_settings(section: dict, seed: int, arch: str | None = None) -> TrainSettings:
-    keys = {k: v for k, v in section.items() if k not in ("archs", "init_from_teacher")}
-    if arch:
-        keys["arch"] = arch
-    return TrainSettings.from_dict({**keys, "seed": seed})
+def _model_spec(cfg: DictConfig, classes: list[str], settings: TrainSettings) -> ModelSpec:
+    """The spec a model is trained with: data.image_size/mean/std, or with ``pretrained`` and
+    ``preprocessing: model`` the architecture's own mean/std/crop_pct/interpolation (timm's pretrained_cfg)."""
+    d = cfg.data
+    spec = ModelSpec(settings.arch, classes, d.image_size, mean=tuple(d.mean), std=tuple(d.std))
+    if settings.pretrained and settings.preprocessing == "model":
+        spec = model_preprocessing(spec)
+    return spec
+
+
+def _supplied_teacher(cfg: DictConfig, settings: TrainSettings, spec: ModelSpec, data: dict, teacher_dir: str) -> dict:
+    """Round 0 from ``teacher.checkpoint``: converted into ``teacher_dir`` (the project's checkpoint folder),
+    not trained; with ``reset_classifier`` and another class count, its new head is fine-tuned on the labels."""
+    if exists(join(teacher_dir, SPEC_FILE)) and exists(join(teacher_dir, "final.json")):
+        return read_json(join(teacher_dir, "final.json"))
+    uri = settings.checkpoint if "://" in settings.checkpoint else absolute(settings.checkpoint)
+    staged = join(os.path.dirname(teacher_dir.rstrip("/")), "supplied")
+    logger.info(f"round 0: the supplied teacher {uri} (teacher training skipped)")
+    spec, reset = import_checkpoint(uri, spec, staged, settings.reset_classifier)
+    if reset:  # a new head knows nothing yet: fine-tune the supplied model on the labeled set
+        logger.info(f"the supplied teacher's head was re-initialised; fine-tuning it for {settings.epochs} epochs")
+        metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher", init_from=staged)
+    else:
+        for name in (SPEC_FILE, WEIGHTS_FILE):
+            write_bytes(join(teacher_dir, name), read_bytes(join(staged, name)))
+        metrics = {"train_seconds": 0.0}
+    metrics.update(supplied=uri, classifier_reset=reset)
+    write_json(join(teacher_dir, "final.json"), metrics)
+    return metrics
 
 
 def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: bool) -> None:
+    """The trained teacher's actual spec against the student (``check_model_sizes`` checked the config up front).
+
+    Raises:
+        ValueError: when the student has fewer parameters and ``allow_smaller`` is false.
+    """
     teacher = load_spec(teacher_dir)
-    n_s, n_t = count_parameters(create_model(student)), count_parameters(create_model(teacher))
+    n_s, n_t = count_parameters(student), count_parameters(teacher)
     if n_s < n_t and not allow_smaller:
         raise ValueError(
             f"student {student.arch} has {n_s:,} parameters, fewer than its teacher {teacher.arch} ({n_t:,}); "
@@ -150,67 +185,60 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
     logger.info(f"training {name}: {spec.arch}, {settings.epochs} epochs, {settings.num_workers} workers")
     start = time.time()
     metrics = train_model(
-        settings, spec, data["labeled"], out_dir, join(cfg["run_dir"], "ray_train"), name,
-        pseudo=pseudo, test=data["test"], hard=not cfg["label"]["soft"], init_from=init_from, label=name,
-        tensorboard=join(cfg["run_dir"], "tensorboard", name),
-        eval_batch=_eval_batch(cfg),
+        settings, spec, data["labeled"], out_dir, join(cfg.run_dir, "ray_train"), name,
+        pseudo=pseudo, val=data.get("val"), hard=cfg.label.hard, init_from=init_from, label=name,
+        tensorboard=join(cfg.run_dir, "tensorboard", name),
+        eval_batch=cfg.eval.batch_size,
     )  # fmt: skip
     metrics["train_seconds"] = round(time.time() - start, 1)
-    top1 = metrics.get("test_top1", float("nan"))
-    logger.info(f"trained {name} in {metrics['train_seconds']:.0f} s: test_top1 {top1:.4f}")
+    top1 = metrics.get("val_top1", float("nan"))
+    logger.info(f"trained {name} in {metrics['train_seconds']:.0f} s: exported epoch {metrics.get('exported_epoch')} "
+                f"({metrics.get('export', 'last')}), val_top1 {top1:.4f}")  # fmt: skip
     write_json(join(out_dir, "final.json"), metrics)
     return metrics
 
 
-def _evaluate(cfg: dict, model_dir: str, data: dict) -> dict:
+def _evaluate(cfg: DictConfig, model_dir: str, data: dict) -> dict:
     """All metrics of one model (``model_dir/eval.json``, computed once); a Ray task, on a GPU if there is one."""
     path = join(model_dir, "eval.json")
     if exists(path):
         return read_json(path)
     if not data["test"]:
         return {}
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_model)
-    extra = {name: absolute(uri) for name, uri in (cfg.get("eval", {}).get("extra") or {}).items()}
+    task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(evaluate_model)
+    extra = {name: absolute(uri) for name, uri in cfg.eval.extra.items()}
     start = time.time()
     logger.info(f"evaluating {model_dir}: test split, corruptions, flips" + (f", {', '.join(extra)}" if extra else ""))
-    metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg["seed"], _eval_batch(cfg)))
+    metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg.seed, cfg.eval.batch_size))
     write_json(path, metrics)
     logger.info(f"evaluated in {time.time() - start:.0f} s: test_top1 {metrics['test_top1']:.4f}, "
                 f"ECE {metrics['test_ece']:.4f}, flip rate {metrics['flip_rate']:.4f}")  # fmt: skip
     return metrics
 
 
-def _eval_batch(cfg: dict) -> int:
-    """Images per evaluation batch (``eval.batch_size``); evaluation streams the sets in such batches."""
-    return int((cfg.get("eval") or {}).get("batch_size") or EVAL_BATCH)
-
-
-def _label_and_balance(cfg: dict, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:
+def _label_and_balance(cfg: DictConfig, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:
     labels_dir = join(round_dir, "labels")
     if not exists(join(labels_dir, "manifest.json")):  # absent: not run, or interrupted (resumes)
         logger.info(f"labeling {data['unlabeled']} with {teacher_dir}")
-        lab = cfg["label"]
-        opts = LabelOptions(
-            batch_size=lab["batch_size"], num_actors=lab["num_actors"], num_gpus_per_actor=lab["num_gpus_per_actor"],
-            temperature=lab["temperature"], hard=not lab["soft"], topk=lab["topk"],
-            precision=lab.get("precision", "auto"),
+        opts = dataclasses.replace(
+            OmegaConf.to_object(cfg.label),
             # the balanced set then carries the images: students read them from any corpus format
-            keep_image_bytes=True, image_bytes_min_confidence=cfg["balance"]["threshold"],
-        )  # fmt: skip
+            keep_image_bytes=True,
+            image_bytes_min_confidence=cfg.balance.threshold,
+        )
         run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts)
     stats_path = join(round_dir, "balance_stats.json")
     if exists(stats_path):
         return read_json(stats_path)
     delete_tree(join(round_dir, "balanced"))
-    b = cfg["balance"]
-    per_class, duplicate = b["per_class"] or _auto_per_class(labels_dir, num_classes, b["threshold"]), b["duplicate"]
-    if not b.get("enabled", True):  # confidence filter only: a target no class reaches, and no duplicates
+    b = cfg.balance
+    per_class, duplicate = b.per_class or _auto_per_class(labels_dir, num_classes, b.threshold), b.duplicate
+    if not b.enabled:  # confidence filter only: a target no class reaches, and no duplicates
         per_class, duplicate = max(1, _manifest(labels_dir)["labeled"]), False
     start = time.time()
-    logger.info(f"balancing: threshold {b['threshold']}, {per_class} per class")
+    logger.info(f"balancing: threshold {b.threshold}, {per_class} per class")
     stats = balance_predictions(
-        join(labels_dir, "predictions"), round_dir, num_classes, per_class, b["threshold"], duplicate
+        join(labels_dir, "predictions"), round_dir, num_classes, per_class, b.threshold, duplicate
     )
     empty = stats["empty_classes"] or "none"
     logger.info(f"balanced in {time.time() - start:.0f} s: {stats['total_rows']} rows, "
@@ -227,14 +255,19 @@ def _auto_per_class(labels_dir: str, num_classes: int, threshold: float) -> int:
     return max(1, _manifest(labels_dir)["labeled"] // num_classes)
 
 
-def run_loop(cfg: dict) -> list[dict]:
+def run_loop(cfg: DictConfig | RunConfig | dict) -> list[dict]:
     """Run all iterations; returns (and writes) the summary, one entry per trained model.
 
-    The driver's full log (progress, debug lines) goes to ``RUN_DIR/run.log`` too (appended; for an
-    ``s3://`` run_dir it is uploaded at the end); Ray's own logs stay in its session folder.
+    ``cfg``: ``pipeline.config.load_config``'s result, a ``RunConfig``, or a dict of what differs from
+    the defaults (checked the same way; the caller's object is not changed). The driver's full log
+    (progress, debug lines) goes to ``RUN_DIR/run.log`` too (appended; for an ``s3://`` run_dir it is
+    uploaded at the end); Ray's own logs stay in its session folder.
+
+    Raises:
+        ConfigError: for a config that cannot run (before Ray starts).
     """
-    cfg = apply_runlocal(cfg)
-    run_dir = cfg["run_dir"] = absolute(cfg["run_dir"])
+    cfg = as_config(cfg)
+    run_dir = cfg.run_dir = absolute(cfg.run_dir)
     if not is_s3(run_dir):
         os.makedirs(run_dir, exist_ok=True)
         with log_file(os.path.join(run_dir, RUN_LOG)):
@@ -249,33 +282,46 @@ def run_loop(cfg: dict) -> list[dict]:
                 write_bytes(join(run_dir, RUN_LOG), f.read())
 
 
-def _run_loop(cfg: dict, run_dir: str) -> list[dict]:
-    init_ray(cfg)
-    write_json(join(run_dir, RUN_INFO_FILE), {"config": cfg, "versions": software_versions(), "argv": sys.argv})
+def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
     data = prepare_data(cfg)
-    classes = labeled_classes(data["labeled"])
-    d = cfg["data"]
-    spec = ModelSpec(cfg["teacher"]["arch"], classes, d["image_size"], mean=tuple(d["mean"]), std=tuple(d["std"]))
+    classes = labeled_classes(data["classes_from"])
+    check_model_sizes(cfg, len(classes))  # before Ray starts and before the teacher trains
+    init_ray(cfg)
+    supplied = cfg.teacher.checkpoint  # a supplied first teacher: not trained by this run
+    info = {"config": OmegaConf.to_container(cfg), "versions": software_versions(), "argv": sys.argv,
+            "teacher_supplied": supplied}  # fmt: skip
+    write_json(join(run_dir, RUN_INFO_FILE), info)
+    logger.info(f"validation split: {data['val']}" if data["val"] else
+                "no validation split (data.val, data.val_fraction): every model exports its last epoch")  # fmt: skip
     teacher_dir = join(run_dir, "round_0", "teacher")
-    metrics = _train(cfg, _train_settings(cfg["teacher"], cfg["seed"]), spec, data, teacher_dir, "round_0_teacher")
+    settings = train_settings(cfg.teacher, cfg.seed)
+    spec = _model_spec(cfg, classes, settings)
+    if settings.checkpoint:
+        metrics = _supplied_teacher(cfg, settings, spec, data, teacher_dir)
+    else:
+        metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher")
+    spec = load_spec(teacher_dir)
     summary = [_entry(0, "teacher", spec.arch, teacher_dir, metrics, _evaluate(cfg, teacher_dir, data))]
-    archs = cfg["student"]["archs"]
-    for it in range(1, cfg["iterations"] + 1):
-        logger.info(f"== round {it} of {cfg['iterations']} ==")
+    if settings.checkpoint:
+        summary[0]["supplied"] = metrics.get("supplied", settings.checkpoint)
+    archs = student_archs(cfg)
+    for it in range(1, cfg.iterations + 1):
+        logger.info(f"== round {it} of {cfg.iterations} ==")
         round_dir = join(run_dir, f"round_{it}")
         stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes))
-        arch = archs[min(it - 1, len(archs) - 1)]
-        student = ModelSpec(arch, classes, d["image_size"], mean=tuple(d["mean"]), std=tuple(d["std"]))
-        _check_student_size(student, teacher_dir, cfg["allow_smaller_student"])
+        arch = archs[it - 1]
+        settings = train_settings(cfg.student, cfg.seed + it, arch)
+        student = _model_spec(cfg, classes, settings)
+        _check_student_size(student, teacher_dir, cfg.allow_smaller_student)
         student_dir = join(round_dir, "student")
-        init = teacher_dir if cfg["student"]["init_from_teacher"] else None
-        settings = _train_settings(cfg["student"], cfg["seed"] + it, arch)
+        init = teacher_dir if cfg.student.init_from_teacher else None
         balanced = join(round_dir, "balanced")
         metrics = _train(cfg, settings, student, data, student_dir, f"round_{it}_student", balanced, init)
         evaluation = _evaluate(cfg, student_dir, data)
         summary.append(_entry(it, "student", arch, student_dir, metrics, evaluation, stats["total_rows"]))
         teacher_dir = student_dir
     add_relative_errors(summary)
+    mark_worse_than_teacher(summary)
     write_summary(run_dir, summary)
     logger.info(f"report: {write_report(run_dir)}")
     logger.info(f"TensorBoard: tensorboard --logdir {run_dir}")
@@ -290,29 +336,36 @@ def _entry(iteration: int, role: str, arch: str, directory: str, train: dict, ev
     # per class and the confusion matrix stay in eval.json (classes x classes numbers; the report reads them there)
     entry.update({k: v for k, v in evaluation.items() if k not in entry and k not in PER_CLASS_KEYS})
     entry.update(pseudo_rows=pseudo_rows, train_seconds=train.get("train_seconds"), checkpoint=directory)
+    # the exported checkpoint's validation numbers (what selected it), and which epoch that was
+    entry.update({k: train[k] for k in ("val_top1", "val_top5", "val_loss", "exported_epoch", "export") if k in train})
     entry.update({k: train[k] for k in ("unreadable_labeled", "unreadable_pseudo") if k in train})
     return entry
 
 
-TABLE_COLUMNS = ("test_top1", "test_top5", "test_ece", "mce", "flip_rate")
+TABLE_COLUMNS = ("val_top1", "test_top1", "test_top5", "test_ece", "mce", "flip_rate")
 
 
 def format_number(v) -> str:
+    """A metric for the summary table: 4 decimals, ``n/a`` for None."""
     return "n/a" if v is None else f"{v:.4f}"
 
 
 def format_table(summary: list[dict]) -> str:
-    """The printed summary; mCE is relative to the first teacher (1.0 = as robust as it)."""
+    """The printed summary; mCE is relative to the first teacher (1.0 = as robust as it). A student
+    worse than its teacher on validation is marked ``WORSE`` in the last column and warned about
+    below the table."""
     head = f"{'iteration':>9}  {'role':<8} {'model':<14}" + "".join(f" {c:>9}" for c in TABLE_COLUMNS)
-    head += f" {'pseudo_rows':>11}"
+    head += f" {'pseudo_rows':>11}  {'vs_teacher':<10}"
     lines = [head, "-" * len(head)]
     for e in summary:
-        row = f"{e['iteration']:>9}  {e['role']:<8} {e['model']:<14}"
+        row = f"{e['iteration']:>9}  {role_label(e):<8} {e['model']:<14}"
         row += "".join(f" {format_number(e.get(c)):>9}" for c in TABLE_COLUMNS) + f" {e['pseudo_rows']:>11}"
-        lines.append(row)
-    return "\n".join(lines)
+        verdict = {True: "WORSE", False: "ok", None: ""}[e.get("worse_than_teacher")]
+        lines.append(f"{row}  {verdict:<10}".rstrip())
+    return "\n".join(lines + worse_than_teacher_warnings(summary))
 
 
 def write_summary(run_dir: str, summary: list[dict]) -> None:
+    """Write ``run_dir/summary.json`` (a list of per-model dicts) and log the summary table."""
     write_json(join(run_dir, "summary.json"), summary)
     logger.info(format_table(summary))

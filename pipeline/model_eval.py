@@ -128,7 +128,7 @@ def evaluate_model(
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_checkpoint(model_dir, device=device)
-    data = LabeledBatches(test, spec.classes, spec.image_size, spec.in_chans, batch)
+    data = LabeledBatches(test, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation)
     accuracy, calibration = AccuracySums(), CalibrationSums()
     matrix = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     corrupt_correct = {name: [0] * len(SEVERITIES) for name in CORRUPTIONS}
@@ -154,15 +154,19 @@ def evaluate_model(
     out["corruption_errors"] = {name: [1.0 - c / n for c in correct] for name, correct in corrupt_correct.items()}
     out["flip_rates"] = {name: f / (n * (FRAMES - 1)) for name, f in flips.items()}
     out["flip_rate"] = float(np.mean(list(out["flip_rates"].values())))
-    out["extra"] = {}
-    for name, root in (extra or {}).items():
-        ex = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch)
-        sums = AccuracySums()
-        for images, labels in ex:
-            sums.add(predict_logits(model, images, spec, device, batch), labels)
-        _require_images(root, sums.n, ex)
-        out["extra"][name] = {**sums.metrics(name), f"{name}_unreadable": sum(ex.rejected.values())}
+    extra = extra or {}
+    out["extra"] = {name: _evaluate_extra(model, spec, device, name, root, batch) for name, root in extra.items()}
     return out
+
+
+def _evaluate_extra(model, spec: ModelSpec, device, name: str, root: str, batch: int) -> dict:
+    """``{name}_top1/_top5/_loss`` and ``{name}_unreadable`` of one extra labeled set, streamed."""
+    data = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation)
+    sums = AccuracySums()
+    for images, labels in data:
+        sums.add(predict_logits(model, images, spec, device, batch), labels)
+    _require_images(root, sums.n, data)
+    return {**sums.metrics(name), f"{name}_unreadable": sum(data.rejected.values())}
 
 
 def _require_images(root: str, n: int, data: LabeledBatches) -> None:
@@ -186,3 +190,29 @@ def add_relative_errors(entries: list[dict]) -> None:
         e["mce"] = float(np.mean(valid)) if valid else None
         fr = [e["flip_rates"][k] / b for k, b in base["flip_rates"].items() if b > 0]
         e["mfr"] = float(np.mean(fr)) if fr else None
+
+
+def mark_worse_than_teacher(summary: list[dict]) -> None:
+    """Set ``worse_than_teacher`` on each student: True when its exported checkpoint's ``val_top1`` is
+    below its own teacher's (the previous entry), False when not, None when either has no validation
+    number. The comparison is on validation, the split models are selected on; test numbers are
+    reported, never used to decide."""
+    for prev, e in zip(summary, summary[1:]):
+        if e.get("role") != "student":
+            continue
+        mine, theirs = e.get("val_top1"), prev.get("val_top1")
+        e["worse_than_teacher"] = None if mine is None or theirs is None else mine < theirs
+
+
+def worse_than_teacher_warnings(summary: list[dict]) -> list[str]:
+    """One ``WARNING: ...`` line per student that is worse than its teacher on validation."""
+    lines = []
+    for prev, e in zip(summary, summary[1:]):
+        if e.get("worse_than_teacher"):
+            lines.append(
+                f"WARNING: the iteration {e['iteration']} student ({e['model']}) is worse than its teacher "
+                f"({prev['model']}, iteration {prev['iteration']}) on validation: val_top1 {e['val_top1']:.4f} < "
+                f"{prev['val_top1']:.4f}. Noisy Student expects the student to beat its teacher: try more student "
+                "epochs, more pseudo labels (balance.per_class), or less noise"
+            )
+    return lines

@@ -23,6 +23,7 @@ import yaml
 from labeler.storage import absolute, exists, join, list_dirs, list_files, read_bytes, read_json, write_bytes
 from pipeline.balance import plot_class_counts
 from pipeline.gallery import GROUPS, sample_gallery, sample_rejections, thumbnail
+from pipeline.model_eval import worse_than_teacher_warnings
 
 REPORT_FILE = "report.html"
 
@@ -48,11 +49,12 @@ def plot_accuracy(summary: list[dict]) -> bytes:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     its = [e["iteration"] for e in summary]
-    for key, name in (("test_top1", "top-1"), ("test_top5", "top-5")):
-        ax.plot(its, [e.get(key) or np.nan for e in summary], marker="o", label=name)
+    for key, name in (("test_top1", "top-1"), ("test_top5", "top-5"), ("val_top1", "validation top-1")):
+        if any(e.get(key) is not None for e in summary):
+            ax.plot(its, [e.get(key) or np.nan for e in summary], marker="o", label=name)
     ax.axhline(summary[0].get("test_top1") or np.nan, color="grey", ls="--", lw=1, label="first teacher top-1")
     ax.set_xticks(its, [f"{e['iteration']}\n{e['role']}\n{e['model']}" for e in summary])
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("accuracy")
     ax.set_title("accuracy per iteration (0 = first teacher)")
     ax.legend()
     return _png(fig)
@@ -99,8 +101,13 @@ def plot_corruptions(summary: list[dict]) -> bytes:
     return _png(fig)
 
 
+def role_label(e: dict) -> str:
+    """A summary entry's role as shown: ``supplied`` for a first teacher brought by ``teacher.checkpoint``."""
+    return "supplied" if e.get("supplied") else e["role"]
+
+
 def _name(e: dict) -> str:
-    return f"{e['iteration']} {e['role']} {e['model']}"
+    return f"{e['iteration']} {role_label(e)} {e['model']}"
 
 
 def _key(e: dict) -> str:
@@ -115,8 +122,9 @@ def read_history(model_dir: str) -> list[dict]:
     return [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
 
 
-def plot_curves(name: str, history: list[dict]) -> bytes:
-    """Loss, learning rate and test accuracy per epoch of one model (test: the epochs evaluated)."""
+def plot_curves(name: str, history: list[dict], exported_epoch: int | None = None) -> bytes:
+    """Loss, learning rate and validation accuracy per epoch of one model (the epochs evaluated; older
+    runs that evaluated the test split per epoch show it), the exported epoch marked when known."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.0))
     epochs = [h["epoch"] for h in history]
@@ -125,6 +133,9 @@ def plot_curves(name: str, history: list[dict]) -> bytes:
     axes[1].plot(epochs, [h["lr"] for h in history], marker=".")
     axes[1].set_title("learning rate")
     for key, label in (
+        ("val_top1", "val top-1"),
+        ("val_top5", "val top-5"),
+        ("raw_val_top1", "raw (no EMA) val top-1"),
         ("test_top1", "test top-1"),
         ("test_top5", "test top-5"),
         ("raw_test_top1", "raw (no EMA) top-1"),
@@ -132,7 +143,9 @@ def plot_curves(name: str, history: list[dict]) -> bytes:
         points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
         if points:
             axes[2].plot(*zip(*points), marker="o", label=label)
-    axes[2].set_title("test accuracy (epochs evaluated)")
+    if exported_epoch is not None:
+        axes[2].axvline(exported_epoch, color="grey", ls="--", lw=1, label=f"exported (epoch {exported_epoch})")
+    axes[2].set_title("validation accuracy (epochs evaluated)")
     axes[2].set_ylim(0, 1)
     if axes[2].get_legend_handles_labels()[0]:
         axes[2].legend(fontsize=8)
@@ -223,7 +236,7 @@ def _flatten(entry: dict, prefix: str = "") -> dict:
 def _table(summary: list[dict]) -> str:
     rows = [_flatten(e) for e in summary]
     keys = [k for k in rows[0] if k != "checkpoint"] + sorted({k for r in rows for k in r} - set(rows[0]))
-    head = "".join(f"<th>{html.escape(str(e['iteration']))} {html.escape(e['role'])}</th>" for e in summary)
+    head = "".join(f"<th>{html.escape(str(e['iteration']))} {html.escape(role_label(e))}</th>" for e in summary)
     body = []
     for k in keys:
         cells = "".join(f"<td>{_cell(r.get(k))}</td>" for r in rows)
@@ -258,7 +271,8 @@ def _model_figures(summary: list[dict]) -> list[tuple[str, str, bytes]]:
     for e in summary:
         history = read_history(e["checkpoint"]) if e.get("checkpoint") else []
         if history:
-            figures.append((f"curves_{_key(e)}", f"Training curves, {_name(e)}", plot_curves(_name(e), history)))
+            png = plot_curves(_name(e), history, e.get("exported_epoch"))
+            figures.append((f"curves_{_key(e)}", f"Training curves, {_name(e)}", png))
     evals = _evaluations(summary)
     if evals:
         figures.append(("per_class", "Test accuracy per class", plot_per_class(evals)))
@@ -322,7 +336,7 @@ def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
         head = "".join(f"<th>{html.escape(g)}</th>" for g in GROUPS)
         rows = []
         for c, groups in sample.items():
-            cells = "".join(f"<td class='thumbs'>{_thumbs(groups[g], predictions)}</td>" for g in GROUPS)
+            cells = "".join(f"<td class='thumbs'>{_thumbs(groups[g])}</td>" for g in GROUPS)
             label = classes[c] if c < len(classes) else str(c)
             rows.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
         shown = f"classes 0-{len(sample) - 1} of {num_classes}; " if len(sample) < num_classes else ""
@@ -334,10 +348,10 @@ def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
     return parts
 
 
-def _thumbs(rows: list[dict], predictions: str) -> str:
+def _thumbs(rows: list[dict]) -> str:
     out = []
     for r in rows:
-        src = thumbnail(r["path"], predictions, data=r.get("image"))
+        src = thumbnail(r["path"], data=r.get("image"))
         title = html.escape(r["id"])
         if src is None:
             out.append(f"<figure title='{title}'>(unreadable)<figcaption>{r['confidence']:.3f}</figcaption></figure>")
@@ -372,6 +386,7 @@ STYLE = (
     "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
     "table.kv td,table.gallery td{text-align:left}figure{display:inline-block;margin:2px;text-align:center}"
     "figcaption{font-size:11px}img.thumb{width:48px;height:auto;max-width:none;image-rendering:pixelated}pre{text-align:left}"
+    ".warning{background:#fff3cd;border:2px solid #d39e00;padding:0 1em;color:#7a5600}"
 )
 
 
@@ -390,8 +405,10 @@ def render_report(run_dir: str) -> str:
         f"<style>{STYLE}</style></head><body>",
         f"<h1>Noisy Student run report</h1><p>{html.escape(absolute(run_dir))}, written "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}. mCE and mFR are relative to the first "
-        "teacher (1.0 = as robust as it; lower is better). Training curves: the test split is evaluated every "
-        "<code>eval_every</code> epochs (the run has no separate validation split).</p>",
+        "teacher (1.0 = as robust as it; lower is better). Training curves: the validation split is evaluated "
+        "every <code>eval_every</code> epochs and selects the exported checkpoint; the test split is evaluated "
+        "once per finished model.</p>",
+        _warnings(summary),
         _header(run_dir),
     ]
     for key, title, png in _figures(run_dir, summary):
@@ -405,6 +422,15 @@ def render_report(run_dir: str) -> str:
     parts.append(_rejections(run_dir))
     parts.append("<h2 id='sec-numbers'>Every number</h2>" + _table(summary) + "</body></html>")
     return "\n".join(parts)
+
+
+def _warnings(summary: list[dict]) -> str:
+    """A visible block naming every student worse than its teacher on validation ('' when none)."""
+    lines = worse_than_teacher_warnings(summary)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return f"<div id='warnings' class='warning'><h2 id='sec-warnings'>Warnings</h2><ul>{items}</ul></div>"
 
 
 def _num_classes(run_dir: str) -> int:

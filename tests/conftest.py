@@ -1,12 +1,47 @@
 import os
+import random
 
+import numpy as np
 import pytest
 import ray
+import torch
 
 from tests.s3_server import start_for_session
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+# modules whose tests start Ray in a subprocess (no fixture to see it by)
+RAY_SUBPROCESS_MODULES = {"test_job_submission", "test_labeler_stall", "test_multinode"}
+# fixtures that start Ray (directly, or by running a stage that calls ray.init)
+RAY_FIXTURES = {"ray_local"}
+# modules whose fixtures run a whole Noisy Student loop, a simulated multi-node cluster or a job server
+SLOW_MODULES = {"test_ablate", "test_end_to_end", "test_job_submission", "test_multinode", "test_s3_end_to_end"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``ray`` every test that starts a Ray cluster, so ``-m "not ray"`` is the fast subset; and
+    ``slow`` the modules that run whole loops or clusters (``-m "not slow"``: everything else)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if RAY_FIXTURES & set(item.fixturenames) or module in RAY_SUBPROCESS_MODULES:
+            item.add_marker(pytest.mark.ray)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_and_ray_marked(request):
+    """Every test starts from the same RNG state (Python's ``random``, which timm's RandAugment draws
+    from, numpy's global RNG and torch's), so no test depends on an unseeded draw; and a test that
+    starts Ray in this process without the ``ray`` marker fails, so the fast subset stays Ray-free."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    ray_before = ray.is_initialized()
+    yield
+    if not ray_before and ray.is_initialized() and request.node.get_closest_marker("ray") is None:
+        pytest.fail(f"{request.node.nodeid} started Ray without the `ray` marker; use the ray_local fixture")
 
 
 @pytest.fixture(scope="session")

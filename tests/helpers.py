@@ -4,6 +4,7 @@ import io
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 from labeler.model import ModelSpec, create_model, save_checkpoint
@@ -48,7 +49,9 @@ def write_bad_and_good_folder(root: str) -> dict:
 
 
 def random_checkpoint(
-    directory: str, arch: str = "test_resnet", num_classes: int = 10, image_size: int = 16
+    directory: str, arch: str = "test_resnet", num_classes: int = 10, image_size: int = 16, seed: int = 0
 ) -> ModelSpec:
+    """A checkpoint of ``arch`` with seeded random weights (the same files for the same arguments)."""
+    torch.manual_seed(seed)
     spec = ModelSpec(arch, [str(i) for i in range(num_classes)], image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
     return save_checkpoint(create_model(spec), spec, directory)

@@ -1,7 +1,6 @@
 """`noisy-student ablate` on the shrunk digits config: one variant besides the baseline."""
 
 import json
-import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -14,16 +13,16 @@ from pipeline.config import load_config
 @pytest.fixture(scope="module")
 def ablation(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablate")
-    args = ["ablate", os.path.abspath("configs/digits.yaml"), f"run_dir={tmp}/abl", "runlocal=true",
+    args = ["ablate", "digits", f"run_dir={tmp}/abl", "runlocal=true",
             f"data.root={tmp}/data", "--only", "no_balancing"]  # fmt: skip
     assert main(args) == 0
     return tmp / "abl_ablation"
 
 
 def test_variants_cover_the_papers_ablations():
-    names = set(variants(load_config("configs/digits.yaml")))
+    names = set(variants(load_config("digits")))
     assert names == {"baseline", "no_student_noise", "hard_labels", "no_balancing", "ratio_1"}
-    assert main(["ablate", "configs/digits.yaml", "--only", "no_such_variant"]) == 2
+    assert main(["ablate", "digits", "--only", "no_such_variant"]) == 2
 
 
 def test_ablation_table_and_shared_teacher(ablation):

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import balance_core
-from pipeline.balance import apply_balance, balance_predictions, parquet_runner, plan_balance
+from pipeline.balance import GATHER_LIMIT, apply_balance, apply_batch, balance_predictions, parquet_runner, plan_balance
 from tests.reference import brute_force_copies
 
 
@@ -43,12 +43,23 @@ tables = st.integers(min_value=0, max_value=120).flatmap(
 )
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=tables, per_class=st.integers(1, 30), threshold=st.sampled_from([0.0, 0.3, 0.95]), blocks=st.integers(1, 4))
-def test_matches_brute_force(ray_local, data, per_class, threshold, blocks):
-    labels, confs, rejected = data
-    df = _frame(labels, confs, rejected)
-    plan, got = _run(df, 5, per_class, threshold, blocks)
+def _run_in_process(df, num_classes, per_class, threshold, blocks=3, duplicate=True):
+    """:func:`_run` without Ray: the same passes over ``blocks`` slices of one in-memory table."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    size = max(1, -(-len(table) // blocks))
+    parts = [table.slice(i, size) for i in range(0, len(table), size)] or [table]
+
+    def run(fn, kwargs):  # a Runner (pipeline.balance) over the slices, as parquet_runner is over files
+        for part in parts:
+            out = fn(part, **kwargs)
+            yield out if isinstance(out, dict) else {c: out[c].to_numpy(zero_copy_only=False) for c in out.column_names}
+
+    plan = plan_balance(run, num_classes, per_class, threshold, duplicate)
+    rows = pa.concat_tables([apply_batch(p, plan) for p in parts]).to_pylist()
+    return plan, {r["id"]: r["copies"] for r in rows}
+
+
+def _check_against_brute_force(df, plan, got, per_class, threshold):
     assert got == brute_force_copies(df, per_class, threshold)
     per_label = df.set_index("id").loc[list(got), "label"] if got else pd.Series(dtype=int)
     totals = pd.Series(list(got.values()), index=per_label.values).groupby(level=0).sum().to_dict()
@@ -56,6 +67,38 @@ def test_matches_brute_force(ray_local, data, per_class, threshold, blocks):
         expected = per_class if plan.passing[k] > 0 else 0
         assert totals.get(k, 0) == expected
         assert plan.stats["classes"][k]["final"] == expected
+
+
+# In process (no Ray), so it can try many tables: the exact semantics of DESIGN.md section 4
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    data=tables,
+    per_class=st.integers(1, 30),
+    threshold=st.sampled_from([0.0, 0.3, 0.95]),
+    blocks=st.integers(1, 4),
+    gather_limit=st.sampled_from([1, 4, GATHER_LIMIT]),  # small limits force byte-refinement passes
+)
+def test_matches_brute_force(data, per_class, threshold, blocks, gather_limit):
+    labels, confs, rejected = data
+    df = _frame(labels, confs, rejected)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(balance_core, "GATHER_LIMIT", gather_limit)
+        mp.setattr("pipeline.balance.GATHER_LIMIT", gather_limit)
+        plan, got = _run_in_process(df, 5, per_class, threshold, blocks)
+    _check_against_brute_force(df, plan, got, per_class, threshold)
+
+
+# The same property through Ray Data (map_batches over repartitioned blocks): fewer examples, each starts a job
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=tables, per_class=st.integers(1, 30), threshold=st.sampled_from([0.0, 0.3, 0.95]), blocks=st.integers(1, 4))
+def test_ray_matches_brute_force_and_in_process(ray_local, data, per_class, threshold, blocks):
+    labels, confs, rejected = data
+    df = _frame(labels, confs, rejected)
+    plan, got = _run(df, 5, per_class, threshold, blocks)
+    _check_against_brute_force(df, plan, got, per_class, threshold)
+    local_plan, local_got = _run_in_process(df, 5, per_class, threshold, blocks)
+    assert local_got == got and local_plan.stats == plan.stats
 
 
 def test_heavy_ties_force_refinement(ray_local, monkeypatch):
@@ -133,7 +176,7 @@ def test_choose_bucket_refuses_a_histogram_with_too_few_rows():
         balance_core.choose_bucket(np.zeros(256, np.int64), 1)
 
 
-def test_balance_command(ray_local, tmp_path, capsys):
+def test_balance_command(ray_local, tmp_path):
     from pipeline.cli import main
 
     df = _frame([0, 0, 0, 1], [0.9, 0.8, 0.7, 0.95])
@@ -141,7 +184,8 @@ def test_balance_command(ray_local, tmp_path, capsys):
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "preds" / "a.parquet")
     args = ["balance", "--predictions", str(tmp_path / "preds"), "--out", str(tmp_path / "out")]
     assert main([*args, "--num-classes", "3", "--per-class", "2"]) == 0
-    assert "4 rows, empty classes [2]" in capsys.readouterr().out
+    stats = json.loads((tmp_path / "out" / "balance_stats.json").read_text())  # the files written, not the console
+    assert stats["total_rows"] == 4 and stats["empty_classes"] == [2]
     got = pq.read_table(tmp_path / "out" / "balanced").to_pydict()
     assert dict(zip(got["id"], got["copies"])) == {"img/00000.jpg": 1, "img/00001.jpg": 1, "img/00003.jpg": 2}
 

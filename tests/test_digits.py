@@ -27,3 +27,13 @@ def test_corpus_is_real_png_folders(tmp_path):
     assert write_digits_corpus(str(tmp_path / "d"), labels_per_class=2, test_fraction=0.1) == paths
     with pytest.raises(FileExistsError):
         write_digits_corpus(str(tmp_path / "d"), labels_per_class=3)
+
+
+def test_validation_split_comes_from_the_unlabeled_pool():
+    labels = np.repeat(np.arange(10), 30)
+    plain = split_indices(labels, labels_per_class=3, test_fraction=0.2, seed=0)
+    s = split_indices(labels, labels_per_class=3, test_fraction=0.2, seed=0, val_per_class=4)
+    assert s["labeled"] == plain["labeled"] and s["test"] == plain["test"]  # only unlabeled gives images up
+    assert np.bincount(labels[s["val"]]).tolist() == [4] * 10
+    assert sorted(s["val"] + s["unlabeled"]) == plain["unlabeled"] and not set(s["val"]) & set(s["unlabeled"])
+    assert "val" not in plain

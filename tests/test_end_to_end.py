@@ -27,10 +27,10 @@ def tiny_run(ray_local, tmp_path_factory):
     unlabeled = tmp / "unlabeled"
     shutil.copytree(paths["unlabeled"], unlabeled)
     (unlabeled / "corrupt.png").write_bytes(b"\x89PNG not really")
-    config = os.path.abspath("configs/digits.yaml")
+    config = "digits"  # a shipped config, by name
     args = [
         "run", config, "run_dir=run", "runlocal=true",  # relative paths, as users type them
-        "data.labeled=data/labeled", "data.unlabeled=unlabeled", "data.test=data/test",
+        "data.labeled=data/labeled", "data.unlabeled=unlabeled", "data.test=data/test", "data.val_fraction=0.4",
         "eval.extra={test_again: data/test}",
     ]  # fmt: skip
     cwd = os.getcwd()
@@ -48,6 +48,22 @@ def test_summary_lists_every_model(tiny_run):
     assert [(e["iteration"], e["role"]) for e in summary] == [(0, "teacher"), (1, "student")]
     for e in summary:
         assert 0.0 <= e["test_top1"] <= 1.0 and e["model"] == "test_resnet"
+
+
+def test_models_are_selected_on_the_carved_validation_split(tiny_run):
+    """data.val_fraction=0.4: 2 of each class's 5 labels validate, 3 train; each model's exported epoch
+    has the best val_top1 of its run, and a student worse than its teacher is flagged either way."""
+    run_dir, _ = tiny_run
+    split = json.loads((run_dir / "splits" / "split.json").read_text())["images_per_class"]
+    assert set(split["val"].values()) == {2} and set(split["labeled"].values()) == {3}
+    teacher, student = json.loads((run_dir / "summary.json").read_text())
+    for e, d in ((teacher, "round_0/teacher"), (student, "round_1/student")):
+        history = [json.loads(line) for line in (run_dir / d / "metrics.jsonl").read_text().splitlines()]
+        best = max(h["val_top1"] for h in history if "val_top1" in h)
+        assert e["val_top1"] == best and history[e["exported_epoch"] - 1]["val_top1"] == best
+    assert student["worse_than_teacher"] == (student["val_top1"] < teacher["val_top1"])
+    page = (run_dir / "report.html").read_text()
+    assert ("id='warnings'" in page) == student["worse_than_teacher"]
 
 
 def test_summary_carries_the_robustness_metrics(tiny_run):
@@ -146,9 +162,10 @@ def test_tensorboard_lists_every_model(tiny_run):
     for run, epochs, rows in ((teacher, 4, 1), (student, 2, 2)):
         acc = runs.GetAccumulator(run)
         tags = acc.Tags()
-        assert {"step/loss", "step/lr", "epoch/train_loss", "epoch/lr", "epoch/test_top1"} <= set(tags["scalars"])
+        assert {"step/loss", "step/lr", "epoch/train_loss", "epoch/lr", "epoch/val_top1"} <= set(tags["scalars"])
         assert [e.step for e in acc.Scalars("epoch/train_loss")] == list(range(1, epochs + 1))
-        assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("epoch/test_top1"))
+        assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("epoch/val_top1"))
+        assert "epoch/test_top1" not in tags["scalars"]  # the test split is never evaluated per epoch
         assert tags["images"] == ["input/augmented"]
         image = acc.Images("input/augmented")[0]
         assert (image.width, image.height) == (8 * 32, rows * 32)  # 32 x 32 inputs, 8 to a row
@@ -182,17 +199,18 @@ def test_balanced_set_has_exactly_per_class_rows(tiny_run):
     assert (table["confidence"] >= stats["threshold"]).all()
 
 
-def test_rerun_skips_finished_stages(tiny_run, capsys):
+def test_rerun_skips_finished_stages(tiny_run):
     run_dir, args = tiny_run
     before = (run_dir / "summary.json").read_text()
+    log_before = (run_dir / "run.log").read_text()
     cwd = os.getcwd()
     os.chdir(run_dir.parent)
     try:
         assert main(args) == 0
     finally:
         os.chdir(cwd)
-    out = capsys.readouterr().out
-    assert "already trained, skipping" in out and "test_top1" in out
+    rerun = (run_dir / "run.log").read_text()[len(log_before) :]  # the rerun's lines, from the log file it appends to
+    assert "already trained, skipping" in rerun and "test_top1" in rerun
     assert (run_dir / "summary.json").read_text() == before
 
 
@@ -205,5 +223,5 @@ def test_smaller_student_is_refused(tmp_path):
 
 
 def test_bad_override_is_a_clear_error(capsys):
-    assert main(["run", "configs/digits.yaml", "teacher.epoch=3"]) == 2
+    assert main(["run", "digits", "teacher.epoch=3"]) == 2
     assert "did you mean teacher.epochs" in capsys.readouterr().err

@@ -34,3 +34,23 @@ def test_resize_center_crop_shape_and_content():
     assert out.shape == (4, 4, 3) and out.dtype == np.uint8
     left = resize_center_crop(Image.new("RGB", (20, 10), (255, 0, 0)), 10, crop_pct=0.5)
     assert left.shape == (10, 10, 3) and (left[..., 0] == 255).all()
+
+
+def test_labeler_and_trainer_reject_each_bad_file_alike(tmp_path):
+    """One decode step (labeler.images.decode_into) for labeling and training: the same reject reason per file."""
+    from labeler.images import decode_batch
+    from tests.helpers import write_bad_and_good_folder
+    from trainer.data import _decode_many
+
+    expected = write_bad_and_good_folder(str(tmp_path))
+    names = sorted(expected)
+    paths = [str(tmp_path / n) for n in names]
+    batch = {
+        "id": np.array(names, dtype=object),
+        "path": np.array(paths, dtype=object),
+        "bytes": np.array([(tmp_path / n).read_bytes() for n in names], dtype=object),
+    }
+    labeled = decode_batch(batch, image_size=16, crop_pct=1.0, in_chans=3, max_pixels=10**6)
+    images, trained = _decode_many(paths, 16, 3)
+    assert [r or None for r in labeled["reject_reason"]] == trained == [expected[n] for n in names]
+    np.testing.assert_array_equal(labeled["image"], images)

@@ -62,7 +62,7 @@ def test_submit_the_tiny_config(head, tmp_path):
     address, env = head
     out = tmp_path / "job"
     cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
-           "python", "-m", "pipeline", "run", "configs/digits.yaml", "runlocal=true",
+           "python", "-m", "pipeline", "run", "digits", "runlocal=true",
            f"run_dir={out}/run", f"data.root={out}/data"]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     log = done.stdout + done.stderr
@@ -90,7 +90,7 @@ def _check_console(log: str) -> None:
     assert "\r" not in log  # a log, not a terminal: no carriage-return redraws
     for noise in NOISE:
         assert noise not in log, f"{noise!r} in the default output:\n{log[-3000:]}"
-    for stage in ("training round_0_teacher", "round_0_teacher: 100% 4/4", "labeling: 100% 1208/1208",
+    for stage in ("training round_0_teacher", "round_0_teacher: 100% 4/4", "labeling: 100% 1108/1108",
                   "balanced in", "round_1_student: 100% 2/2", "evaluated in", "pseudo_rows", "report: "):  # fmt: skip
         assert stage in log, f"{stage!r} missing from the output:\n{log[-3000:]}"
     job = [line for line in lines if line.strip() and not line.startswith(("20", "-", "Job ", "Next steps", "  "))]

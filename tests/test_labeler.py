@@ -158,3 +158,25 @@ def test_topk_labels_keep_the_mass(ray_local, tmp_path):
     dense = dense_targets(topk.take(good), 10)
     np.testing.assert_allclose(dense.sum(axis=1), 1.0, rtol=1e-5)
     assert (dense.argmax(axis=1) == np.asarray(topk.take(good)["label"])).all()
+
+
+def test_one_gpu_probe_asks_for_whole_gpus_only():
+    """The labeler's actors and the loop's evaluation task ask for a GPU by the same rule: a whole one
+    must exist (a fractional GPU total once gave the actors num_gpus=1, which could never be placed)."""
+    from labeler.api import gpus_per_task
+
+    assert [gpus_per_task(r) for r in ({}, {"CPU": 2.0}, {"GPU": 0.5}, {"GPU": 1.0}, {"GPU": 8.0})] == [0, 0, 0, 1, 1]
+
+
+def test_parameters_are_counted_without_building_weights(monkeypatch):
+    """A spec's parameters are counted on the meta device: the same number as a real model's, no weights."""
+    import labeler.model as model_module
+    from labeler.model import count_parameters
+
+    spec = ModelSpec("test_efficientnet", [str(i) for i in range(7)], 32)
+    expected = sum(p.numel() for p in create_model(spec).parameters())
+    built = []
+    real_create = model_module.create_model
+    monkeypatch.setattr(model_module, "create_model", lambda s: built.append(real_create(s)) or built[-1])
+    assert count_parameters(spec) == expected
+    assert {p.device.type for p in built[0].parameters()} == {"meta"}

@@ -286,7 +286,7 @@ def test_a_threshold_nothing_passes_stops_after_balancing(ray_local, tmp_path):
     write_json(str(run / "round_0" / "teacher" / "eval.json"), {"test_top1": 0.1})
     assert spec.num_classes == 10
     cfg = load_config(
-        "configs/digits.yaml",
+        "digits",
         [f"run_dir={run}", "runlocal=true", "balance.threshold=0.99", f"data.labeled={paths['labeled']}",
          f"data.unlabeled={paths['unlabeled']}", f"data.test={paths['test']}"],
     )  # fmt: skip

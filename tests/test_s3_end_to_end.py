@@ -22,7 +22,7 @@ def s3_run(ray_local, s3, tmp_path_factory, run_output):
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("s3cwd"))  # anything written locally by mistake would land here
     try:
-        args = ["run", os.path.join(cwd, "configs/digits.yaml"), "runlocal=true",
+        args = ["run", "digits", "runlocal=true",
                 f"run_dir=s3://{BUCKET}/run", f"data.root=s3://{BUCKET}/data"]  # fmt: skip
         code = main(args)
         local = sorted(os.listdir("."))

@@ -60,7 +60,7 @@ def _loop(root, paths, unlabeled: str, name: str, extra=()) -> tuple:
         f"run_dir={run}", "runlocal=true", "balance.threshold=0.0", "student.epochs=1",
         f"data.labeled={paths['labeled']}", f"data.unlabeled={unlabeled}", "data.test=null", *extra,
     ]  # fmt: skip
-    summary = run_loop(load_config("configs/digits.yaml", overrides))
+    summary = run_loop(load_config("digits", overrides))
     return run, spec, summary
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import ray
+import torch
 
 from labeler.model import ModelSpec
 from pipeline.digits import write_digits_corpus
@@ -22,17 +23,18 @@ NAME = "long_run"
 
 
 def long_run(data: str, storage: str, out: str) -> dict:
-    """Long enough (many short epochs, a checkpoint each) that a fault lands mid-run."""
+    """Long enough (many short epochs, a checkpoint each) that a fault lands mid-run; validated on the
+    digits' val split (30 images) and exporting the best checkpoint, so resuming meets model selection."""
     settings = TrainSettings(epochs=EPOCHS, batch_size=16, num_workers=2, checkpoint_every=1, warmup_epochs=1,
                              min_steps_per_epoch=3, randaugment_ops=0, eval_every=5)  # fmt: skip
     spec = ModelSpec("test_resnet", [str(i) for i in range(10)], 16, mean=(0.5,) * 3, std=(0.5,) * 3)
-    return train_model(settings, spec, f"{data}/labeled", out, storage, NAME, test=f"{data}/test", max_failures=2)
+    return train_model(settings, spec, f"{data}/labeled", out, storage, NAME, val=f"{data}/val", max_failures=2)
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
-    write_digits_corpus(str(root), labels_per_class=5, test_fraction=0.3, seed=0)
+    write_digits_corpus(str(root), labels_per_class=5, test_fraction=0.3, seed=0, val_per_class=3)
     return str(root)
 
 
@@ -90,6 +92,18 @@ def _history(out: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def _check_finished(final: dict, out: str) -> None:
+    """Every epoch ran once, in order, and the exported epoch has the best val_top1 of the run (Ray
+    Train kept a best checkpoint through the fault, beside the latest one it resumed from; among equal
+    scores it keeps the later ones)."""
+    history = _history(out)
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))  # each epoch once, in order
+    assert final["last_epoch"] == EPOCHS and history[-1]["final"]
+    best = max(h["val_top1"] for h in history)
+    exported = history[final["exported_epoch"] - 1]
+    assert exported["val_top1"] == final["val_top1"] == best and final["epoch"] == final["exported_epoch"]
+
+
 def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, tmp_path):
     storage, out, killed = str(tmp_path / "storage"), str(tmp_path / "model"), []
 
@@ -105,9 +119,9 @@ def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, 
     final = long_run(digits, storage, out)
     killer.join(timeout=5)
     assert killed, "the fault was never injected"
-    assert final["final"] and final["epoch"] == EPOCHS
-    assert len(final["resumed_from"]) == 1 and 1 <= final["resumed_from"][0] < EPOCHS
-    assert [h["epoch"] for h in _history(out)] == list(range(1, EPOCHS + 1))  # each epoch once, in order
+    _check_finished(final, out)
+    resumed = _history(out)[-1]["resumed_from"]
+    assert len(resumed) == 1 and 1 <= resumed[0] < EPOCHS
 
 
 def test_second_invocation_resumes_the_interrupted_run(ray_local, digits, tmp_path):
@@ -120,6 +134,31 @@ def test_second_invocation_resumes_the_interrupted_run(ray_local, digits, tmp_pa
     assert job.returncode != 0, log[-3000:]
     assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "an interrupted run must not look finished"
     final = long_run(digits, storage, out)  # the second invocation, same storage and name
-    assert final["final"] and final["epoch"] == EPOCHS
-    assert len(final["resumed_from"]) == 1 and final["resumed_from"][0] >= 1
-    assert [h["epoch"] for h in _history(out)] == list(range(1, EPOCHS + 1))
+    _check_finished(final, out)
+    resumed = _history(out)[-1]["resumed_from"]
+    assert len(resumed) == 1 and resumed[0] >= 1
+
+
+def test_init_from_is_read_by_the_workers_from_its_path(ray_local, digits, tmp_path):
+    """``init_from`` travels as a path (not a state dict in the config); with lr 0 the trained
+    model's parameters are exactly the initial checkpoint's."""
+    from labeler.model import load_checkpoint
+    from tests.helpers import random_checkpoint
+
+    spec = random_checkpoint(str(tmp_path / "init"), seed=3)
+    settings = TrainSettings(epochs=1, batch_size=16, num_workers=1, lr=0.0, weight_decay=0.0, randaugment_ops=0,
+                             drop_rate=0.0, drop_path_rate=0.0, recalibrate_bn=False)  # fmt: skip
+    train_model(settings, spec, f"{digits}/labeled", str(tmp_path / "out"), str(tmp_path / "ray"), "init_run",
+                init_from=str(tmp_path / "init"), progress=False)  # fmt: skip
+    init = dict(load_checkpoint(str(tmp_path / "init"))[0].named_parameters())
+    trained = dict(load_checkpoint(str(tmp_path / "out"))[0].named_parameters())
+    assert init.keys() == trained.keys()
+    for name, value in init.items():
+        assert torch.equal(value, trained[name]), name
+
+
+def test_init_from_without_a_checkpoint_fails_in_the_driver(ray_local, digits, tmp_path):
+    spec = ModelSpec("test_resnet", [str(i) for i in range(10)], 16)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train_model(TrainSettings(epochs=1, num_workers=1), spec, f"{digits}/labeled", str(tmp_path / "out"),
+                    str(tmp_path / "ray"), "no_init", init_from=str(tmp_path / "nowhere"), progress=False)  # fmt: skip

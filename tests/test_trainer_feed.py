@@ -45,7 +45,7 @@ def _run(batch, **kwargs) -> dict:
 
 def test_pseudo_rows_expand_by_their_copies_after_one_decode(corpus):
     _, balanced = corpus
-    rows = _pseudo_rows(pq.read_table(balanced), 10, hard=True, balanced=balanced)
+    rows = _pseudo_rows(pq.read_table(balanced), 10, hard=True)
     assert len(rows["path"]) == len(rows["target"]) == 40 and rows["copies"].sum() == 60
     random.seed(0)  # timm's RandAugment draws from Python's RNG: two copies can draw the same no-op ops
     out = _run(rows)
@@ -90,8 +90,8 @@ def test_streaming_training_run(ray_local, corpus, tmp_path):
     datasets, steps = streaming_datasets(s, SPEC, paths["labeled"], balanced, hard=False)
     assert set(datasets) == {"labeled", "pseudo", "clean"} and steps == 60 // 16
     final = train_model(s, SPEC, paths["labeled"], str(tmp_path / "out"), str(tmp_path / "ray"), "stream",
-                        pseudo=balanced, test=paths["test"])  # fmt: skip
-    assert final["final"] and final["epoch"] == 2 and 0.0 <= final["test_top1"] <= 1.0
+                        pseudo=balanced, val=paths["test"])  # fmt: skip
+    assert final["final"] and final["epoch"] == 2 and 0.0 <= final["val_top1"] <= 1.0
     assert final["images_per_s"] > 0 and final["images"] == steps * (8 + 16)  # each step: b labeled + ratio x b
     assert final["unreadable_labeled"] == 0 and final["unreadable_pseudo"] == 0
 

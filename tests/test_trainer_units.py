@@ -12,7 +12,7 @@ from trainer.settings import TrainSettings
 
 
 def test_soft_cross_entropy_equals_hard_ce_for_one_hot():
-    logits = torch.randn(5, 4)
+    logits = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 3, 1, 2, 2])
     onehot = torch.nn.functional.one_hot(y, 4).float()
     assert soft_cross_entropy(logits, onehot).item() == pytest.approx(
@@ -94,3 +94,19 @@ def test_parquet_labeled_set(tmp_path):
     assert load_labeled(str(ints), ["0", "1", "2"], 8).targets.argmax(1).tolist() == [0, 2, 2]
     with pytest.raises(ValueError, match="does not know"):
         load_labeled(str(tmp_path), ["cat"], 8)
+
+
+def test_one_target_rule_for_both_feeds():
+    """Labeled and hard pseudo targets are smoothed by label_smoothing; soft pseudo targets never are."""
+    from trainer.data import one_hot
+    from trainer.noise import target_smoothing
+
+    assert target_smoothing(0.1, pseudo=False, hard=False) == 0.1
+    assert target_smoothing(0.1, pseudo=True, hard=True) == 0.1
+    assert target_smoothing(0.1, pseudo=True, hard=False) == 0.0
+    y = one_hot(np.array([2, 0]), 4)
+    assert y.dtype == np.float32 and y.tolist() == [[0, 0, 1, 0], [1, 0, 0, 0]]
+    np.testing.assert_allclose(smooth(y, 0.1), smooth(torch.from_numpy(y), 0.1).numpy())
+    np.testing.assert_allclose(smooth(y, 0.1)[0], [0.025, 0.025, 0.925, 0.025])
+    with pytest.raises(IndexError):
+        one_hot(np.array([4]), 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import threading
@@ -12,13 +13,16 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, load_checkpoint
+from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, save_checkpoint
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH
 from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
 from trainer.loop import steps_per_epoch, train_loop_per_worker
+from trainer.noise import target_smoothing
 from trainer.settings import TrainSettings
+
+logger = logging.getLogger(__name__)
 
 
 def train_model(
@@ -29,7 +33,7 @@ def train_model(
     storage_path: str,
     name: str,
     pseudo: str | None = None,
-    test: str | None = None,
+    val: str | None = None,
     hard: bool = False,
     init_from: str | None = None,
     max_failures: int = 2,
@@ -42,33 +46,54 @@ def train_model(
 
     ``out_dir`` and ``storage_path`` are local paths or ``s3://`` URIs. Running again with the
     same ``storage_path``/``name`` resumes from the last epoch's checkpoint (Ray Train V2
-    semantics). ``test`` (a labeled set, as ``labeled``) is evaluated every ``eval_every`` epochs by
-    rank 0, streamed in batches of ``eval_batch`` images. ``tensorboard``: a folder or ``s3://``
-    prefix for this run's TensorBoard event files (``trainer.board``). ``progress``: show epoch k of
-    N, loss, test top-1, images/s and the ETA on the console (``labeler.progress``). Returns the
-    final metrics (a dict of floats and ints: ``epoch``, ``train_loss``, ``lr``, ``images_per_s``,
-    ``test_top1`` ...); each epoch's ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows
-    of that set the epoch could not read or decode (the summary keeps the largest).
+    semantics). ``val`` (a labeled validation set, as ``labeled``; never the test split) is evaluated
+    every ``eval_every`` epochs and at every checkpoint by rank 0, streamed in batches of
+    ``eval_batch`` images (``val_top1``, ``val_top5``, ``val_loss``, ``val_unreadable``).
+
+    The exported model (``settings.export``): ``best``, the checkpoint with the best
+    ``settings.select_metric`` (``select_mode`` max or min) as Ray Train's ``CheckpointConfig`` scores
+    it (``Result.get_best_checkpoint``); ``last``, the last epoch's. Without ``val`` the last epoch is
+    exported (and the log says so). Checkpoints hold the exported weights (EMA ones when
+    ``ema_decay`` > 0, BatchNorm re-estimated when ``recalibrate_bn``).
+
+    ``tensorboard``: a folder or ``s3://`` prefix for this run's TensorBoard event files
+    (``trainer.board``). ``progress``: show epoch k of N, loss, val top-1, images/s and the ETA on the
+    console (``labeler.progress``). Returns the exported epoch's metrics (a dict of floats and ints:
+    ``epoch``, ``train_loss``, ``lr``, ``images_per_s``, ``val_top1`` ...) plus ``exported_epoch``,
+    ``last_epoch`` (the epochs trained), ``export`` (``"best val_top1 (max)"`` or ``"last"``); each
+    epoch's ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows of that set the epoch
+    could not read or decode (the returned value is the largest of any epoch).
+
+    ``pseudo``: the balanced set (``pipeline.balance``), each row trained ``copies`` times, at
+    ``settings.ratio`` pseudo-labeled images per labeled image in a step. ``hard``: its labels are
+    one-hot and get label smoothing like the labeled set (``trainer.noise.target_smoothing``;
+    google-research/noisystudent ``main.py``). ``init_from``: a checkpoint directory in the labeler's
+    format whose weights start the model (Xie et al. 2020 train the student from scratch; this is
+    the option); the workers read it from there.
 
     Raises:
         TrainingDataError: a set is mostly unreadable, found in a sample before training starts
             or by the workers (which then stop without Ray Train retrying a data error).
+        FileNotFoundError: ``init_from`` holds no ``model.json``.
         RuntimeError: the run ended without finishing every epoch (run it again to resume).
     """
     preflight(labeled, pseudo, spec.classes, spec.image_size, spec.in_chans)  # a bad set fails here, not in retries
     error_file = join(out_dir, "data_error.json")
     clear_recorded_error(error_file)
-    init_state = None
-    if init_from:
-        init_state = load_checkpoint(init_from)[0].state_dict()
+    if init_from:  # fail here, naming the checkpoint, rather than in every worker
+        load_spec(init_from)
+    elif settings.pretrained:  # read once here, on the driver (workers on other nodes may not see the file),
+        # and handed to the workers as a checkpoint path like init_from, never as a state dict in the config
+        init_from = join(out_dir, "pretrained_init")
+        save_checkpoint(create_model(spec, pretrained=settings.pretrained), spec, init_from)
     config = {
         "settings": settings.to_dict(),
         "spec": dataclasses.asdict(spec),
         "labeled": labeled,
         "pseudo": pseudo,
-        "test": test,
+        "val": val,
         "hard": hard,
-        "init_state": init_state,
+        "init_from": init_from,
         "label": label,
         "data_error_file": error_file,
         "tensorboard": tensorboard,
@@ -77,7 +102,25 @@ def train_model(
     datasets = {}
     if settings.feed == "ray_data":
         datasets, config["stream_steps"] = streaming_datasets(settings, spec, labeled, pseudo, hard)
-    trainer = TorchTrainer(
+    if not val:
+        logger.info(f"[{label}] no validation split: the last epoch's checkpoint is exported")
+    channel = config["progress"] = ProgressChannel.create() if progress else None
+    trainer = _torch_trainer(settings, config, datasets, storage_path, name, max_failures)
+    watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
+    try:
+        result = trainer.fit()
+    finally:
+        if watcher:
+            watcher.stop()
+    raise_recorded_error(error_file)  # the workers stopped on a data error
+    return _export(result, out_dir, name, settings, label, val is not None)
+
+
+def _torch_trainer(
+    settings: TrainSettings, config: dict, datasets: dict, storage_path: str, name: str, max_failures: int
+) -> TorchTrainer:
+    """The TorchTrainer of one run: workers, backend, datasets split over the workers, storage, retries."""
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         datasets=datasets or None,
@@ -92,35 +135,50 @@ def train_model(
             name=name,
             **ray_storage(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=checkpoint_config(settings, config["val"] is not None),
         ),
     )
-    channel = config["progress"] = ProgressChannel.create() if progress else None
-    watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
-    try:
-        result = trainer.fit()
-    finally:
-        if watcher:
-            watcher.stop()
-    raise_recorded_error(error_file)  # the workers stopped on a data error
+
+
+def _export(
+    result: ray.train.Result, out_dir: str, name: str, settings: TrainSettings, label: str, has_val: bool
+) -> dict:
+    """Copy the exported checkpoint (``settings.export``: the best by ``select_metric`` when there is a
+    validation split, else the last) into ``out_dir`` in the labeler's format with ``metrics.jsonl``;
+    the summary metrics (the exported epoch's, with the largest unreadable counts of any epoch).
+
+    Raises:
+        RuntimeError: no checkpoint, or the last one is not of the final epoch (run again to resume).
+    """
+    epochs, select_best = settings.epochs, has_val and settings.export == "best"
     if result.checkpoint is None:
         raise RuntimeError(
             f"training run {name} finished without a checkpoint; see Ray Train's logs in Ray's session folder "
             "(or run with --verbose)"
         )
-    with result.checkpoint.as_directory() as d:
-        for f in (WEIGHTS_FILE, SPEC_FILE):
-            with open(os.path.join(d, f), "rb") as src:
-                write_bytes(join(out_dir, f), src.read())
+    with result.checkpoint.as_directory() as d:  # the latest: its history says whether every epoch ran
         history = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)["history"]
     if not history or not history[-1].get("final"):
         done = history[-1]["epoch"] if history else 0
         raise RuntimeError(
-            f"training run {name} stopped after epoch {done} of {settings.epochs} (interrupted or out of retries); "
+            f"training run {name} stopped after epoch {done} of {epochs} (interrupted or out of retries); "
             "run the same command again to resume from its last checkpoint"
         )
+    chosen = result.checkpoint
+    if select_best:
+        chosen = result.get_best_checkpoint(settings.select_metric, settings.select_mode) or chosen
+    with chosen.as_directory() as d:
+        for f in (WEIGHTS_FILE, SPEC_FILE):
+            with open(os.path.join(d, f), "rb") as src:
+                write_bytes(join(out_dir, f), src.read())
+        epoch = torch.load(os.path.join(d, "train_state.pt"), map_location="cpu", weights_only=True)["epoch"]
     write_bytes(join(out_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history).encode())
-    final = dict(history[-1])
+    final = dict(next(h for h in history if h["epoch"] == epoch))
+    how = f"best {settings.select_metric} ({settings.select_mode})" if select_best else "last"
+    final.update(exported_epoch=epoch, last_epoch=history[-1]["epoch"], export=how)
+    if select_best:
+        value = final.get(settings.select_metric)
+        logger.info(f"[{label}] exported epoch {epoch} of {settings.epochs}: {how}, {settings.select_metric} {value}")
     for key in UNREADABLE_KEYS:  # for the summary: the most rows of a set any epoch could not read
         values = [h[key] for h in history if key in h]
         if values:
@@ -129,6 +187,21 @@ def train_model(
 
 
 UNREADABLE_KEYS = ("unreadable_labeled", "unreadable_pseudo")
+CHECKPOINTS_KEPT = 2  # by score when selecting the best (Ray Train V2 always keeps the latest too, to resume)
+
+
+def checkpoint_config(settings: TrainSettings, has_val: bool) -> ray.train.CheckpointConfig:
+    """Ray Train's checkpoint policy: with a validation split and ``export: best``, checkpoints are
+    ranked by ``select_metric`` and the ``CHECKPOINTS_KEPT`` best are kept; Ray Train V2 never deletes
+    the latest one either (``CheckpointManager._save_state_and_delete_old_checkpoints``), so the run
+    can still resume from where it stopped. Otherwise the most recent ones are kept."""
+    if has_val and settings.export == "best":
+        return ray.train.CheckpointConfig(
+            num_to_keep=CHECKPOINTS_KEPT,
+            checkpoint_score_attribute=settings.select_metric,
+            checkpoint_score_order=settings.select_mode,
+        )
+    return ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
 
 
 class _ProgressWatcher:
@@ -153,8 +226,8 @@ class _ProgressWatcher:
                 self.started = True
                 self.display.restart_clock(max(0, math.ceil(e["done"]) - 1))
             fields = {"loss": e.get("loss"), "images/s": round(e.get("images_per_s") or 0)}
-            if e.get("test_top1") is not None:
-                fields["test_top1"] = round(e["test_top1"], 4)
+            if e.get("val_top1") is not None:
+                fields["val_top1"] = round(e["val_top1"], 4)
             self.display.update(round(e["done"], 2), **fields)
 
     def stop(self) -> None:
@@ -175,16 +248,18 @@ def streaming_datasets(
     from trainer.feed import augmented, labeled_dataset, pseudo_dataset, pseudo_row_count
 
     s, sp = settings, dataclasses.asdict(spec)
+    noise, geometry = (s.randaugment_ops, s.randaugment_magnitude), (s.random_resized_crop, s.hflip)
     rows = labeled_dataset(labeled, spec.classes)
+    eps_labeled = target_smoothing(s.label_smoothing, pseudo=False, hard=True)
     datasets = {
-        "labeled": augmented(rows, sp, s.randaugment_ops, s.randaugment_magnitude, s.label_smoothing),
+        "labeled": augmented(rows, sp, *noise, eps_labeled, *geometry),
         "clean": augmented(rows, sp, 0, 0, 0.0),
     }
     pseudo_rows = None
     if pseudo and s.ratio > 0:
-        smoothing = s.label_smoothing if hard else 0.0
+        smoothing = target_smoothing(s.label_smoothing, pseudo=True, hard=hard)
         rows_p = pseudo_dataset(pseudo, spec.num_classes, hard)
-        datasets["pseudo"] = augmented(rows_p, sp, s.randaugment_ops, s.randaugment_magnitude, smoothing)
+        datasets["pseudo"] = augmented(rows_p, sp, *noise, smoothing, *geometry)
         pseudo_rows = pseudo_row_count(pseudo)
     labeled_rows = rows.count()
     for name, n, per_step in (

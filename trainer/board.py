@@ -25,7 +25,7 @@ import torch
 
 from labeler.storage import is_s3, join, write_bytes
 
-METRIC_TAGS = ("epoch/test_top1", "epoch/test_top5", "epoch/test_loss", "epoch/train_loss")
+METRIC_TAGS = ("epoch/val_top1", "epoch/val_top5", "epoch/val_loss", "epoch/train_loss")
 
 
 class Board:

@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from labeler.images import RejectedImage, decode_image, is_container, resize_center_crop
+from labeler.images import RejectedImage, decode_into, is_container
 from labeler.sources import image_bytes
-from labeler.storage import filesystem_for, is_s3, list_files, read_bytes
+from labeler.storage import filesystem_for, is_s3, list_files, read_bytes, uri_of
 
 EVAL_BATCH = 256  # images per evaluation batch: all an evaluation holds decoded at once
 REMOTE_READS = 16  # S3 objects fetched at a time by LabeledBatches (each GET is latency-bound)
@@ -54,12 +54,11 @@ def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     fs, files = list_files(root)
     if not files and fs.get_file_info(base).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{root} does not exist")
-    prefix = "s3://" if root.startswith("s3://") else ""
     pairs = []
     for path in files:
         rel = path[len(base.rstrip("/")) + 1 :]
         if "/" in rel:  # files directly under root belong to no class; hidden ones are never listed
-            pairs.append((prefix + path, rel.split("/", 1)[0]))
+            pairs.append((uri_of(fs, path), rel.split("/", 1)[0]))
     classes = sorted({c for _, c in pairs})
     if not classes:
         raise ValueError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
@@ -91,16 +90,6 @@ def _decode_many(
     return out, [decode_into(out[i], read, src, image_size, in_chans) for i, src in enumerate(sources)]
 
 
-def decode_into(out: np.ndarray, read: Callable, src, image_size: int, in_chans: int) -> str | None:
-    """Decode ``read(src)`` at the model's size into ``out`` (uint8 HxWxC); the reject reason
-    (``read`` may raise RejectedImage too), or None when it decoded."""
-    try:
-        out[...] = resize_center_crop(decode_image(read(src), in_chans), image_size)
-        return None
-    except RejectedImage as err:
-        return err.reason
-
-
 def _rejections(reasons: list[str | None], ids: list[str], weights=None) -> tuple[dict[str, int], str]:
     """(count per reject reason, ``"<id>: <reason>"`` of the first) of :func:`_decode_many`'s reasons."""
     counts: Counter = Counter()
@@ -121,10 +110,19 @@ def class_indices(names: list[str], classes: list[str], root: str) -> np.ndarray
     return np.asarray([index[n] for n in names], dtype=np.int64)
 
 
+def one_hot(indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """float32 (n, num_classes) one-hot rows of integer class ``indices`` (n,): the targets of labeled
+    images and of hard pseudo labels, in both training feeds.
+
+    Raises:
+        IndexError: an index outside 0..num_classes-1.
+    """
+    return np.eye(num_classes, dtype=np.float32)[np.asarray(indices, dtype=np.int64)]
+
+
 def _one_hot(images: np.ndarray, reasons: list, indices: np.ndarray, ids: list[str], num_classes: int) -> ImageSet:
     keep = np.flatnonzero([r is None for r in reasons])
-    targets = np.zeros((len(keep), num_classes), dtype=np.float32)
-    targets[np.arange(len(keep)), indices[keep]] = 1.0
+    targets = one_hot(indices[keep], num_classes)
     unreadable, first = _rejections(reasons, ids)
     return ImageSet(images[keep], targets, [ids[k] for k in keep], unreadable, first)
 
@@ -146,6 +144,25 @@ def _parquet_columns(root: str, columns: list[str]) -> dict[str, list]:
     return out
 
 
+def parquet_source_column(root: str) -> str:
+    """Where a Parquet labeled set's images are: ``image`` (bytes, or a struct with ``bytes``) or, in a
+    manifest (a file list such as the validation carving writes, ``pipeline.split``), ``path`` (a URI
+    per row, read like a class-folder file).
+
+    Raises:
+        ValueError: the first file has neither column.
+    """
+    fs, files = list_files(root, suffix=".parquet")
+    names = pq.read_schema(files[0], filesystem=fs).names
+    for column in ("image", "path"):
+        if column in names:
+            return column
+    raise ValueError(
+        f"{files[0]} has neither an image column (image bytes) nor a path column (image URIs); a labeled "
+        "Parquet set needs one of them and a label column"
+    )
+
+
 def labeled_classes(root: str) -> list[str]:
     """Sorted class names of a labeled set: class folders, or the ``label`` values of Parquet files
     (``image`` column, bytes or a struct with ``bytes``; ``label`` column, class names or integer
@@ -159,11 +176,22 @@ def labeled_classes(root: str) -> list[str]:
 
 
 def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int = 3) -> ImageSet:
-    """Labeled images with one-hot targets, from class folders or Parquet (``image``, ``label``);
-    images that cannot be read or decoded are left out and counted in ``ImageSet.unreadable``."""
+    """Labeled images with one-hot targets, from class folders or Parquet (``image`` or ``path``, ``label``);
+    images that cannot be read or decoded are left out and counted in ``ImageSet.unreadable``.
+
+    Returns an :class:`ImageSet`: ``images`` uint8 (n, image_size, image_size, in_chans), ``targets``
+    float32 (n, len(classes)) one-hot (smoothing is applied per step, ``trainer.noise.target_smoothing``).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist. ValueError: no class folders, or a class not in ``classes``.
+    """
     if parquet_files(root):
-        cols = _parquet_columns(root, ["image", "label"])
+        source = parquet_source_column(root)
+        cols = _parquet_columns(root, [source, "label"])
         indices = class_indices(cols["label"], classes, root)
+        if source == "path":  # a manifest: files named by URI, read as class-folder files are
+            images, reasons = _decode_many(cols["path"], image_size, in_chans)
+            return _one_hot(images, reasons, indices, cols["path"], len(classes))
         images, reasons = _decode_many([b or b"" for b in cols["image"]], image_size, in_chans)
         return _one_hot(images, reasons, indices, [f"{root}#{k}" for k in range(len(reasons))], len(classes))
     _, pairs = list_class_folders(root)
@@ -176,9 +204,10 @@ class LabeledBatches:
     """A labeled set read batch by batch: the evaluation reader, in bounded memory.
 
     The same inputs and class rules as :func:`load_labeled`: a ``root/<class>/<image>`` tree
-    (local or ``s3://``) or Parquet files with ``image`` (bytes, or a struct with ``bytes``) and
-    ``label`` (class names, or integer indices) columns; every class must be one of ``classes``.
-    Images are decoded by :func:`labeler.images.decode_image` and :func:`resize_center_crop`,
+    (local or ``s3://``) or Parquet files with ``image`` (bytes, or a struct with ``bytes``; or
+    ``path``, image URIs, in a manifest) and ``label`` (class names, or integer indices) columns;
+    every class must be one of ``classes``.
+    Images are decoded by :func:`labeler.images.decode_into` (decode, then resize and centre crop),
     as everywhere else.
 
     Iterating yields ``(images, labels)``: ``images`` uint8 ``(n, image_size, image_size,
@@ -198,10 +227,20 @@ class LabeledBatches:
             name or ``label`` value) that is not in ``classes``.
     """
 
-    def __init__(self, root: str, classes: list[str], image_size: int, in_chans: int = 3, batch: int = EVAL_BATCH):
+    def __init__(
+        self,
+        root: str,
+        classes: list[str],
+        image_size: int,
+        in_chans: int = 3,
+        batch: int = EVAL_BATCH,
+        crop_pct: float = 1.0,
+        interpolation: str = "bilinear",
+    ):
         if batch < 1:
             raise ValueError(f"the evaluation batch must hold at least one image, not {batch}")
         self.root, self.classes, self.image_size, self.in_chans, self.batch = root, classes, image_size, in_chans, batch
+        self.crop_pct, self.interpolation = crop_pct, interpolation  # the model's eval resize (ModelSpec)
         self.rejected: Counter[str] = Counter()
         self._index = {c: i for i, c in enumerate(classes)}
         self._parquet = parquet_files(root)
@@ -230,10 +269,14 @@ class LabeledBatches:
     def _sources(self) -> Iterator[tuple[bytes | None, int]]:
         """(image bytes or None when unreadable, class index) in the set's order."""
         if self._parquet:
+            source = parquet_source_column(self.root)
             for pf in self._parquet_files():
                 with pf:
-                    for rb in pf.iter_batches(batch_size=self.batch, columns=["image", "label"]):
-                        blobs = image_bytes(pa.chunked_array([rb.column(0)])).to_pylist()
+                    for rb in pf.iter_batches(batch_size=self.batch, columns=[source, "label"]):
+                        if source == "path":  # a manifest of image URIs
+                            blobs = [_read_or_none(u) for u in rb.column(0).to_pylist()]
+                        else:
+                            blobs = image_bytes(pa.chunked_array([rb.column(0)])).to_pylist()
                         labels = [self._index[str(v)] for v in rb.column(1).to_pylist()]
                         yield from zip(blobs, labels)
             return
@@ -255,7 +298,15 @@ class LabeledBatches:
             if data is None:
                 reason = "unreadable"
             else:
-                reason = decode_into(images[n], bytes, data, self.image_size, self.in_chans)
+                reason = decode_into(
+                    images[n],
+                    bytes,
+                    data,
+                    self.image_size,
+                    self.in_chans,
+                    self.crop_pct,
+                    interpolation=self.interpolation,
+                )
             if reason is not None:
                 self.rejected[reason] += 1
                 continue
@@ -277,27 +328,20 @@ def _read_or_none(uri: str) -> bytes | None:
         return None
 
 
-def pseudo_uris(table: pa.Table, balanced: str) -> list[str]:
-    """The ``path`` column as readable URIs (rows written through S3 lack the scheme)."""
-    uris = table.column("path").to_pylist()
-    if balanced.startswith("s3://"):
-        uris = [u if u.startswith("s3://") else "s3://" + u for u in uris]
-    return uris
-
-
-def pseudo_sources(table: pa.Table, balanced: str) -> list[bytes | str]:
+def pseudo_sources(table: pa.Table) -> list[bytes | str]:
     """Where each pseudo-labeled row's image comes from: the ``image`` bytes the labeler kept
-    (``keep_image_bytes``), else its ``path`` (only a loose image file can be read that way)."""
-    uris = pseudo_uris(table, balanced)
+    (``keep_image_bytes``), else its ``path`` URI (only a loose image file can be read that way)."""
+    uris = table.column("path").to_pylist()
     if "image" not in table.column_names:
         return uris
     return [b if b is not None else u for b, u in zip(table.column("image").to_pylist(), uris)]
 
 
 def dense_targets(table: pa.Table, num_classes: int) -> np.ndarray:
-    """(rows, classes) soft targets from full ``probs`` or from top-k + remaining mass.
+    """float32 (rows, num_classes) soft targets from full ``probs`` or from top-k + remaining mass.
 
-    With top-k labels the remaining mass is spread evenly over the other classes.
+    With top-k labels (``topk_classes``, fp16 ``topk_probs``, ``rest_mass``) the remaining mass is
+    spread evenly over the other classes and each row renormalised to sum to 1.
     """
     if "probs" in table.column_names:
         return np.asarray(table.column("probs").to_pylist(), dtype=np.float32)
@@ -316,18 +360,23 @@ def dense_targets(table: pa.Table, num_classes: int) -> np.ndarray:
 def pseudo_targets(table: pa.Table, num_classes: int, hard: bool) -> np.ndarray:
     """(rows, classes) float32 targets of balanced rows: one-hot pseudo labels, or the soft ones."""
     if hard:
-        return np.eye(num_classes, dtype=np.float32)[table.column("label").to_numpy()]
+        return one_hot(table.column("label").to_numpy(), num_classes)
     return dense_targets(table, num_classes)
 
 
 def load_pseudo(balanced: str, num_classes: int, image_size: int, in_chans: int = 3, hard: bool = False) -> ImageSet:
     """The balanced pseudo-labeled set, each row repeated ``copies`` times; rows that cannot be
-    read or decoded are left out and counted (once per copy) in ``ImageSet.unreadable``."""
+    read or decoded are left out and counted (once per copy) in ``ImageSet.unreadable``.
+
+    Returns an :class:`ImageSet` sorted by ``id``: ``images`` uint8 (sum of copies, image_size,
+    image_size, in_chans), ``targets`` float32 (sum of copies, num_classes): one-hot pseudo labels
+    when ``hard``, else the stored distributions (:func:`pseudo_targets`).
+    """
     fs, path = filesystem_for(balanced)
     table = pq.read_table(path, filesystem=fs)
     table = table.sort_by("id")  # file order from a distributed write varies; training order must not
     ids = table.column("id").to_pylist()
-    images, reasons = _decode_many(pseudo_sources(table, balanced), image_size, in_chans)
+    images, reasons = _decode_many(pseudo_sources(table), image_size, in_chans)
     probs = pseudo_targets(table, num_classes, hard)
     reps = table.column("copies").to_numpy()
     unreadable, first = _rejections(reasons, ids, reps)

@@ -77,7 +77,7 @@ def preflight(labeled: str, pseudo: str | None, classes: list[str], image_size: 
         check_unreadable("labeled", *_counts(reasons, [u for u, _ in pairs]))
     if pseudo:
         table = _sample_pseudo(pseudo)
-        _, reasons = _decode_many(pseudo_sources(table, pseudo), image_size, in_chans)
+        _, reasons = _decode_many(pseudo_sources(table), image_size, in_chans)
         check_unreadable("pseudo", *_counts(reasons, table.column("id").to_pylist()))
 
 
@@ -100,6 +100,7 @@ def raise_recorded_error(path: str) -> None:
 
 
 def clear_recorded_error(path: str) -> None:
+    """Remove an error recorded by an earlier run (:func:`record_data_error`), so it is not raised again."""
     if exists(path):
         delete_file(path)
 

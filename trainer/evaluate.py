@@ -77,11 +77,16 @@ def unreadable_metrics(data: LabeledData, prefix: str = "test") -> dict[str, int
 
 
 def evaluate_many(
-    models: Mapping[str, torch.nn.Module], data: LabeledData, spec: ModelSpec, device, batch: int = EVAL_BATCH
+    models: Mapping[str, torch.nn.Module],
+    data: LabeledData,
+    spec: ModelSpec,
+    device,
+    batch: int = EVAL_BATCH,
+    prefix: str = "test",
 ) -> dict[str, dict]:
     """:func:`evaluate` for several models in one pass over ``data`` (each batch decoded once).
 
-    Returns ``{name: metrics}`` for each ``models`` entry.
+    Returns ``{name: metrics}`` for each ``models`` entry, keys ``{prefix}_top1`` etc.
     """
     sums = {name: AccuracySums() for name in models}
     modes = {name: m.training for name, m in models.items()}
@@ -94,7 +99,7 @@ def evaluate_many(
     finally:
         for name, m in models.items():
             m.train(modes[name])
-    return {name: {**s.metrics(), **unreadable_metrics(data)} for name, s in sums.items()}
+    return {name: {**s.metrics(prefix), **unreadable_metrics(data, prefix)} for name, s in sums.items()}
 
 
 def evaluate(model: torch.nn.Module, data: LabeledData, spec: ModelSpec, device, batch: int = EVAL_BATCH) -> dict:

@@ -24,40 +24,49 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from labeler.images import normalize
-from labeler.storage import filesystem_for
+from labeler.images import decode_into, normalize
+from labeler.storage import filesystem_for, list_files
 from trainer.data import (
     class_indices,
-    decode_into,
     list_class_folders,
+    one_hot,
     parquet_files,
+    parquet_source_column,
     pseudo_targets,
-    pseudo_uris,
     read_source_bytes,
 )
 from trainer.data_check import reason_codes
-from trainer.noise import randaugment, smooth
+from trainer.noise import smooth, train_transform
 
 DECODE_BATCH = 64
 
 
 def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
-    """Rows (path, one-hot target) of a class-folder tree, in a stable order."""
+    """Rows (path, one-hot target) of a class-folder tree or a Parquet manifest (``path``, ``label``:
+    a carved training split, ``pipeline.split``), in a stable order."""
     if parquet_files(root):
-        raise ValueError(f"{root} is a Parquet labeled set; feed: ray_data reads class folders, use feed: memory")
-    _, pairs = list_class_folders(root)
+        if parquet_source_column(root) != "path":
+            raise ValueError(
+                f"{root} is a Parquet labeled set with image bytes; feed: ray_data reads class folders or "
+                "manifests of image paths, use feed: memory"
+            )
+        fs, files = list_files(root, suffix=".parquet")
+        table = pa.concat_tables([pq.read_table(f, filesystem=fs, columns=["path", "label"]) for f in files])
+        pairs = list(zip(table.column("path").to_pylist(), [str(v) for v in table.column("label").to_pylist()]))
+    else:
+        _, pairs = list_class_folders(root)
     indices = class_indices([c for _, c in pairs], classes, root)
-    eye = np.eye(len(classes), dtype=np.float32)
-    rows = ray.data.from_items([{"path": uri, "target": eye[i]} for (uri, _), i in zip(pairs, indices)])
+    targets = one_hot(indices, len(classes))
+    rows = ray.data.from_items([{"path": uri, "target": t} for (uri, _), t in zip(pairs, targets)])
     return rows.randomize_block_order()  # a small set: every pass in a new block order
 
 
-def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool, balanced: str) -> dict[str, np.ndarray]:
+def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool) -> dict[str, np.ndarray]:
     """Balanced rows -> (path, image bytes or None, copies, dense soft or one-hot target)."""
     n = table.num_rows
     image = table.column("image").to_pylist() if "image" in table.column_names else [None] * n
     return {
-        "path": np.asarray(pseudo_uris(table, balanced), dtype=object),
+        "path": np.asarray(table.column("path").to_pylist(), dtype=object),
         "image": np.asarray(image, dtype=object),
         "copies": table.column("copies").to_numpy(),
         "target": pseudo_targets(table, num_classes, hard),
@@ -77,7 +86,7 @@ def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Data
     # file (150k rows at 1M images) while holding a CPU, and on a small cluster the labeled stream
     # waits for that CPU for minutes (benchmarks/scale_run.py's 1M student stalled so).
     ds = ds.repartition(target_num_rows_per_block=DECODE_BATCH)
-    kwargs = {"num_classes": num_classes, "hard": hard, "balanced": balanced}
+    kwargs = {"num_classes": num_classes, "hard": hard}
     return ds.map_batches(_pseudo_rows, batch_format="pyarrow", fn_kwargs=kwargs)
 
 
@@ -98,9 +107,10 @@ def _decode(src, size: int, chans: int) -> tuple[np.ndarray | None, int]:
 
 
 def decode_and_augment(
-    batch: dict, spec: dict, ops: int, magnitude: int, smoothing: float
+    batch: dict, spec: dict, ops: int, magnitude: int, smoothing: float, crop: bool = False, flip: bool = False
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Read, decode, RandAugment (once per copy) and normalise; yields at most DECODE_BATCH rows at a time.
+    """Read, decode, noise (random-resized-crop with ``crop``, flip with ``flip``, RandAugment; once per copy;
+    :func:`trainer.noise.train_transform`) and normalise; yields at most DECODE_BATCH rows at a time.
 
     Out: ``image`` float32 (n, C, H, W), ``target`` float32 (n, classes), ``ok`` uint8 (n,) and
     ``reason`` int64 (n,): a row that failed keeps its place with a zero image, ``ok = 0``.
@@ -108,7 +118,7 @@ def decode_and_augment(
     from PIL import Image
 
     size, chans = spec["image_size"], spec["in_chans"]
-    transform = randaugment(ops, magnitude, size)
+    transform = train_transform(ops, magnitude, size, crop, flip)
     images = batch.get("image", [None] * len(batch["path"]))  # bytes the labeler kept; null (None/NaN): path
     sources = [i if isinstance(i, bytes) else p for i, p in zip(images, batch["path"])]
     copies = batch["copies"] if "copies" in batch else np.ones(len(sources), np.int64)
@@ -140,9 +150,17 @@ def _finish(out: dict[str, list], spec: dict, smoothing: float) -> dict[str, np.
     }
 
 
-def augmented(ds: ray.data.Dataset, spec: dict, ops: int, magnitude: int, smoothing: float) -> ray.data.Dataset:
+def augmented(
+    ds: ray.data.Dataset,
+    spec: dict,
+    ops: int,
+    magnitude: int,
+    smoothing: float,
+    crop: bool = False,
+    flip: bool = False,
+) -> ray.data.Dataset:
     """The CPU-task stage: decode + augment (each dataset shuffles its own order per pass)."""
-    kwargs = {"spec": spec, "ops": ops, "magnitude": magnitude, "smoothing": smoothing}
+    kwargs = {"spec": spec, "ops": ops, "magnitude": magnitude, "smoothing": smoothing, "crop": crop, "flip": flip}
     return ds.map_batches(
         decode_and_augment, batch_size=DECODE_BATCH, batch_format="numpy", num_cpus=1, fn_kwargs=kwargs
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -11,6 +12,8 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -18,7 +21,7 @@ import ray.train.torch
 import torch
 from timm.utils import ModelEmaV3
 
-from labeler.model import ModelSpec, create_model, save_checkpoint
+from labeler.model import ModelSpec, create_model, load_checkpoint, save_checkpoint
 from trainer.board import Board
 from trainer.data import EVAL_BATCH, LabeledBatches, load_labeled, load_pseudo
 from trainer.data_check import (
@@ -30,7 +33,7 @@ from trainer.data_check import (
     record_data_error,
 )
 from trainer.evaluate import evaluate_many, recalibrate_batchnorm, recalibrate_batchnorm_on
-from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
+from trainer.noise import augment_batch, smooth, soft_cross_entropy, target_smoothing, train_transform
 from trainer.settings import TrainSettings
 
 STATE_FILE = "train_state.pt"
@@ -40,7 +43,13 @@ logger = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
-    """Linear warm-up, then cosine to zero or the paper's 0.97 every 2.4 epochs."""
+    """Linear warm-up, then cosine to zero, or the paper's staircase decay, or constant.
+
+    ``exponential`` is the reference code's (google-research/noisystudent ``utils.build_learning_rate``):
+    ``tf.train.exponential_decay(lr, step, 2.4 * steps_per_epoch, 0.97, staircase=True)``, i.e.
+    ``0.97 ** floor(step / (2.4 * steps_per_epoch))`` counted from step 0 (warm-up included), replaced by the
+    linear warm-up while ``step < warmup_epochs * steps_per_epoch``.
+    """
     warm = s.warmup_epochs * steps_per_epoch
     if step < warm:
         return (step + 1) / warm
@@ -48,11 +57,18 @@ def lr_factor(step: int, steps_per_epoch: int, s: TrainSettings) -> float:
         total = max(1, s.epochs * steps_per_epoch - warm)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / total)))
     if s.schedule == "exponential":
-        return 0.97 ** ((step - warm) / (2.4 * steps_per_epoch))
+        return 0.97 ** math.floor(step / (2.4 * steps_per_epoch))
     return 1.0
 
 
 def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """timm's optimizer for ``s.optimizer`` at ``s.lr`` and ``s.weight_decay``: ``sgd`` (momentum),
+    ``rmsprop`` as the reference code's TensorFlow RMSProp (timm ``rmsproptf``: decay 0.9, eps 1e-3,
+    momentum ``s.momentum``; google-research/noisystudent ``utils.py``), or ``adamw``.
+
+    Raises:
+        KeyError: an unknown ``s.optimizer`` (``TrainSettings.validate`` refuses it first).
+    """
     from timm.optim import create_optimizer_v2
 
     name = {"sgd": "sgd", "rmsprop": "rmsproptf", "adamw": "adamw"}[s.optimizer]
@@ -82,13 +98,18 @@ class Cycler:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's ``random`` (timm's RandAugment draws from it), numpy's global RNG and torch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def steps_per_epoch(labeled: int, pseudo: int | None, s: TrainSettings) -> int:
-    """One epoch is one pass over the primary set: the pseudo labels if any, else the labels."""
+    """Optimizer steps in one epoch: ``s.steps_per_epoch`` when set (> 0), else one pass over the
+    primary set, the pseudo-labeled rows (``pseudo``, copies counted) at ``batch_size * ratio`` per
+    step when training on them, else the ``labeled`` rows at ``batch_size`` per step; at least
+    ``s.min_steps_per_epoch``. Both feeds use it. (google-research/noisystudent counts epochs of
+    the labeled set instead; here an epoch sees every pseudo label once.)"""
     if s.steps_per_epoch > 0:
         return s.steps_per_epoch
     per_step = s.batch_size * (s.ratio if pseudo is not None and s.ratio > 0 else 1)
@@ -111,12 +132,16 @@ class MemoryFeed:
             self.pseudo = load_pseudo(
                 config["pseudo"], spec.num_classes, spec.image_size, spec.in_chans, config["hard"]
             )
-        self.s, self.spec, self.hard = s, spec, config["hard"]
+        self.s, self.spec = s, spec
+        self.eps_labeled = target_smoothing(s.label_smoothing, pseudo=False, hard=True)
+        self.eps_pseudo = target_smoothing(s.label_smoothing, pseudo=True, hard=config["hard"])
         for name, data in (("labeled", self.labeled), ("pseudo", self.pseudo)):
             if data is not None:
                 check_image_set(name, data)
         self.steps = steps_per_epoch(len(self.labeled), len(self.pseudo) if self.pseudo else None, s)
-        self.transform = randaugment(s.randaugment_ops, s.randaugment_magnitude, spec.image_size)
+        self.transform = train_transform(
+            s.randaugment_ops, s.randaugment_magnitude, spec.image_size, s.random_resized_crop, s.hflip
+        )
         per_worker = s.batch_size // world
         # after a resume the data order is deterministic, yet not a replay of the epochs already done
         self.lab_iter = Cycler(len(self.labeled), per_worker, rank, world, s.seed, start_round=start_epoch * 1000)
@@ -125,17 +150,15 @@ class MemoryFeed:
             self.pse_iter = Cycler(len(self.pseudo), per_worker * s.ratio, rank, world, s.seed + 1, start_epoch)
 
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        s, spec = self.s, self.spec
+        spec = self.spec
         for _ in range(self.steps):
             idx = self.lab_iter.next()
             x = augment_batch(self.labeled.images[idx], self.transform, spec.mean, spec.std)
-            y = smooth(torch.from_numpy(self.labeled.targets[idx]), s.label_smoothing)
+            y = smooth(torch.from_numpy(self.labeled.targets[idx]), self.eps_labeled)
             if self.pse_iter is not None:
                 pidx = self.pse_iter.next()
                 px = augment_batch(self.pseudo.images[pidx], self.transform, spec.mean, spec.std)
-                py = torch.from_numpy(self.pseudo.targets[pidx])
-                if self.hard:
-                    py = smooth(py, s.label_smoothing)
+                py = smooth(torch.from_numpy(self.pseudo.targets[pidx]), self.eps_pseudo)
                 x, y = torch.cat([x, px]), torch.cat([y, py])
             yield x, y
 
@@ -268,7 +291,35 @@ def train_loop_per_worker(config: dict) -> None:
             record_data_error(config["data_error_file"], err)
 
 
-def _train_worker(config: dict) -> None:
+@dataclass
+class _Worker:
+    """Everything one TorchTrainer worker holds during a run (built by :func:`_setup`)."""
+
+    s: TrainSettings
+    spec: ModelSpec
+    rank: int
+    world: int
+    device: torch.device
+    tag: str  # "[round_1_student]": the log prefix
+    feed: MemoryFeed | StreamFeed
+    model: torch.nn.Module  # as Ray Train prepared it (DDP-wrapped with several workers)
+    bare: torch.nn.Module  # the module itself
+    ema: ModelEmaV3 | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    step: _Step
+    start_epoch: int  # the first epoch this invocation trains (> 0 after a resume)
+    history: list[dict]  # per-epoch metrics of every epoch so far (rank 0)
+    resumed_from: list[int]
+    has_val: bool  # a validation split is configured (every rank knows; only rank 0 reads it)
+    val: LabeledBatches | None  # rank 0 streams the validation split at each evaluation; never held decoded
+    eval_batch: int
+    board: Board | None  # rank 0's TensorBoard writer
+    channel: Any  # rank 0's labeler.progress.ProgressChannel, or None
+
+
+def _setup(config: dict) -> _Worker:
+    """Settings, device, feed, model (resumed from the run's latest checkpoint if any), optimiser, EMA."""
     warnings.filterwarnings("ignore", message="Grad strides do not match")
     s = TrainSettings.from_dict(config["settings"])
     spec = ModelSpec(**config["spec"])
@@ -279,27 +330,26 @@ def _train_worker(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(s.cpus_per_worker)))  # Ray pins OMP_NUM_THREADS to 1 otherwise
     tag = f"[{config.get('label', 'train')}]"
-    node = ray.get_runtime_context().get_node_id()
-    logger.info(f"{tag} worker {rank}/{world} on node {node}, device {device}")
-    test = None  # rank 0 streams the test split at each evaluation; it is never held decoded
+    logger.info(f"{tag} worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()}, device {device}")
     eval_batch = config.get("eval_batch", EVAL_BATCH)
-    if config.get("test") and rank == 0:
-        test = LabeledBatches(config["test"], spec.classes, spec.image_size, spec.in_chans, eval_batch)
+    val = None
+    if config.get("val") and rank == 0:
+        val = LabeledBatches(
+            config["val"], spec.classes, spec.image_size, spec.in_chans, eval_batch, spec.crop_pct, spec.interpolation
+        )
 
     state = _last_state()
     start_epoch = state["epoch"] if state else 0
     stream = s.feed == "ray_data"
     feed = StreamFeed(config, s, world) if stream else MemoryFeed(config, s, spec, rank, world, start_epoch)
-    steps = feed.steps
-
     model = create_model(spec, s.drop_rate, s.drop_path_rate)
-    if config.get("init_state"):
-        model.load_state_dict(config["init_state"])
+    if config.get("init_from"):  # a path, read here: a state dict inside the config would travel to every worker
+        model.load_state_dict(load_checkpoint(config["init_from"])[0].state_dict())
     model = ray.train.torch.prepare_model(model, move_to_device=device)
     bare = model.module if hasattr(model, "module") else model
     ema = ModelEmaV3(bare, decay=s.ema_decay, use_warmup=True) if s.ema_decay > 0 else None
     opt = build_optimizer(model, s)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, steps, s))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, feed.steps, s))
     history, resumed_from = [], []
     if state:
         bare.load_state_dict(state["model"])
@@ -309,81 +359,140 @@ def _train_worker(config: dict) -> None:
             ema.load_state_dict(state["ema"])
         history, resumed_from = state["history"], state.get("resumed_from", []) + [start_epoch]
         logger.info(f"{tag} resumed from the checkpoint of epoch {start_epoch}")
-    step = _Step(model, opt, sched, ema, s, device)
-    channel = config.get("progress") if rank == 0 else None  # a labeler.progress.ProgressChannel
     board = Board(config["tensorboard"]) if rank == 0 and config.get("tensorboard") else None
     if board is not None and start_epoch == 0:
         board.hparams({**s.to_dict(), "model": spec.arch, "image_size": spec.image_size})
-
-    for epoch in range(start_epoch, s.epochs):
-        model.train()
-        total, seen, started = 0.0, 0, time.perf_counter()
-        for i, (x, y) in enumerate(feed.epoch()):
-            loss = step(x, y)
-            total += loss
-            seen += len(x) * world  # over all workers
-            if board is not None:
-                board.step(epoch * steps + i + 1, loss, sched.get_last_lr()[0])
-                if i == 0 and epoch == start_epoch:
-                    board.inputs(x, spec.mean, spec.std, epoch + 1, labeled=s.batch_size // world)
-            if channel is not None:
-                channel.send({"done": epoch + (i + 1) / steps, "epochs": s.epochs, "loss": loss,
-                              "images_per_s": seen / (time.perf_counter() - started)})  # fmt: skip
-        final = epoch + 1 == s.epochs
-        metrics = {"epoch": epoch + 1, "train_loss": total / steps, "lr": sched.get_last_lr()[0], "final": final,
-                   "images": seen, "images_per_s": seen / (time.perf_counter() - started),
-                   "resumed_from": resumed_from, **feed.epoch_counts()}  # fmt: skip
-        exported = ema.module if ema is not None else bare
-        if rank == 0 and final and s.recalibrate_bn:
-            feed.recalibrate(exported, device)
-        if rank == 0 and test is not None and (final or (epoch + 1) % s.eval_every == 0):
-            metrics.update(evaluate_test(exported, bare if ema is not None else None, test, spec, device, eval_batch))
-        if rank == 0:
-            history.append(metrics)
-            logger.info(f"{tag} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
-            if board is not None:
-                board.epoch(metrics)
-                board.flush()
-            if channel is not None:
-                event = {**metrics, "done": epoch + 1, "epochs": s.epochs, "loss": metrics["train_loss"]}
-                channel.send(event, force=True)
-        if not (final or (epoch + 1) % s.checkpoint_every == 0):
-            continue  # metrics without a checkpoint are not persisted by Ray Train V2; history keeps them
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                state = {
-                    "model": bare.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "epoch": epoch + 1,
-                    "history": history,
-                    "resumed_from": resumed_from,
-                }
-                if ema is not None:
-                    state["ema"] = ema.state_dict()
-                _save(exported, spec, state, d)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
-    if board is not None:
-        board.close()
+    return _Worker(
+        s, spec, rank, world, device, tag, feed, model, bare, ema, opt, sched, _Step(model, opt, sched, ema, s, device),
+        start_epoch, history, resumed_from, bool(config.get("val")), val, eval_batch, board,
+        config.get("progress") if rank == 0 else None,
+    )  # fmt: skip
 
 
-def evaluate_test(
+def epoch_plan(epoch: int, s: TrainSettings, has_val: bool) -> tuple[bool, bool, bool]:
+    """``(final, evaluate, checkpoint)`` for 0-based ``epoch``: the same answer on every worker.
+
+    Validation runs every ``eval_every`` epochs and at the last epoch. With ``export: best`` it also
+    runs at every checkpoint (so each carries the score Ray Train ranks it by) and every validated
+    epoch is checkpointed (a candidate for export). Without a validation split nothing is evaluated.
+    """
+    n = epoch + 1
+    final = n == s.epochs
+    checkpoint = final or n % s.checkpoint_every == 0
+    best = s.export == "best"
+    evaluate = has_val and (final or n % s.eval_every == 0 or (checkpoint and best))
+    return final, evaluate, checkpoint or (evaluate and best)
+
+
+def _train_epoch(w: _Worker, epoch: int) -> dict:
+    """One epoch of optimisation steps; its metrics (loss, lr, images/s, unreadable counts)."""
+    s, steps = w.s, w.feed.steps
+    w.model.train()
+    total, seen, started = 0.0, 0, time.perf_counter()
+    for i, (x, y) in enumerate(w.feed.epoch()):
+        loss = w.step(x, y)
+        total += loss
+        seen += len(x) * w.world  # over all workers
+        if w.board is not None:
+            w.board.step(epoch * steps + i + 1, loss, w.sched.get_last_lr()[0])
+            if i == 0 and epoch == w.start_epoch:
+                w.board.inputs(x, w.spec.mean, w.spec.std, epoch + 1, labeled=s.batch_size // w.world)
+        if w.channel is not None:
+            w.channel.send({"done": epoch + (i + 1) / steps, "epochs": s.epochs, "loss": loss,
+                            "images_per_s": seen / (time.perf_counter() - started)})  # fmt: skip
+    return {"epoch": epoch + 1, "train_loss": total / steps, "lr": w.sched.get_last_lr()[0],
+            "final": epoch + 1 == s.epochs, "images": seen, "images_per_s": seen / (time.perf_counter() - started),
+            "resumed_from": w.resumed_from, **w.feed.epoch_counts()}  # fmt: skip
+
+
+def _model_to_export(w: _Worker, recalibrate: bool) -> torch.nn.Module:
+    """The weights a checkpoint exports: the EMA weights when EMA is on, else the raw ones; with
+    ``recalibrate`` (an evaluated or the last epoch) and ``recalibrate_bn``, a copy whose BatchNorm
+    statistics are re-estimated on clean images, so what is validated is what would be exported
+    (and training goes on with its own statistics)."""
+    exported = w.ema.module if w.ema is not None else w.bare
+    if not (recalibrate and w.s.recalibrate_bn):
+        return exported
+    exported = copy.deepcopy(exported)
+    w.feed.recalibrate(exported, w.device)
+    return exported
+
+
+def evaluate_split(
     exported: torch.nn.Module,
     raw: torch.nn.Module | None,
-    test: LabeledBatches,
+    data: LabeledBatches,
     spec: ModelSpec,
     device,
     batch: int = EVAL_BATCH,
+    prefix: str = "val",
 ) -> dict:
-    """The per-epoch test metrics: ``test_top1/_top5/_loss/_unreadable`` of the exported model and,
-    with EMA on, ``raw_test_*`` of the raw weights, in one streamed pass over ``test``."""
+    """Per-epoch metrics on one split: ``{prefix}_top1/_top5/_loss/_unreadable`` of the exported model
+    and, with EMA on, ``raw_{prefix}_*`` of the raw weights, in one streamed pass over ``data``."""
     models = {"": exported} if raw is None else {"": exported, "raw_": raw}
     out = {}
-    for prefix, metrics in evaluate_many(models, test, spec, device, batch).items():
-        out.update({prefix + k: v for k, v in metrics.items()})
+    for name, metrics in evaluate_many(models, data, spec, device, batch, prefix).items():
+        out.update({name + k: v for k, v in metrics.items()})
     return out
+
+
+def evaluate_test(exported, raw, test: LabeledBatches, spec: ModelSpec, device, batch: int = EVAL_BATCH) -> dict:
+    """:func:`evaluate_split` with ``test_*`` keys (the trainer itself validates on ``val_*`` only)."""
+    return evaluate_split(exported, raw, test, spec, device, batch, prefix="test")
+
+
+def _publish(w: _Worker, metrics: dict) -> None:
+    """Rank 0: an epoch's metrics to the history, the log, TensorBoard and the driver's progress display."""
+    w.history.append(metrics)
+    logger.info(f"{w.tag} " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+    if w.board is not None:
+        w.board.epoch(metrics)
+        w.board.flush()
+    if w.channel is not None:
+        event = {**metrics, "done": metrics["epoch"], "epochs": w.s.epochs, "loss": metrics["train_loss"]}
+        w.channel.send(event, force=True)
+
+
+def _checkpoint(w: _Worker, metrics: dict, exported: torch.nn.Module | None) -> None:
+    """Report the epoch with a checkpoint (rank 0 writes it; the others report metrics only).
+
+    The checkpoint holds the exported weights in the labeler's format (``exported``, possibly
+    recalibrated / EMA) and the training state to resume from (raw weights, optimiser, scheduler,
+    EMA, history): Ray Train selects among them by the reported validation score.
+    """
+    if w.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        state = {
+            "model": w.bare.state_dict(),
+            "optimizer": w.opt.state_dict(),
+            "scheduler": w.sched.state_dict(),
+            "epoch": metrics["epoch"],
+            "history": w.history,
+            "resumed_from": w.resumed_from,
+        }
+        if w.ema is not None:
+            state["ema"] = w.ema.state_dict()
+        _save(exported, w.spec, state, d)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _train_worker(config: dict) -> None:
+    w = _setup(config)
+    for epoch in range(w.start_epoch, w.s.epochs):
+        metrics = _train_epoch(w, epoch)
+        final, evaluate, checkpoint = epoch_plan(epoch, w.s, w.has_val)
+        exported = _model_to_export(w, final or evaluate) if w.rank == 0 and (evaluate or checkpoint) else None
+        if w.rank == 0 and evaluate:
+            raw = w.bare if w.ema is not None else None
+            metrics.update(evaluate_split(exported, raw, w.val, w.spec, w.device, w.eval_batch))
+        if w.rank == 0:
+            _publish(w, metrics)
+        if checkpoint:  # metrics without a checkpoint are not persisted by Ray Train V2; history keeps them
+            _checkpoint(w, metrics, exported)
+    if w.board is not None:
+        w.board.close()
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,123 @@
+"""Bring your own model: a checkpoint made elsewhere, converted into this project's checkpoint folder.
+
+Accepted forms (local paths or ``s3://`` URIs):
+
+* this project's checkpoint folder (``model.json`` + ``model.safetensors``, :mod:`labeler.model`);
+* a bare state dict of a timm architecture, ``.safetensors`` or ``.pth``/``.pt``/``.bin``: keys with a DDP
+  ``module.`` prefix, or nested under ``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model``
+  (EMA weights preferred, as timm does).
+
+Loading never executes code: safetensors, or ``torch.load(weights_only=True)``, through timm's own
+``load_state_dict`` (which also picks the nested entry and strips ``module.``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING
+
+from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, local_copy, save_checkpoint
+from labeler.storage import exists, join
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ClassCountMismatch", "import_checkpoint", "read_state_dict", "classifier_keys"]
+
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+class ClassCountMismatch(ValueError):
+    """The checkpoint's classifier has another number of classes than the labeled set."""
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` or ``.pth`` file (local or ``s3://``), unwrapped and unprefixed.
+
+    Raises:
+        ValueError: the file is missing or holds something other than a state dict (a pickled
+            module or code is refused by ``weights_only=True``).
+    """
+    from timm.models import load_state_dict
+
+    with local_copy(uri) as path:
+        try:
+            # timm: safetensors or torch.load(weights_only=True); state_dict_ema > model_ema > state_dict > model;
+            # strips a DDP "module." prefix (clean_state_dict)
+            state = load_state_dict(path, use_ema=True, weights_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"could not read a state dict from {uri} ({type(err).__name__}: {str(err)[:300]}); give a "
+                ".safetensors file or a .pth saved with torch.save(model.state_dict(), ...) (tensors only)"
+            ) from err
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ValueError(f"{uri} does not hold a state dict of tensors; save model.state_dict()")
+    return dict(state)
+
+
+def classifier_keys(model: torch.nn.Module) -> list[str]:
+    """State-dict keys of the model's classifier (``weight``, ``bias``), from timm's ``pretrained_cfg``."""
+    names = model.pretrained_cfg.get("classifier") or "fc"
+    names = [names] if isinstance(names, str) else list(names)
+    keys = set(model.state_dict())
+    return [f"{n}.{p}" for n in names for p in ("weight", "bias") if f"{n}.{p}" in keys]
+
+
+def _checkpoint_classes(state: dict, keys: list[str]) -> int | None:
+    weight = next((k for k in keys if k.endswith(".weight")), None)
+    return int(state[weight].shape[0]) if weight and weight in state else None
+
+
+def import_checkpoint(
+    uri: str, spec: ModelSpec, out_dir: str, reset_classifier: bool = False
+) -> tuple[ModelSpec, bool]:
+    """Convert ``uri`` into a checkpoint folder ``out_dir`` whose classes are ``spec.classes``.
+
+    ``spec`` gives the architecture and preprocessing of a bare state dict; a project folder keeps its own
+    ``model.json`` (its architecture and preprocessing) and takes ``spec.classes``. Returns the written
+    spec and whether the classifier was re-initialised (then the model needs fine-tuning before use).
+
+    Raises:
+        ClassCountMismatch: the classifier's class count (or, for a project folder, its class names)
+            differs from ``spec``'s and ``reset_classifier`` is False; the message names both counts.
+        ValueError: unreadable file, or weights that do not fit the architecture.
+    """
+    if uri.endswith(STATE_DICT_SUFFIXES):
+        state, source_classes = read_state_dict(uri), None
+    elif exists(join(uri, SPEC_FILE)):
+        source = load_spec(uri)
+        state, source_classes = read_state_dict(join(uri, WEIGHTS_FILE)), source.classes
+        spec = dataclasses.replace(source, classes=list(spec.classes), model_id="")
+    else:
+        raise ValueError(
+            f"{uri} is neither a checkpoint folder (with {SPEC_FILE}) nor a state dict file "
+            f"({', '.join(STATE_DICT_SUFFIXES)}); set teacher.checkpoint to one of them"
+        )
+    model = create_model(spec)
+    head = classifier_keys(model)
+    found = _checkpoint_classes(state, head)
+    mismatch = (found is not None and found != spec.num_classes) or (
+        source_classes is not None and list(source_classes) != list(spec.classes)
+    )
+    reset = False
+    if mismatch:
+        if not reset_classifier:
+            names = "" if found != spec.num_classes else f" (its class names {source_classes[:5]}... differ)"
+            raise ClassCountMismatch(
+                f"the checkpoint {uri} has a classifier for {found} classes{names}, but the labeled set has "
+                f"{spec.num_classes} classes; supply a checkpoint trained on these classes, or set "
+                "teacher.reset_classifier=true to re-initialise its head and fine-tune it on the labeled set"
+            )
+        state = {k: v for k, v in state.items() if k not in head}
+        reset = True
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (reset and k in head)]
+    if missing or unexpected:
+        raise ValueError(
+            f"weights in {uri} do not fit timm architecture {spec.arch!r}: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; check teacher.arch (it must name the architecture the weights were saved from)"
+        )
+    origin = uri if "://" in uri else os.path.abspath(uri)
+    spec = dataclasses.replace(spec, extra={**spec.extra, "imported_from": origin})
+    return save_checkpoint(model, spec, out_dir), reset
