@@ -72,7 +72,7 @@ def main() -> None:
         "--epoch-over",
         choices=("labeled", "pseudo"),
         default="labeled",
-        help="what an epoch counts: passes over the labeled set (the reference code; configs/imagenet_jft.yaml's "
+        help="what an epoch counts: passes over the labeled set (the reference code; imagenet_jft config's "
         "student.steps_per_epoch) or over the pseudo-labeled set (student.steps_per_epoch: 0)",
     )
     a = p.parse_args()

@@ -66,7 +66,7 @@ def test_random_resized_crop_keeps_the_size_and_changes_the_view():
 def test_the_digits_config_turns_crop_and_flip_off_and_the_default_has_them_on():
     from pipeline.config import load_config
 
-    cfg = load_config("configs/digits.yaml")
+    cfg = load_config("digits")
     assert not any(cfg[s]["hflip"] or cfg[s]["random_resized_crop"] for s in ("teacher", "student"))
     assert TrainSettings().hflip and TrainSettings().random_resized_crop
 

@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 
 import pytest
 import timm
@@ -31,7 +30,7 @@ def supplied_run(ray_local, s3, tmp_path_factory):
     uri = f"s3://{BUCKET}/elsewhere/teacher.pth"
     write_bytes(uri, blob.getvalue())
     args = [
-        "run", os.path.abspath("configs/digits.yaml"), f"run_dir={tmp / 'run'}", "runlocal=true",
+        "run", "digits", f"run_dir={tmp / 'run'}", "runlocal=true",
         f"data.labeled={paths['labeled']}", f"data.unlabeled={paths['unlabeled']}", f"data.test={paths['test']}",
         f"teacher.checkpoint={uri}", "teacher.arch=test_resnet",
         "balance.threshold=0.0",  # an untrained teacher is never 30% sure: keep its labels anyway
