@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.file_reader import read_files
+from labeler.manifest import parquet_column_range
 from labeler.storage import escape_name, filesystem_for, is_hidden, s3_endpoint_and_region
 from labeler.units import Unit
 
@@ -157,19 +158,7 @@ def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
 def listing_entries(uri: str, start: int, stop: int) -> list[str]:
     """Rows [start, stop) of a listing's ``path`` column, reading only the row groups that hold them."""
     fs, path = filesystem_for(uri)
-    with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
-        groups, first, row = [], None, 0
-        for g in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(g).num_rows
-            if row + n > start and row < stop:
-                groups.append(g)
-                first = row if first is None else first
-            row += n
-        if not groups:
-            return []
-        table = pf.read_row_groups(groups, columns=[PATH_COLUMN])
-    return table.column(PATH_COLUMN).slice(start - first, stop - start).to_pylist()
+    return parquet_column_range(fs, path, PATH_COLUMN, start, stop)
 
 
 def read_listing_range(fs: pafs.FileSystem, root: str, start: int, stop: int, listing: str) -> Iterator[pa.Table]:

@@ -74,8 +74,9 @@ def _text_entries(fs: pafs.FileSystem, path: str, start: int, stop: int) -> list
     return [e for e in map(_entry, data.split(b"\n")) if e is not None]
 
 
-def _parquet_entries(fs: pafs.FileSystem, path: str, start: int, stop: int) -> list[str]:
-    """Rows [start, stop) of the ``uri`` column, reading only the row groups that hold them."""
+def parquet_column_range(fs: pafs.FileSystem, path: str, column: str, start: int, stop: int) -> list:
+    """Rows [start, stop) of one column of a Parquet file, reading only the row groups that hold them
+    (a manifest's ``uri`` column, a folder listing's ``path`` column: labeler.listing)."""
     with fs.open_input_file(path) as f:
         pf = pq.ParquetFile(f)
         groups, first, row = [], None, 0
@@ -85,8 +86,15 @@ def _parquet_entries(fs: pafs.FileSystem, path: str, start: int, stop: int) -> l
                 groups.append(g)
                 first = row if first is None else first
             row += n
-        table = pf.read_row_groups(groups, columns=[URI_COLUMN]) if groups else pa.table({URI_COLUMN: []})
-    return [str(u) for u in table.column(URI_COLUMN).slice(start - (first or 0), stop - start).to_pylist()]
+        if not groups:
+            return []
+        table = pf.read_row_groups(groups, columns=[column])
+    return table.column(column).slice(start - first, stop - start).to_pylist()
+
+
+def _parquet_entries(fs: pafs.FileSystem, path: str, start: int, stop: int) -> list[str]:
+    """Rows [start, stop) of the ``uri`` column."""
+    return [str(u) for u in parquet_column_range(fs, path, URI_COLUMN, start, stop)]
 
 
 def read_manifest_range(fs: pafs.FileSystem, manifest: str, start: int, stop: int) -> Iterator[pa.Table]:
