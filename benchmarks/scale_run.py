@@ -4,6 +4,7 @@
     python benchmarks/scale_run.py                              # N = 100,000 and 1,000,000 (see README)
     python benchmarks/scale_run.py --images 20000 200000        # quicker
     python benchmarks/scale_run.py --images 100000 --kill-after 20   # SIGKILL labeling, resume, check counts
+    python benchmarks/scale_run.py --steps 50 --student-only runs/scale/n100000/run-* runs/scale/n1000000/run-*
 
 Corpus: scikit-learn's 1,797 digits, each copy randomly shifted, scaled and noised (no two alike),
 16x16 grayscale PNGs in WebDataset shards of 10,000 (and the same images as Parquet files, for
@@ -182,8 +183,6 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
     """Label, balance and train a student on a corpus of ``n`` images; time and memory per stage."""
     from labeler.api import LabelOptions, run_labeling
     from pipeline.balance import balance_predictions
-    from trainer.api import train_model
-    from trainer.settings import TrainSettings
 
     root = os.path.join(args.workdir, f"n{n}")
     corpus = write_corpus(os.path.join(root, "corpus"), n)[args.format]
@@ -206,17 +205,38 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
     per_class = args.per_class or n // 20
     stats = stage("balancing", lambda: balance_predictions(
         os.path.join(out, "labels", "predictions"), out, 10, per_class, args.threshold))  # fmt: skip
-    settings = TrainSettings(epochs=1, steps_per_epoch=args.steps, batch_size=32, ratio=3, num_workers=1,
-                             feed="ray_data", warmup_epochs=0, recalibrate_bn=False)  # fmt: skip
-    final = stage("student", lambda: train_model(
-        settings, spec, labeled, os.path.join(out, "student"), os.path.join(out, "ray_train"), "student",
-        pseudo=os.path.join(out, "balanced")))  # fmt: skip
-    assert final["unreadable_pseudo"] == 0 and final["images"] == args.steps * 128, final
+    stage("student", lambda: train_student(out, args.steps, spec, labeled))
     sizes = {k: _megabytes(p) for k, p in (("corpus", corpus), ("predictions", os.path.join(out, "labels")),
                                             ("balanced", os.path.join(out, "balanced")))}  # fmt: skip
     print(f"  N={n:,} storage MB: {sizes}")
     return {"n": n, "stages": stages, "balanced_rows": stats["total_rows"], "labeled": manifest["labeled"],
             "passes": stats["refinement_passes"], "images_per_s": manifest["images_per_s"], "mb": sizes}  # fmt: skip
+
+
+def train_student(out: str, steps: int, spec, labeled: str) -> dict:
+    """The student stage: ``steps`` steps of 32 labeled + 96 pseudo-labeled images, ``feed: ray_data``,
+    reading ``out/balanced``; writes under ``out/student``."""
+    from trainer.api import train_model
+    from trainer.settings import TrainSettings
+
+    settings = TrainSettings(epochs=1, steps_per_epoch=steps, batch_size=32, ratio=3, num_workers=1,
+                             feed="ray_data", warmup_epochs=0, recalibrate_bn=False)  # fmt: skip
+    tag = f"student-{time.time_ns()}"  # a rerun on the same balanced set starts afresh (no resume)
+    final = train_model(settings, spec, labeled, os.path.join(out, tag), os.path.join(out, "ray_train"), tag,
+                        pseudo=os.path.join(out, "balanced"), progress=False)  # fmt: skip
+    assert final["unreadable_pseudo"] == 0 and final["images"] == steps * 128, final
+    return final
+
+
+def student_only(runs: list[str], steps: int, spec, labeled: str) -> None:
+    """``--student-only``: the student stage alone on the balanced sets of earlier runs, timed."""
+    for out in runs:
+        with MemorySampler() as mem:
+            start = time.perf_counter()
+            train_student(out, steps, spec, labeled)
+            seconds = time.perf_counter() - start
+        print(f"  {out}: student {steps} steps {seconds:.1f} s, driver {mem.driver >> 20} MB, "
+              f"largest Ray process {mem.worker >> 20} MB (USS)", flush=True)  # fmt: skip
 
 
 def _megabytes(path: str) -> float:
@@ -265,6 +285,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--batch", type=int, default=256, help="inference batch")
     parser.add_argument("--kill-after", type=float, help="kill-and-resume mode: SIGKILL labeling after this many s")
+    parser.add_argument("--student-only", nargs="+", metavar="RUN", help="time the student stage alone on earlier "
+                        "runs' balanced sets (RUN: a run-* folder under --workdir/n<N>/)")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.makedirs(args.workdir, exist_ok=True)
@@ -282,6 +304,10 @@ def main() -> None:
     labeled = write_digits_corpus(os.path.join(args.workdir, "digits"), 20, 0.1, 0)["labeled"]
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if args.student_only:
+        student_only(args.student_only, args.steps, spec, labeled)
+        ray.shutdown()
+        return
     results = [run_size(n, args, teacher, spec, labeled) for n in args.images]
     ray.shutdown()
     print("\n| N | stage | seconds | driver peak MB: own (USS) / RSS | largest Ray process peak MB: own (USS) / RSS |")

@@ -13,8 +13,9 @@ Layers, later ones win:
    ``student.archs=[a,b]``).
 
 The ``train:`` section holds training keys shared by teacher and student: each of ``teacher`` and
-``student`` is ``train`` with its own section's keys on top (a key set under ``teacher:`` always wins
-over ``train:``, whatever layer set either).
+``student`` is ``train`` with its own section's keys on top within one layer, and later layers win
+(``runlocal=true train.epochs=10`` trains teacher and student 10 epochs; ``student.epochs`` in the
+same file as ``train.epochs`` beats it).
 
 A config names a file (``path/to/mine.yaml``, used when it exists) or a config shipped in
 ``pipeline/configs/`` (``digits``, ``imagenet_jft``; ``configs/digits.yaml`` also finds the shipped one).
@@ -304,27 +305,38 @@ def _check_reserved(user: dict) -> None:
             raise ConfigError(f"config key {dotted} cannot be set: {why}")
 
 
-def _fold_train(user: dict) -> dict:
-    """``teacher`` and ``student`` = ``train`` with their own keys on top."""
-    folded = copy.deepcopy(user)
-    train = user.get("train") or {}
+def _fold_train(layer: dict) -> dict:
+    """One layer with ``teacher`` and ``student`` = its ``train`` keys, its own section keys on top.
+
+    Folded per layer, before the layers merge: so a later layer's ``train.x`` beats an earlier layer's
+    ``teacher.x`` (``runlocal=true train.epochs=10`` trains 10 epochs), and within one layer the
+    section's own key beats ``train``. An ``lr`` a layer sets clears the ``lr_per_256`` of earlier layers.
+    """
+    folded = copy.deepcopy(layer)
+    train = layer.get("train") or {}
+    for where, keys in (("train", train), *((s, layer.get(s) or {}) for s in ("teacher", "student"))):
+        if "lr" in keys and "lr_per_256" in keys:
+            raise ConfigError(f"set {where}.lr or {where}.lr_per_256, not both (lr_per_256 computes lr)")
     for section in ("teacher", "student"):
-        own = user.get(section) or {}
-        if "lr" in own and "lr_per_256" in own:
-            raise ConfigError(f"set {section}.lr or {section}.lr_per_256, not both (lr_per_256 computes lr)")
+        own = layer.get(section) or {}
         merged = {**copy.deepcopy(train), **copy.deepcopy(own)}
-        if "lr" in own:  # an explicit lr in the section beats a shared lr_per_256
-            merged.pop("lr_per_256", None)
-        folded[section] = merged
+        if "lr" in own or ("lr" in train and "lr_per_256" not in own):  # an explicit lr beats lr_per_256
+            merged["lr_per_256"] = None
+        if merged:
+            folded[section] = merged
     return folded
 
 
-def _resolve(user: dict) -> DictConfig:
-    """Validate the merged user layers against :class:`RunConfig`, fold ``train``, apply the cross-field rules."""
+def _resolve(user: dict, layers: list[dict] | None = None) -> DictConfig:
+    """Validate the merged user layers against :class:`RunConfig`, fold ``train`` into each layer, apply
+    the cross-field rules. ``layers``: the layers ``user`` merges, in order (default: ``user`` alone)."""
     _check_reserved(user)
+    for section in ("teacher", "student"):  # both set for one section, in any layers: which one is meant?
+        if {"lr", "lr_per_256"} <= set(user.get(section) or {}):
+            raise ConfigError(f"set {section}.lr or {section}.lr_per_256, not both (lr_per_256 computes lr)")
     schema = OmegaConf.structured(RunConfig)
     _merge(schema, user)  # types, unknown keys, choices: reported at the path the user wrote
-    cfg = _merge(schema, _fold_train(user))
+    cfg = _merge(schema, *[OmegaConf.create(_fold_train(x)) for x in (layers or [user])])
     for section in ("train", "teacher", "student"):
         node = cfg[section]
         if node.lr_per_256 is not None:  # derived: lr for the section's batch size
@@ -347,9 +359,9 @@ def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
     cli = [_parse_override(item) for item in overrides or []]
     user = OmegaConf.to_container(_merge(*[OmegaConf.create(x) for x in layers + cli]))
     runlocal = _merge(OmegaConf.structured(RunConfig), {"runlocal": user.get("runlocal", False)}).runlocal
-    if runlocal:
-        user = OmegaConf.to_container(_merge(*[OmegaConf.create(x) for x in [*layers, RUNLOCAL, *cli]]))
-    return _resolve(user)
+    ordered = [*layers, RUNLOCAL, *cli] if runlocal else [*layers, *cli]
+    user = OmegaConf.to_container(_merge(*[OmegaConf.create(x) for x in ordered]))
+    return _resolve(user, [OmegaConf.to_container(OmegaConf.create(x)) for x in ordered])
 
 
 def as_config(cfg: DictConfig | RunConfig | dict) -> DictConfig:

@@ -332,3 +332,20 @@ def test_a_supplied_checkpoint_is_the_first_teachers_only():
         with pytest.raises(ConfigError, match="set teacher.checkpoint"):
             load_config("digits", [key])
     assert train_settings(load_config("digits", ["teacher.pretrained=true"]).teacher, 0).pretrained == "timm"
+
+
+def test_a_later_layers_train_key_beats_an_earlier_sections_key():
+    """runlocal's teacher/student epochs used to outrank a command-line train.epochs (issue 14's trap, via train)."""
+    cfg = load_config("digits", ["runlocal=true", "train.epochs=10"])
+    assert (cfg.teacher.epochs, cfg.student.epochs) == (10, 10)
+    assert load_config("digits", ["train.epochs=7"]).teacher.epochs == 7  # the file sets teacher.epochs: 150
+    paper = load_config("imagenet_jft", ["teacher.lr=0.1"])  # an explicit lr clears the file's lr_per_256
+    assert paper.teacher.lr == 0.1 and paper.student.lr == pytest.approx(0.128)
+
+
+def test_the_selection_metric_is_one_the_run_records_ranked_the_right_way(capsys):
+    """val_loss with the default max exported the worst checkpoint; a typo failed only after training."""
+    assert "select_mode=min" in _run_error(capsys, "train.select_metric=val_loss")
+    assert load_config("digits", ["train.select_metric=val_loss", "train.select_mode=min"]).student.select_mode == "min"
+    assert "must be one of val_top1" in _run_error(capsys, "teacher.select_metric=val_top")
+    assert "exists only with EMA on" in _run_error(capsys, "student.select_metric=raw_val_top1")

@@ -136,13 +136,29 @@ class TrainSettings:
             raise ValueError(f"{where}ratio must be >= 0, not {self.ratio}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"{where}ema_decay must be in [0, 1) (0 switches EMA off), not {self.ema_decay}")
-        if not self.select_metric.startswith(("val_", "raw_val_")):
-            raise ValueError(
-                f"{where}select_metric must be a validation metric (val_top1, val_top5, val_loss or raw_val_*), not "
-                f"{self.select_metric!r}: checkpoints are never selected on the test split or the training loss"
-            )
+        self._check_selection(where)
         if self.checkpoint_every < 1 or self.eval_every < 1:
             raise ValueError(f"{where}checkpoint_every and {where}eval_every must be >= 1")
+
+    def _check_selection(self, where: str) -> None:
+        """``select_metric`` is a per-epoch validation metric the run records, ranked the right way."""
+        names = [f"{p}val_{m}" for p in ("", "raw_") for m in ("top1", "top5", "loss")]
+        if self.select_metric not in names:
+            raise ValueError(
+                f"{where}select_metric must be one of {', '.join(names)}, not {self.select_metric!r}: checkpoints "
+                "are never selected on the test split or the training loss, only on the validation split"
+            )
+        if self.select_metric.startswith("raw_") and self.ema_decay == 0:
+            raise ValueError(
+                f"{where}select_metric {self.select_metric} exists only with EMA on (raw_* are the weights "
+                f"before averaging); set {where}ema_decay > 0 or select on {self.select_metric[4:]}"
+            )
+        if self.select_metric.endswith("_loss") != (self.select_mode == "min"):
+            want = "min" if self.select_metric.endswith("_loss") else "max"
+            raise ValueError(
+                f"{where}select_metric {self.select_metric} with select_mode {self.select_mode} would export the "
+                f"worst checkpoint; set {where}select_mode={want}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
