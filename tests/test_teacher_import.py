@@ -109,6 +109,23 @@ def test_a_pretrained_file_really_changes_the_initial_weights(tmp_path):
     assert init["fc.weight"].shape == (10, pretrained["fc.weight"].shape[1])
 
 
+def test_the_pretrained_start_is_written_once_beside_the_ray_storage(tmp_path):
+    """Not inside the exported model folder, and a resumed run needs neither the file nor the network."""
+    from trainer.api import _pretrained_start
+    from trainer.settings import TrainSettings
+
+    pretrained = _model(3, num_classes=1000).state_dict()
+    path = tmp_path / "in1k.safetensors"
+    save_file(pretrained, str(path))
+    settings = TrainSettings(pretrained=str(path))
+    folder = _pretrained_start(settings, _spec(), str(tmp_path / "ray_train"), "round_0_teacher")
+    assert folder == str(tmp_path / "ray_train" / "round_0_teacher_pretrained")
+    model, _ = load_checkpoint(folder)
+    assert torch.equal(model.state_dict()["conv1.0.weight"], pretrained["conv1.0.weight"])
+    path.unlink()  # the resumed run: the weights file is gone
+    assert _pretrained_start(settings, _spec(), str(tmp_path / "ray_train"), "round_0_teacher") == folder
+
+
 def test_a_missing_pretrained_file_says_what_to_give(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         create_model(_spec(), pretrained=str(tmp_path / "nope.safetensors"))

@@ -15,7 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, save_checkpoint
 from labeler.progress import Progress, ProgressChannel
-from labeler.storage import filesystem_for, is_s3, join, write_bytes
+from labeler.storage import exists, filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH
 from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
 from trainer.loop import steps_per_epoch, train_loop_per_worker
@@ -82,10 +82,8 @@ def train_model(
     clear_recorded_error(error_file)
     if init_from:  # fail here, naming the checkpoint, rather than in every worker
         load_spec(init_from)
-    elif settings.pretrained:  # read once here, on the driver (workers on other nodes may not see the file),
-        # and handed to the workers as a checkpoint path like init_from, never as a state dict in the config
-        init_from = join(out_dir, "pretrained_init")
-        save_checkpoint(create_model(spec, pretrained=settings.pretrained), spec, init_from)
+    elif settings.pretrained:
+        init_from = _pretrained_start(settings, spec, storage_path, name)
     config = {
         "settings": settings.to_dict(),
         "spec": dataclasses.asdict(spec),
@@ -288,6 +286,18 @@ def ddp_backend(use_gpu: bool) -> str:
 
 def _cuda_works() -> bool:
     return torch.cuda.is_available()
+
+
+def _pretrained_start(settings: TrainSettings, spec: ModelSpec, storage_path: str, name: str) -> str:
+    """The pretrained weights as a checkpoint folder beside the run's Ray Train storage
+    (``storage_path/<name>_pretrained``), read once on the driver (workers on other nodes may not see
+    the file) and handed to the workers as a path like ``init_from``, never as a state dict in the
+    config; kept out of the exported model folder, and written only once, so a resumed run needs
+    neither the file nor the network again."""
+    folder = join(storage_path, f"{name}_pretrained")
+    if not exists(join(folder, SPEC_FILE)):
+        save_checkpoint(create_model(spec, pretrained=settings.pretrained), spec, folder)
+    return folder
 
 
 def ray_storage(storage_path: str) -> dict:
