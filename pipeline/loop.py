@@ -118,8 +118,9 @@ def prepare_data(cfg: DictConfig) -> dict:
     if d.labeled and d.unlabeled:
         paths = {"labeled": d.labeled, "unlabeled": d.unlabeled, "test": d.test}
     else:
-        own_val = 0 if d.val or fraction else d.val_per_class
-        paths = write_digits_corpus(d.root, d.labels_per_class, d.test_fraction, cfg.seed, own_val)
+        # val/ is written whichever split validates, so data.val or data.val_fraction on a corpus written
+        # before does not find it "made with other settings"
+        paths = write_digits_corpus(d.root, d.labels_per_class, d.test_fraction, cfg.seed, d.val_per_class)
         paths["test"] = d.test or paths["test"]
     paths["classes_from"] = paths["labeled"]
     paths["val"] = d.val or paths.get("val")

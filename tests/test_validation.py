@@ -221,3 +221,11 @@ def test_a_student_worse_than_its_teacher_is_flagged(tmp_path):
     assert "WARNING" not in format_table(better)
     (tmp_path / "summary.json").write_text(json.dumps(better))
     assert "id='warnings'" not in render_report(str(tmp_path))
+
+
+def test_a_validation_setting_does_not_invalidate_the_digits_corpus(tmp_path):
+    """data.val_fraction after a plain run on the same data.root raised FileExistsError ("other settings")."""
+    base = {"run_dir": str(tmp_path / "run"), "data": {"root": str(tmp_path / "digits"), "val_per_class": 2}}
+    plain = prepare_data(as_config(base))
+    carved = prepare_data(as_config({**base, "data": {**base["data"], "val_fraction": 0.4}}))
+    assert plain["unlabeled"] == carved["unlabeled"] and carved["val"].endswith(os.path.join("splits", "val"))
