@@ -229,3 +229,18 @@ def test_a_validation_setting_does_not_invalidate_the_digits_corpus(tmp_path):
     plain = prepare_data(as_config(base))
     carved = prepare_data(as_config({**base, "data": {**base["data"], "val_fraction": 0.4}}))
     assert plain["unlabeled"] == carved["unlabeled"] and carved["val"].endswith(os.path.join("splits", "val"))
+
+
+def test_a_validation_split_with_no_readable_image_stops_before_training(tmp_path):
+    """Every epoch scored 0 on it, so a checkpoint was selected at random."""
+    from trainer.api import train_model
+    from trainer.data_check import TrainingDataError
+
+    paths = write_digits_corpus(str(tmp_path / "digits"), labels_per_class=3, test_fraction=0.2, seed=0)
+    for c in range(10):
+        (tmp_path / "val" / str(c)).mkdir(parents=True)
+        (tmp_path / "val" / str(c) / "broken.png").write_bytes(b"not a png")
+    spec = ModelSpec("test_resnet", [str(i) for i in range(10)], 8)
+    with pytest.raises(TrainingDataError, match="no image of the validation split"):
+        train_model(TrainSettings(epochs=1, num_workers=1), spec, paths["labeled"], str(tmp_path / "out"),
+                    str(tmp_path / "ray"), "bad_val", val=str(tmp_path / "val"), progress=False)  # fmt: skip

@@ -17,7 +17,7 @@ from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import exists, filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH
-from trainer.data_check import clear_recorded_error, preflight, raise_recorded_error
+from trainer.data_check import clear_recorded_error, preflight, preflight_val, raise_recorded_error
 from trainer.loop import steps_per_epoch, train_loop_per_worker
 from trainer.noise import target_smoothing
 from trainer.settings import TrainSettings
@@ -78,6 +78,8 @@ def train_model(
         RuntimeError: the run ended without finishing every epoch (run it again to resume).
     """
     preflight(labeled, pseudo, spec.classes, spec.image_size, spec.in_chans)  # a bad set fails here, not in retries
+    if val:
+        preflight_val(val, spec.classes, spec.image_size, spec.in_chans)
     error_file = join(out_dir, "data_error.json")
     clear_recorded_error(error_file)
     if init_from:  # fail here, naming the checkpoint, rather than in every worker

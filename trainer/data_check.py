@@ -81,6 +81,25 @@ def preflight(labeled: str, pseudo: str | None, classes: list[str], image_size: 
         check_unreadable("pseudo", *_counts(reasons, table.column("id").to_pylist()))
 
 
+def preflight_val(val: str, classes: list[str], image_size: int, in_chans: int) -> None:
+    """The validation split's first rows must decode: an empty or unreadable split scores every epoch
+    0 and would select a checkpoint at random.
+
+    Raises:
+        TrainingDataError: no image of the first SAMPLE_ROWS decodes (naming the reasons).
+    """
+    from trainer.data import LabeledBatches
+
+    data = LabeledBatches(val, classes, image_size, in_chans, SAMPLE_ROWS)
+    _, labels = next(iter(data), (None, []))
+    if len(labels) == 0:
+        reasons = dict(data.rejected) or "it holds no images"
+        raise TrainingDataError(
+            f"no image of the validation split {val} decodes ({reasons}), so checkpoints would be selected on "
+            "nothing; fix the images, or point data.val elsewhere (or set data.val_fraction, or export: last)"
+        )
+
+
 def _counts(reasons: list, ids: list[str]) -> tuple[dict[str, int], int, str]:
     from trainer.data import _rejections
 
