@@ -450,12 +450,33 @@ def parameter_count(arch: str, num_classes: int, image_size: int, in_chans: int 
         return count_parameters(create_model(ModelSpec(arch, [str(i) for i in range(num_classes)], image_size)))
 
 
+def check_supplied_arch(cfg: DictConfig) -> None:
+    """A supplied checkpoint folder keeps its own architecture: ``teacher.arch`` must name it, since the
+    student's default, the size rule and ``init_from_teacher`` are all checked against ``teacher.arch``.
+
+    Raises:
+        ConfigError: naming both architectures and the setting to change.
+    """
+    from labeler.model import SPEC_FILE, load_spec
+    from labeler.storage import exists, join
+
+    folder = cfg.teacher.checkpoint
+    if folder and exists(join(folder, SPEC_FILE)):
+        arch = load_spec(folder).arch
+        if arch != cfg.teacher.arch:
+            raise ConfigError(
+                f"teacher.checkpoint {folder} holds a {arch} model but teacher.arch is {cfg.teacher.arch}; "
+                f"set teacher.arch={arch}"
+            )
+
+
 def check_model_sizes(cfg: DictConfig, num_classes: int) -> None:
     """Noisy Student's rule: every student is at least as large as its teacher (unless ``allow_smaller_student``).
 
     Raises:
         ConfigError: naming both architectures and their parameter counts.
     """
+    check_supplied_arch(cfg)
     if cfg.allow_smaller_student:
         return
     teacher = ("teacher.arch", cfg.teacher.arch)

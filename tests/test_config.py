@@ -349,3 +349,15 @@ def test_the_selection_metric_is_one_the_run_records_ranked_the_right_way(capsys
     assert load_config("digits", ["train.select_metric=val_loss", "train.select_mode=min"]).student.select_mode == "min"
     assert "must be one of val_top1" in _run_error(capsys, "teacher.select_metric=val_top")
     assert "exists only with EMA on" in _run_error(capsys, "student.select_metric=raw_val_top1")
+
+
+def test_a_supplied_checkpoint_folder_must_match_teacher_arch(tmp_path):
+    """Its own architecture is used, but the student's default and the size rule read teacher.arch."""
+    from tests.helpers import random_checkpoint
+
+    random_checkpoint(str(tmp_path / "mine"), seed=0)  # a test_resnet checkpoint folder
+    ok = load_config("digits", [f"teacher.checkpoint={tmp_path / 'mine'}"])
+    check_model_sizes(ok, 10)
+    bad = load_config("digits", [f"teacher.checkpoint={tmp_path / 'mine'}", "teacher.arch=resnet10t"])
+    with pytest.raises(ConfigError, match="holds a test_resnet model but teacher.arch is resnet10t"):
+        check_model_sizes(bad, 10)
