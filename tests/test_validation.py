@@ -244,3 +244,16 @@ def test_a_validation_split_with_no_readable_image_stops_before_training(tmp_pat
     with pytest.raises(TrainingDataError, match="no image of the validation split"):
         train_model(TrainSettings(epochs=1, num_workers=1), spec, paths["labeled"], str(tmp_path / "out"),
                     str(tmp_path / "ray"), "bad_val", val=str(tmp_path / "val"), progress=False)  # fmt: skip
+
+
+def test_equal_validation_scores_export_the_later_epoch():
+    """Two epochs at val_top1 0.1727 exported the first (Ray's get_best_checkpoint takes the earliest)."""
+    from types import SimpleNamespace
+
+    from trainer.api import best_checkpoint
+
+    kept = [("ck1", {"epoch": 1, "val_top1": 0.17}), ("ck2", {"epoch": 2, "val_top1": 0.17}),
+            ("ck3", {"epoch": 3, "val_top1": 0.12}), ("ck4", {"epoch": 4})]  # fmt: skip
+    assert best_checkpoint(SimpleNamespace(best_checkpoints=kept), "val_top1", "max") == "ck2"
+    assert best_checkpoint(SimpleNamespace(best_checkpoints=kept), "val_top1", "min") == "ck3"
+    assert best_checkpoint(SimpleNamespace(best_checkpoints=kept), "val_loss", "min") is None

@@ -52,8 +52,8 @@ def train_model(
 
     The exported model (``settings.export``): ``best``, the checkpoint with the best
     ``settings.select_metric`` (``select_mode`` max or min) as Ray Train's ``CheckpointConfig`` scores
-    it (``Result.get_best_checkpoint``); ``last``, the last epoch's. Without ``val`` the last epoch is
-    exported (and the log says so). Checkpoints hold the exported weights (EMA ones when
+    it (:func:`best_checkpoint`: ties go to the later epoch); ``last``, the last epoch's. Without ``val``
+    the last epoch is exported (and the log says so). Checkpoints hold the exported weights (EMA ones when
     ``ema_decay`` > 0, BatchNorm re-estimated when ``recalibrate_bn``).
 
     ``tensorboard``: a folder or ``s3://`` prefix for this run's TensorBoard event files
@@ -166,7 +166,7 @@ def _export(
         )
     chosen = result.checkpoint
     if select_best:
-        chosen = result.get_best_checkpoint(settings.select_metric, settings.select_mode) or chosen
+        chosen = best_checkpoint(result, settings.select_metric, settings.select_mode) or chosen
     with chosen.as_directory() as d:
         for f in (WEIGHTS_FILE, SPEC_FILE):
             with open(os.path.join(d, f), "rb") as src:
@@ -184,6 +184,17 @@ def _export(
         if values:
             final[key] = max(values)
     return final
+
+
+def best_checkpoint(result: ray.train.Result, metric: str, mode: str) -> ray.train.Checkpoint | None:
+    """The kept checkpoint with the best ``metric`` (``mode`` max or min); among equal scores the latest
+    epoch's (Ray's ``get_best_checkpoint`` returns the earliest: two epochs at 0.1727 exported the first,
+    though the second trained longer). None when no kept checkpoint reported ``metric``."""
+    sign = 1.0 if mode == "max" else -1.0
+    scored = [(c, m) for c, m in result.best_checkpoints if m.get(metric) is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda cm: (sign * cm[1][metric], cm[1].get("epoch", 0)))[0]
 
 
 UNREADABLE_KEYS = ("unreadable_labeled", "unreadable_pseudo")
