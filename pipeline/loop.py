@@ -140,11 +140,18 @@ def _model_spec(cfg: DictConfig, classes: list[str], settings: TrainSettings) ->
     return spec
 
 
+def _finished(model_dir: str) -> dict | None:
+    """A model folder's ``final.json`` when the model is complete there (weights spec and metrics), else None."""
+    if exists(join(model_dir, SPEC_FILE)) and exists(join(model_dir, "final.json")):
+        return read_json(join(model_dir, "final.json"))
+    return None
+
+
 def _supplied_teacher(cfg: DictConfig, settings: TrainSettings, spec: ModelSpec, data: dict, teacher_dir: str) -> dict:
     """Round 0 from ``teacher.checkpoint``: converted into ``teacher_dir`` (the project's checkpoint folder),
     not trained; with ``reset_classifier`` and another class count, its new head is fine-tuned on the labels."""
-    if exists(join(teacher_dir, SPEC_FILE)) and exists(join(teacher_dir, "final.json")):
-        return read_json(join(teacher_dir, "final.json"))
+    if (done := _finished(teacher_dir)) is not None:
+        return done
     uri = settings.checkpoint if "://" in settings.checkpoint else absolute(settings.checkpoint)
     staged = join(os.path.dirname(teacher_dir.rstrip("/")), "supplied")
     logger.info(f"round 0: the supplied teacher {uri} (teacher training skipped)")
@@ -178,9 +185,9 @@ def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: boo
 
 
 def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None) -> dict:
-    if exists(join(out_dir, SPEC_FILE)) and exists(join(out_dir, "final.json")):
+    if (done := _finished(out_dir)) is not None:
         logger.info(f"[{name}] already trained, skipping")
-        return read_json(join(out_dir, "final.json"))
+        return done
     if _FIXED_CLUSTER:
         check_stream_cpus(settings, ray.cluster_resources().get("CPU", 0))
     logger.info(f"training {name}: {spec.arch}, {settings.epochs} epochs, {settings.num_workers} workers")
