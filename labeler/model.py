@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import tempfile
@@ -209,20 +208,11 @@ def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, directory: str) -> 
     return spec
 
 
-def _load_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    blob = read_bytes(uri)
-    if uri.endswith(".safetensors"):
-        from safetensors.torch import load
+def _load_weights(uri: str) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's own weights (always safetensors: nothing is executed)."""
+    from safetensors.torch import load
 
-        return load(blob)
-    import torch
-
-    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{uri} does not hold a state dict (got {type(state).__name__})")
-    return state
+    return load(read_bytes(uri))
 
 
 def load_spec(directory: str) -> ModelSpec:
@@ -240,22 +230,24 @@ def load_checkpoint(
     """Load a model for inference (eval mode, no noise).
 
     ``path`` is either a checkpoint directory (with model.json), or a state-dict file
-    (``.safetensors`` / ``.pth``) in which case ``spec`` must say the architecture,
-    classes and preprocessing.
+    (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``, read as :func:`labeler.checkpoint_import.read_state_dict`
+    does: DDP prefixes and nested or EMA entries unwrapped) in which case ``spec`` must say the
+    architecture, classes and preprocessing.
     """
-    is_file = path.endswith((".safetensors", ".pth", ".pt"))
-    if is_file:
+    from labeler.checkpoint_import import STATE_DICT_SUFFIXES, read_state_dict  # imports this module
+
+    if path.endswith(STATE_DICT_SUFFIXES):
         if spec is None:
             raise ValueError(
                 f"{path} is a bare state dict; pass the timm architecture, the classes and the "
                 "image size too (CLI: --arch ARCH --num-classes N --image-size S)."
             )
-        state = _load_state_dict(path)
+        state = read_state_dict(path)  # nested (state_dict, model, EMA) and module.-prefixed keys unwrapped
         if not spec.model_id:
             spec = dataclasses.replace(spec, model_id=f"{spec.arch}-{os.path.basename(path)}")
     else:
         spec = spec or load_spec(path)
-        state = _load_state_dict(join(path, WEIGHTS_FILE))
+        state = _load_weights(join(path, WEIGHTS_FILE))
     model = create_model(spec)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

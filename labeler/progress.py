@@ -82,6 +82,15 @@ class Progress:
             self.bar.start_t = self.bar.last_print_t - (now - self.start)
             self.bar.initial = self.bar.last_print_n = self.initial
 
+    def set_total(self, total: float | None) -> None:
+        """Set the units expected once known (a remote task counts them); None leaves it as it is."""
+        if total is None or total == self.total:
+            return
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def update(self, n: float | None = None, **fields: Any) -> None:
         """Set the units done to ``n`` (absolute, not an increment) and the shown ``fields``."""
         if n is not None:

@@ -141,6 +141,12 @@ class StudentSettings(TrainSettings):
         default_factory=list, help="student architecture of round i+1 (the last repeats); empty: the teacher's arch"
     )
     init_from_teacher: bool = setting(False, help="start each student from its teacher's weights (same arch needed)")
+    as_long_as_teacher: bool = setting(
+        True,
+        help="the student trains on at least as many labeled images as its teacher did (labeled epochs >= the "
+        "teacher's, as google-research/noisystudent trains students at least as long); its steps per epoch grow "
+        "to reach that (not with steps_per_epoch set, nor after a supplied teacher)",
+    )
 
 
 @dataclass
@@ -170,7 +176,7 @@ SECTION_HELP = {
     "eval": "evaluation of every trained model (top-1/5, ECE, corruptions, flips)",
     "train": "training keys shared by teacher and student (trainer.settings.TrainSettings)",
     "teacher": "the first teacher: `train` plus these keys on top",
-    "student": "every student: `train` plus these keys on top, and `archs`, `init_from_teacher`",
+    "student": "every student: `train` plus these keys on top, and `archs`, `init_from_teacher`, `as_long_as_teacher`",
 }
 
 # big_vision-style switch: the same config, shrunk to a quick CPU plumbing check (accuracy meaningless).
@@ -179,7 +185,8 @@ RUNLOCAL: dict = {
     "iterations": 1,
     "balance": {"per_class": 16},
     "teacher": {"epochs": 4, "checkpoint_every": 2},
-    "student": {"epochs": 2, "checkpoint_every": 1, "steps_per_epoch": 0},  # 0: one pass over the shrunk pseudo set
+    # 0: one pass over the shrunk pseudo set; the smallest student (the teacher's arch) for speed
+    "student": {"epochs": 2, "checkpoint_every": 1, "steps_per_epoch": 0, "archs": []},
 }
 
 # keys a user may not set, and why (the loop sets them itself)
@@ -370,11 +377,30 @@ def as_config(cfg: DictConfig | RunConfig | dict) -> DictConfig:
     Raises:
         ConfigError: as :func:`load_config`.
     """
-    if isinstance(cfg, (RunConfig, DictConfig)):  # already folded and derived: type-check and check the rules
+    if isinstance(cfg, DictConfig):  # already folded and derived: type-check and check the rules
         checked = _merge(OmegaConf.structured(RunConfig), cfg)
         check_rules(checked)
         return checked
+    if isinstance(cfg, RunConfig):  # what differs from the defaults, folded like a file (train.* reaches both)
+        cfg = _differences(OmegaConf.to_container(OmegaConf.structured(cfg)), _default_tree())
     return _resolve(copy.deepcopy(dict(cfg)))
+
+
+def _default_tree() -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(RunConfig))
+
+
+def _differences(values: dict, defaults: dict) -> dict:
+    """The keys of ``values`` (nested) whose value is not the default's."""
+    out = {}
+    for key, value in values.items():
+        base = defaults.get(key)
+        if isinstance(value, dict) and isinstance(base, dict):
+            if sub := _differences(value, base):
+                out[key] = sub
+        elif value != base:
+            out[key] = value
+    return out
 
 
 def check_rules(cfg: DictConfig) -> None:
@@ -412,6 +438,11 @@ def check_rules(cfg: DictConfig) -> None:
             "checkpoint and reset_classifier are the first teacher's (a supplied model): set teacher.checkpoint, "
             "not student.checkpoint or train.checkpoint; students always train"
         )
+    if cfg.student.init_from_teacher and cfg.student.pretrained:
+        raise ConfigError(
+            f"student.init_from_teacher=true starts each student from its teacher's weights, so "
+            f"student.pretrained={cfg.student.pretrained!r} would be overwritten; set one of them"
+        )
     if cfg.student.init_from_teacher:
         previous = ("teacher.arch", cfg.teacher.arch)
         for i, arch in enumerate(student_archs(cfg)):
@@ -431,7 +462,7 @@ def student_archs(cfg: DictConfig) -> list[str]:
 
 
 def train_settings(section: DictConfig, seed: int, arch: str | None = None) -> TrainSettings:
-    """The ``TrainSettings`` of a ``teacher``/``student`` section (``archs``, ``init_from_teacher`` left out)."""
+    """The ``TrainSettings`` of a ``teacher``/``student`` section (the student-only keys left out)."""
     values = OmegaConf.to_container(section)
     names = {f.name for f in dataclasses.fields(TrainSettings)}
     values = {k: v for k, v in values.items() if k in names}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from labeler.api import gpus_per_task, run_labeling
 from labeler.checkpoint_import import import_checkpoint
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, load_spec, model_preprocessing
-from labeler.progress import log_file, quiet_ray, ray_init_kwargs, verbose
+from labeler.progress import Progress, ProgressChannel, log_file, quiet_ray, ray_init_kwargs, verbose
 from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_bytes, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
 from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
@@ -30,12 +31,14 @@ from pipeline.model_eval import (
     add_relative_errors,
     evaluate_model,
     mark_worse_than_teacher,
+    validate_model,
     worse_than_teacher_warnings,
 )
 from pipeline.report import role_label, write_report
 from pipeline.split import carve_validation
 from trainer.api import train_model
 from trainer.data import labeled_classes
+from trainer.loop import steps_per_epoch
 from trainer.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -163,6 +166,9 @@ def _supplied_teacher(cfg: DictConfig, settings: TrainSettings, spec: ModelSpec,
         for name in (SPEC_FILE, WEIGHTS_FILE):
             write_bytes(join(teacher_dir, name), read_bytes(join(staged, name)))
         metrics = {"train_seconds": 0.0}
+        if data.get("val"):  # validated like a trained model, so a worse student is marked against it
+            task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(validate_model)
+            metrics.update(ray.get(task.remote(teacher_dir, data["val"], cfg.eval.batch_size)))
     metrics.update(supplied=uri, classifier_reset=reset)
     write_json(join(teacher_dir, "final.json"), metrics)
     return metrics
@@ -206,6 +212,34 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
     return metrics
 
 
+def labeled_images_seen(s: TrainSettings, metrics: dict) -> int | None:
+    """Labeled images a finished model trained on (its epochs x steps per epoch x labeled batch), from the
+    ``steps`` its trainer recorded; None where unknown (a supplied teacher, a run from before ``steps``)."""
+    steps = metrics.get("steps")
+    return s.epochs * steps * s.batch_size if steps else None
+
+
+def at_least_as_long(s: TrainSettings, teacher_seen: int | None, pseudo_rows: int = 0) -> TrainSettings:
+    """``s`` with ``min_steps_per_epoch`` raised so the student trains on at least ``teacher_seen`` labeled
+    images: as many labeled epochs as its teacher, the reference code's rule (google-research/noisystudent
+    trains each student at least as long as its teacher, counted in epochs of the labeled set). A student
+    whose epoch already holds enough steps (one pass over its ``pseudo_rows``, copies counted) is left as it
+    is, and an explicit ``steps_per_epoch`` wins (with a warning when it makes the student shorter)."""
+    if not teacher_seen:
+        return s
+    need = math.ceil(math.ceil(teacher_seen / s.batch_size) / s.epochs)
+    if s.steps_per_epoch > 0:
+        if s.steps_per_epoch < need:
+            logger.warning(f"student.steps_per_epoch={s.steps_per_epoch} trains on fewer labeled images than its "
+                           f"teacher did ({teacher_seen:,}); {need} steps per epoch would match it")  # fmt: skip
+        return s
+    if need <= steps_per_epoch(0, pseudo_rows or None, s):  # one pass over the pseudo set is already as long
+        return s
+    logger.info(f"student: at least {need} steps per epoch, to train on as many labeled images as its teacher "
+                f"({teacher_seen:,}; student.as_long_as_teacher)")  # fmt: skip
+    return dataclasses.replace(s, min_steps_per_epoch=need)
+
+
 def _evaluate(cfg: DictConfig, model_dir: str, data: dict) -> dict:
     """All metrics of one model (``model_dir/eval.json``, computed once); a Ray task, on a GPU if there is one."""
     path = join(model_dir, "eval.json")
@@ -217,11 +251,35 @@ def _evaluate(cfg: DictConfig, model_dir: str, data: dict) -> dict:
     extra = {name: absolute(uri) for name, uri in cfg.eval.extra.items()}
     start = time.time()
     logger.info(f"evaluating {model_dir}: test split, corruptions, flips" + (f", {', '.join(extra)}" if extra else ""))
-    metrics = ray.get(task.remote(model_dir, data["test"], extra, cfg.seed, cfg.eval.batch_size))
+    channel = ProgressChannel.create()
+    try:
+        ref = task.remote(model_dir, data["test"], extra, cfg.seed, cfg.eval.batch_size, channel)
+        metrics = _wait_showing_progress(ref, channel, f"evaluating {_model_name(model_dir)}")
+    finally:
+        channel.shutdown()
     write_json(path, metrics)
     logger.info(f"evaluated in {time.time() - start:.0f} s: test_top1 {metrics['test_top1']:.4f}, "
                 f"ECE {metrics['test_ece']:.4f}, flip rate {metrics['flip_rate']:.4f}")  # fmt: skip
     return metrics
+
+
+def _wait_showing_progress(ref: ray.ObjectRef, channel: ProgressChannel, desc: str, poll_s: float = 1.0) -> dict:
+    """``evaluate_model``'s result (``ray.get(ref)``), its ``{"done", "total"}`` events shown meanwhile as
+    one ``Progress`` display, ending at the images it evaluated and skipped."""
+    with Progress(desc, unit="img") as display:
+        while not ray.wait([ref], timeout=poll_s)[0]:
+            for event in channel.drain():
+                display.set_total(event.get("total"))
+                display.update(event["done"])
+        metrics = ray.get(ref)
+        display.update(metrics["test_images"] + metrics["test_unreadable"])  # the last event may still be queued
+        return metrics
+
+
+def _model_name(model_dir: str) -> str:
+    """``round_1/student`` of ``.../round_1/student``: how the console names a model."""
+    parts = model_dir.rstrip("/").split("/")
+    return "/".join(parts[-2:])
 
 
 def _label_and_balance(cfg: DictConfig, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:
@@ -308,6 +366,7 @@ def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
         metrics = _supplied_teacher(cfg, settings, spec, data, teacher_dir)
     else:
         metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher")
+    teacher_seen = labeled_images_seen(settings, metrics)
     spec = load_spec(teacher_dir)
     summary = [_entry(0, "teacher", spec.arch, teacher_dir, metrics, _evaluate(cfg, teacher_dir, data))]
     if settings.checkpoint:
@@ -319,12 +378,15 @@ def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
         stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes))
         arch = archs[it - 1]
         settings = train_settings(cfg.student, cfg.seed + it, arch)
+        if cfg.student.as_long_as_teacher:
+            settings = at_least_as_long(settings, teacher_seen, stats["total_rows"])
         student = _model_spec(cfg, classes, settings)
         _check_student_size(student, teacher_dir, cfg.allow_smaller_student)
         student_dir = join(round_dir, "student")
         init = teacher_dir if cfg.student.init_from_teacher else None
         balanced = join(round_dir, "balanced")
         metrics = _train(cfg, settings, student, data, student_dir, f"round_{it}_student", balanced, init)
+        teacher_seen = labeled_images_seen(settings, metrics)
         evaluation = _evaluate(cfg, student_dir, data)
         summary.append(_entry(it, "student", arch, student_dir, metrics, evaluation, stats["total_rows"]))
         teacher_dir = student_dir

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from labeler.model import ModelSpec, load_checkpoint
+from labeler.progress import ProgressChannel
 from pipeline.corruptions import (
     CORRUPTIONS,
     FLIPS_AGAINST_FIRST,
@@ -108,7 +109,12 @@ def flip_rates(model, images: np.ndarray, spec: ModelSpec, device, seed: int = 0
 
 
 def evaluate_model(
-    model_dir: str, test: str, extra: dict[str, str] | None = None, seed: int = 0, batch: int = EVAL_BATCH
+    model_dir: str,
+    test: str,
+    extra: dict[str, str] | None = None,
+    seed: int = 0,
+    batch: int = EVAL_BATCH,
+    progress: ProgressChannel | None = None,
 ) -> dict:
     """All metrics of one checkpoint on the test split (and on each extra labeled set), streamed.
 
@@ -121,6 +127,7 @@ def evaluate_model(
     per severity 1-5), ``flip_rates`` (sequence -> share of top-1 changes), ``flip_rate`` (their
     mean) and ``extra`` (name -> ``{name}_top1/_top5/_loss/_unreadable``). Corruption noise is
     seeded per image by ``seed`` and the image's index, so results do not depend on ``batch``.
+    ``progress``: where to send ``{"done": images read, "total": images in the test split}`` as it goes.
 
     Raises:
         ValueError: a set where no image could be used, or as :class:`LabeledBatches`.
@@ -133,7 +140,7 @@ def evaluate_model(
     matrix = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     corrupt_correct = {name: [0] * len(SEVERITIES) for name in CORRUPTIONS}
     flips = dict.fromkeys(PERTURBATIONS, 0)
-    n = 0
+    n, total = 0, len(data) if progress is not None else 0
     for images, labels in data:
         logits = predict_logits(model, images, spec, device, batch)
         accuracy.add(logits, labels)
@@ -146,6 +153,10 @@ def evaluate_model(
         for name, count in flip_counts(model, images, spec, device, seed, n, batch).items():
             flips[name] += count
         n += len(labels)
+        if progress is not None:
+            progress.send({"done": n + sum(data.rejected.values()), "total": total})
+    if progress is not None:  # the last count even when the throttle held it back
+        progress.send({"done": n + sum(data.rejected.values()), "total": total}, force=True)
     _require_images(test, n, data)
     out = accuracy.metrics("test")
     out["test_ece"] = calibration.ece()
@@ -157,6 +168,18 @@ def evaluate_model(
     extra = extra or {}
     out["extra"] = {name: _evaluate_extra(model, spec, device, name, root, batch) for name, root in extra.items()}
     return out
+
+
+def validate_model(model_dir: str, val: str, batch: int = EVAL_BATCH) -> dict:
+    """``val_top1``/``val_top5``/``val_loss`` and ``val_unreadable`` of a checkpoint on a validation set,
+    streamed: what the trainer records for a model it trained, for one it did not (a supplied teacher).
+
+    Raises:
+        ValueError: no image of ``val`` could be used. FileNotFoundError: ``val`` does not exist.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, spec = load_checkpoint(model_dir, device=device)
+    return _evaluate_extra(model, spec, device, "val", val, batch)
 
 
 def _evaluate_extra(model, spec: ModelSpec, device, name: str, root: str, batch: int) -> dict:

@@ -122,9 +122,12 @@ def read_history(model_dir: str) -> list[dict]:
     return [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
 
 
-def plot_curves(name: str, history: list[dict], exported_epoch: int | None = None) -> bytes:
+def plot_curves(
+    name: str, history: list[dict], exported_epoch: int | None = None, test_top1: float | None = None
+) -> bytes:
     """Loss, learning rate and validation accuracy per epoch of one model (the epochs evaluated; older
-    runs that evaluated the test split per epoch show it), the exported epoch marked when known."""
+    runs that evaluated the test split per epoch show it), the exported epoch marked when known, and the
+    exported model's test top-1 as one point there (the test split is evaluated once per finished model)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.0))
     epochs = [h["epoch"] for h in history]
@@ -145,7 +148,10 @@ def plot_curves(name: str, history: list[dict], exported_epoch: int | None = Non
             axes[2].plot(*zip(*points), marker="o", label=label)
     if exported_epoch is not None:
         axes[2].axvline(exported_epoch, color="grey", ls="--", lw=1, label=f"exported (epoch {exported_epoch})")
-    axes[2].set_title("validation accuracy (epochs evaluated)")
+        if test_top1 is not None:
+            axes[2].plot([exported_epoch], [test_top1], marker="*", ms=12, ls="", color="black",
+                         label=f"test top-1 of the exported model ({test_top1:.4f})")  # fmt: skip
+    axes[2].set_title("validation accuracy (epochs evaluated), test at export")
     axes[2].set_ylim(0, 1)
     if axes[2].get_legend_handles_labels()[0]:
         axes[2].legend(fontsize=8)
@@ -271,7 +277,7 @@ def _model_figures(summary: list[dict]) -> list[tuple[str, str, bytes]]:
     for e in summary:
         history = read_history(e["checkpoint"]) if e.get("checkpoint") else []
         if history:
-            png = plot_curves(_name(e), history, e.get("exported_epoch"))
+            png = plot_curves(_name(e), history, e.get("exported_epoch"), e.get("test_top1"))
             figures.append((f"curves_{_key(e)}", f"Training curves, {_name(e)}", png))
     evals = _evaluations(summary)
     if evals:

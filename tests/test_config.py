@@ -24,6 +24,8 @@ from pipeline.config import (
     RUNLOCAL,
     ConfigError,
     RunConfig,
+    StudentSettings,
+    as_config,
     check_model_sizes,
     config_table,
     load_config,
@@ -263,7 +265,7 @@ def test_a_users_yaml_extends_a_shipped_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "sub")
     cfg = load_config("more.yaml", ["iterations=1"])
     assert (cfg.run_dir, cfg.teacher.epochs, cfg.student.epochs, cfg.iterations) == ("runs/mine", 7, 5, 1)
-    assert list(cfg.student.archs) == ["test_resnet", "resnet10t"]  # from digits
+    assert list(cfg.student.archs) == ["resnet10t", "resnet14t"]  # from digits
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="names itself"):
         load_config(str(tmp_path / "loop.yaml"))
@@ -312,6 +314,18 @@ def test_init_from_teacher_with_another_architecture_fails_before_ray(tmp_path):
     assert ray.is_initialized() == before and not (tmp_path / "run").exists()
     ok = load_config("digits", ["student.init_from_teacher=true", "student.archs=[test_resnet]"])
     assert list(ok.student.archs) == ["test_resnet"]
+
+
+def test_a_run_config_object_folds_train_into_teacher_and_student():
+    """RunConfig(train=...) reaches both models, as `train:` in a file does (it used to be ignored)."""
+    cfg = as_config(RunConfig(train=TrainSettings(epochs=5), student=StudentSettings(epochs=7)))
+    assert (cfg.teacher.epochs, cfg.student.epochs) == (5, 7)
+
+
+def test_init_from_teacher_and_a_pretrained_student_are_refused_together():
+    with pytest.raises(ConfigError, match="student.pretrained='w.safetensors' would be overwritten"):
+        load_config("digits", ["student.init_from_teacher=true", "student.archs=[test_resnet]",
+                               "student.pretrained=w.safetensors"])  # fmt: skip
 
 
 def test_a_smaller_student_is_refused_before_training():

@@ -177,6 +177,33 @@ def test_streamed_evaluation_equals_the_whole_array_one(folders, checkpoint):
     assert evaluate_model(checkpoint, str(root), seed=1, batch=7)["flip_rates"] != streamed["flip_rates"]
 
 
+class _Events:
+    """A progress sink with ProgressChannel's send(); the events land in a list."""
+
+    def __init__(self):
+        self.events = []
+
+    def send(self, event, force=False):
+        self.events.append(dict(event))
+
+
+def test_evaluation_reports_its_progress_over_the_whole_set(folders, checkpoint):
+    root, good = folders
+    sink = _Events()
+    evaluate_model(checkpoint, str(root), seed=0, batch=7, progress=sink)
+    done = [e["done"] for e in sink.events]
+    assert len(done) > 2 and done == sorted(done)  # one event a batch, growing
+    assert done[-1] == sink.events[-1]["total"] == good + 1  # every image, the unreadable one counted
+
+
+def test_a_set_knows_its_size_before_decoding(folders, tmp_path):
+    root, good = folders
+    assert len(LabeledBatches(str(root), CLASSES, SIZE, batch=4)) == good + 1
+    table = pa.table({"image": [png_bytes(seed=i) for i in range(5)], "label": ["0", "1", "0", "1", "1"]})
+    pq.write_table(table, tmp_path / "set.parquet", row_group_size=2)
+    assert len(LabeledBatches(str(tmp_path / "set.parquet"), CLASSES, SIZE, batch=4)) == 5
+
+
 def test_per_epoch_evaluation_streams_the_test_split(folders, checkpoint, tmp_path):
     root, good = folders
     model, spec = load_checkpoint(checkpoint)

@@ -67,6 +67,18 @@ def test_bare_state_dict_needs_and_uses_a_spec(tmp_path):
         load_checkpoint(str(tmp_path / "w.pth"), ModelSpec("test_resnet", ["a", "b", "c"], 16))
 
 
+def test_bare_state_dict_may_be_nested_and_ddp_prefixed(tmp_path):
+    """The labeler reads the same forms `teacher.checkpoint` accepts: module.-prefixed keys under a
+    'model' or 'state_dict_ema' entry (a training script's checkpoint, not just model.state_dict())."""
+    spec = ModelSpec("test_resnet", ["a", "b"], 16)
+    model = create_model(spec).eval()
+    wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 3, "model": wrapped}, tmp_path / "ckpt.pth")
+    loaded, _ = load_checkpoint(str(tmp_path / "ckpt.pth"), spec)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_cli_reports_missing_arch(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"")
     res = subprocess.run(

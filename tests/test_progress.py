@@ -38,6 +38,16 @@ def test_progress_in_a_log_with_no_interval_prints_every_update(console):
     assert "loss 0.5" in console()[-1]
 
 
+def test_a_total_learned_later_gives_a_percentage(console):
+    p = Progress("evaluating round_1/student", unit="img", interval_s=0, stream=io.StringIO())
+    p.update(10)
+    assert "%" not in console()[-1]  # no total yet: a count and a rate only
+    p.set_total(40)
+    p.set_total(None)  # an event without one leaves it
+    p.update(20)
+    assert console()[-1].startswith("evaluating round_1/student:  50% 20/40")
+
+
 def test_events_merge_counts_and_keep_the_newest_values():
     a = {"labeled": 16, "rejected": 1, "add": ("labeled", "rejected"), "note": "old"}
     b = {"labeled": 16, "rejected": 0, "add": ("labeled", "rejected"), "note": "new"}

@@ -160,7 +160,9 @@ def test_alpha_drawing_is_not_labeled_like_a_blank_image(ray_local, tmp_path):
     (corpus / "blank.png").write_bytes(_encode(Image.fromarray(np.zeros_like(shown), "L"), "PNG"))
     (corpus / "shown.png").write_bytes(_encode(Image.fromarray(shown, "L").convert("RGB"), "PNG"))
     random_checkpoint(str(tmp_path / "ckpt"), image_size=16)
-    rows = {r["id"]: r["probs"] for r in label_images(str(corpus), str(tmp_path / "ckpt")).take_all()}
+    labeled = label_images(str(corpus), str(tmp_path / "ckpt")).take_all()
+    assert len(labeled) == 3 and all(r["reject_reason"] is None for r in labeled)  # 3 in, 3 predictions
+    rows = {r["id"]: r["probs"] for r in labeled}
     assert not np.allclose(rows["alpha.png"], rows["blank.png"])
     np.testing.assert_allclose(rows["alpha.png"], rows["shown.png"], atol=1e-3)
 

@@ -21,7 +21,7 @@ def supplied_run(ray_local, s3, tmp_path_factory):
     from pipeline.digits import write_digits_corpus
 
     tmp = tmp_path_factory.mktemp("supplied")
-    paths = write_digits_corpus(str(tmp / "data"), labels_per_class=5, test_fraction=0.3, seed=0)
+    paths = write_digits_corpus(str(tmp / "data"), labels_per_class=5, test_fraction=0.3, seed=0, val_per_class=3)
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=10)  # plain timm: nothing from this project
     blob = io.BytesIO()
@@ -32,6 +32,7 @@ def supplied_run(ray_local, s3, tmp_path_factory):
     args = [
         "run", "digits", f"run_dir={tmp / 'run'}", "runlocal=true",
         f"data.labeled={paths['labeled']}", f"data.unlabeled={paths['unlabeled']}", f"data.test={paths['test']}",
+        f"data.val={paths['val']}",
         f"teacher.checkpoint={uri}", "teacher.arch=test_resnet",
         "balance.threshold=0.0",  # an untrained teacher is never 30% sure: keep its labels anyway
     ]  # fmt: skip
@@ -44,8 +45,9 @@ def test_the_supplied_teacher_is_round_0_and_every_round_completes(supplied_run)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(e["iteration"], e["role"]) for e in summary] == [(0, "teacher"), (1, "student")]
     assert summary[0]["supplied"] == uri and "supplied" not in summary[1]
-    for e in summary:  # evaluated like any other model
-        assert 0.0 <= e["test_top1"] <= 1.0 and e["mce"] > 0
+    for e in summary:  # evaluated like any other model, on validation too
+        assert 0.0 <= e["test_top1"] <= 1.0 and e["mce"] > 0 and 0.0 <= e["val_top1"] <= 1.0
+    assert summary[1]["worse_than_teacher"] in (True, False)  # so a worse student can be marked
     assert json.loads((run_dir / "run_config.json").read_text())["teacher_supplied"] == uri
     assert not (run_dir / "ray_train" / "round_0_teacher").exists()  # not trained
     assert "supplied" in (run_dir / "report.html").read_text()

@@ -261,6 +261,16 @@ class LabeledBatches:
                     seen.update(str(v) for v in pc.unique(rb.column(0)).to_pylist())
         class_indices(sorted(seen), self.classes, self.root)
 
+    def __len__(self) -> int:
+        """Images in the set (rows of its Parquet files, from their footers; or files listed), readable or not."""
+        if not self._parquet:
+            return len(self._uris)
+        total = 0
+        for pf in self._parquet_files():
+            with pf:
+                total += pf.metadata.num_rows
+        return total
+
     def _parquet_files(self) -> Iterator[pq.ParquetFile]:
         fs, _ = filesystem_for(self.root)
         for path in self._parquet:

@@ -401,7 +401,8 @@ def _train_epoch(w: _Worker, epoch: int) -> dict:
             w.channel.send({"done": epoch + (i + 1) / steps, "epochs": s.epochs, "loss": loss,
                             "images_per_s": seen / (time.perf_counter() - started)})  # fmt: skip
     return {"epoch": epoch + 1, "train_loss": total / steps, "lr": w.sched.get_last_lr()[0],
-            "final": epoch + 1 == s.epochs, "images": seen, "images_per_s": seen / (time.perf_counter() - started),
+            "final": epoch + 1 == s.epochs, "steps": steps, "images": seen,
+            "images_per_s": seen / (time.perf_counter() - started),
             "resumed_from": w.resumed_from, **w.feed.epoch_counts()}  # fmt: skip
 
 
