@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from labeler.api import LabelingStalled, LabelOptions, run_labeling
+from labeler.checkpoint_import import STATE_DICT_SUFFIXES
 from labeler.model import ModelSpec
 from labeler.settings import add_arguments, from_args
 
@@ -28,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="image folder tree, Parquet, WebDataset .tar shards or a manifest of URIs (.txt; local or s3://)",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir with model.json, or a .safetensors/.pth file")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir with model.json, or a .safetensors/.pth/.pt/.bin state dict"
+    )
     p.add_argument("--output", required=True, help="output folder: predictions/ (Parquet) and manifest.json")
     p.add_argument("--arch", help="timm architecture (bare state-dict files only)")
     p.add_argument("--num-classes", type=int, help="number of classes (bare state-dict files only)")
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_console(args.verbose)
     spec = None
-    if args.checkpoint.endswith((".safetensors", ".pth", ".pt")):
+    if args.checkpoint.endswith(STATE_DICT_SUFFIXES):
         if not (args.arch and args.num_classes):
             print("labeler: error: a bare state-dict file needs --arch and --num-classes", file=sys.stderr)
             return 2

@@ -145,7 +145,7 @@ class StudentSettings(TrainSettings):
         True,
         help="the student trains on at least as many labeled images as its teacher did (labeled epochs >= the "
         "teacher's, as google-research/noisystudent trains students at least as long); its steps per epoch grow "
-        "to reach that (not with steps_per_epoch set, nor after a supplied teacher)",
+        "to reach that (not with steps_per_epoch set, nor after a supplied teacher that was not fine-tuned here)",
     )
 
 
@@ -374,6 +374,10 @@ def load_config(config: str, overrides: list[str] | None = None) -> DictConfig:
 def as_config(cfg: DictConfig | RunConfig | dict) -> DictConfig:
     """A checked copy of ``cfg``: a loaded config, a ``RunConfig`` or a plain dict of what differs from the defaults.
 
+    A ``RunConfig`` object is read as the values in it that differ from the defaults, folded like a file
+    (``train`` reaches teacher and student unless they differ from the default themselves; a section
+    value equal to its default cannot beat ``train``: pass a dict for that).
+
     Raises:
         ConfigError: as :func:`load_config`.
     """
@@ -441,7 +445,8 @@ def check_rules(cfg: DictConfig) -> None:
     if cfg.student.init_from_teacher and cfg.student.pretrained:
         raise ConfigError(
             f"student.init_from_teacher=true starts each student from its teacher's weights, so "
-            f"student.pretrained={cfg.student.pretrained!r} would be overwritten; set one of them"
+            f"student.pretrained={cfg.student.pretrained!r} (set there or through train.pretrained) would be "
+            "overwritten; for a pretrained start of the chain set teacher.pretrained, and student.pretrained=null"
         )
     if cfg.student.init_from_teacher:
         previous = ("teacher.arch", cfg.teacher.arch)

@@ -222,10 +222,14 @@ def labeled_images_seen(s: TrainSettings, metrics: dict) -> int | None:
 def at_least_as_long(s: TrainSettings, teacher_seen: int | None, pseudo_rows: int = 0) -> TrainSettings:
     """``s`` with ``min_steps_per_epoch`` raised so the student trains on at least ``teacher_seen`` labeled
     images: as many labeled epochs as its teacher, the reference code's rule (google-research/noisystudent
-    trains each student at least as long as its teacher, counted in epochs of the labeled set). A student
-    whose epoch already holds enough steps (one pass over its ``pseudo_rows``, copies counted) is left as it
-    is, and an explicit ``steps_per_epoch`` wins (with a warning when it makes the student shorter)."""
+    trains each student at least as long as its teacher, counted in epochs of the labeled set). The floor is
+    only a floor: a student whose epoch already holds more steps (one pass over its ``pseudo_rows``, copies
+    counted) trains as before, and an explicit ``steps_per_epoch`` wins (with a warning when it makes the
+    student shorter). ``teacher_seen`` None (a supplied teacher, or one trained before ``steps`` was
+    recorded): nothing to match, said in the log."""
     if not teacher_seen:
+        logger.info("student.as_long_as_teacher: the teacher's training length is unknown (a supplied model, or "
+                    "one trained before steps were recorded); the student keeps its own")  # fmt: skip
         return s
     need = math.ceil(math.ceil(teacher_seen / s.batch_size) / s.epochs)
     if s.steps_per_epoch > 0:
@@ -233,11 +237,10 @@ def at_least_as_long(s: TrainSettings, teacher_seen: int | None, pseudo_rows: in
             logger.warning(f"student.steps_per_epoch={s.steps_per_epoch} trains on fewer labeled images than its "
                            f"teacher did ({teacher_seen:,}); {need} steps per epoch would match it")  # fmt: skip
         return s
-    if need <= steps_per_epoch(0, pseudo_rows or None, s):  # one pass over the pseudo set is already as long
-        return s
-    logger.info(f"student: at least {need} steps per epoch, to train on as many labeled images as its teacher "
-                f"({teacher_seen:,}; student.as_long_as_teacher)")  # fmt: skip
-    return dataclasses.replace(s, min_steps_per_epoch=need)
+    if need > steps_per_epoch(0, pseudo_rows or None, s):  # else one pass over the pseudo set is already as long
+        logger.info(f"student: at least {need} steps per epoch, to train on as many labeled images as its teacher "
+                    f"({teacher_seen:,}; student.as_long_as_teacher)")  # fmt: skip
+    return dataclasses.replace(s, min_steps_per_epoch=max(s.min_steps_per_epoch, need))
 
 
 def _evaluate(cfg: DictConfig, model_dir: str, data: dict) -> dict:
@@ -250,11 +253,13 @@ def _evaluate(cfg: DictConfig, model_dir: str, data: dict) -> dict:
     task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(evaluate_model)
     extra = {name: absolute(uri) for name, uri in cfg.eval.extra.items()}
     start = time.time()
-    logger.info(f"evaluating {model_dir}: test split, corruptions, flips" + (f", {', '.join(extra)}" if extra else ""))
+    logger.info(
+        f"evaluating {model_dir}: test split, corruptions, flips" + (f", then {', '.join(extra)}" if extra else "")
+    )
     channel = ProgressChannel.create()
     try:
         ref = task.remote(model_dir, data["test"], extra, cfg.seed, cfg.eval.batch_size, channel)
-        metrics = _wait_showing_progress(ref, channel, f"evaluating {_model_name(model_dir)}")
+        metrics = _wait_showing_progress(ref, channel, f"evaluating {_model_name(model_dir)} (test split)")
     finally:
         channel.shutdown()
     write_json(path, metrics)
@@ -272,6 +277,8 @@ def _wait_showing_progress(ref: ray.ObjectRef, channel: ProgressChannel, desc: s
                 display.set_total(event.get("total"))
                 display.update(event["done"])
         metrics = ray.get(ref)
+        for event in channel.drain():  # a short evaluation ends before the first poll: its total comes here
+            display.set_total(event.get("total"))
         display.update(metrics["test_images"] + metrics["test_unreadable"])  # the last event may still be queued
         return metrics
 

@@ -125,9 +125,15 @@ def read_history(model_dir: str) -> list[dict]:
 def plot_curves(
     name: str, history: list[dict], exported_epoch: int | None = None, test_top1: float | None = None
 ) -> bytes:
+    """PNG of :func:`curves_figure`."""
+    return _png(curves_figure(name, history, exported_epoch, test_top1))
+
+
+def curves_figure(name: str, history: list[dict], exported_epoch: int | None = None, test_top1: float | None = None):
     """Loss, learning rate and validation accuracy per epoch of one model (the epochs evaluated; older
     runs that evaluated the test split per epoch show it), the exported epoch marked when known, and the
-    exported model's test top-1 as one point there (the test split is evaluated once per finished model)."""
+    exported model's test top-1 as one point there (the test split is evaluated once per finished model).
+    A matplotlib figure of three axes."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.0))
     epochs = [h["epoch"] for h in history]
@@ -158,7 +164,7 @@ def plot_curves(
     for ax in axes:
         ax.set_xlabel("epoch")
     fig.suptitle(name)
-    return _png(fig)
+    return fig
 
 
 def plot_per_class(models: list[tuple[str, dict]]) -> bytes:

@@ -50,6 +50,18 @@ def test_summary_lists_every_model(tiny_run):
         assert 0.0 <= e["test_top1"] <= 1.0 and e["model"] == "test_resnet"
 
 
+def test_the_student_trains_on_at_least_as_many_labeled_images_as_its_teacher(tiny_run):
+    """student.as_long_as_teacher through the loop: the runlocal teacher takes 4 epochs of 1 step; one pass
+    over the student's 160 pseudo rows is 1 step, so its 2 epochs must grow to 2 steps each."""
+    run_dir, _ = tiny_run
+    cfg = json.loads((run_dir / "run_config.json").read_text())["config"]
+    teacher = json.loads((run_dir / "round_0" / "teacher" / "final.json").read_text())
+    student = json.loads((run_dir / "round_1" / "student" / "final.json").read_text())
+    t, s = cfg["teacher"], cfg["student"]
+    assert student["steps"] * s["epochs"] * s["batch_size"] >= teacher["steps"] * t["epochs"] * t["batch_size"]
+    assert (teacher["steps"], student["steps"]) == (1, 2)
+
+
 def test_models_are_selected_on_the_carved_validation_split(tiny_run):
     """data.val_fraction=0.4: 2 of each class's 5 labels validate, 3 train; each model's exported epoch
     has the best val_top1 of its run, and a student worse than its teacher is flagged either way."""

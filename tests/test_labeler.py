@@ -79,10 +79,12 @@ def test_bare_state_dict_may_be_nested_and_ddp_prefixed(tmp_path):
     torch.testing.assert_close(loaded(x), model(x))
 
 
-def test_cli_reports_missing_arch(tmp_path):
-    (tmp_path / "w.safetensors").write_bytes(b"")
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".bin"])
+def test_cli_reports_missing_arch(tmp_path, suffix):
+    """Every state-dict file the loader reads is one (a .bin used to be taken for a checkpoint folder)."""
+    (tmp_path / f"w{suffix}").write_bytes(b"")
     res = subprocess.run(
-        [sys.executable, "-m", "labeler", "--input", str(tmp_path), "--checkpoint", str(tmp_path / "w.safetensors"),
+        [sys.executable, "-m", "labeler", "--input", str(tmp_path), "--checkpoint", str(tmp_path / f"w{suffix}"),
          "--output", str(tmp_path / "o")],
         capture_output=True, text=True,
     )  # fmt: skip

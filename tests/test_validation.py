@@ -20,7 +20,7 @@ from pipeline.config import as_config
 from pipeline.digits import write_digits_corpus
 from pipeline.loop import format_table, prepare_data
 from pipeline.model_eval import mark_worse_than_teacher
-from pipeline.report import plot_curves, render_report
+from pipeline.report import curves_figure, render_report
 from pipeline.split import carve_indices, carve_validation
 from tests.helpers import png_bytes
 from trainer.data import LabeledBatches, labeled_classes, load_labeled
@@ -261,7 +261,13 @@ def test_equal_validation_scores_export_the_later_epoch():
 
 def test_training_curves_mark_the_exported_models_test_top1():
     """The test split is evaluated once per finished model: the curves show it as one point at the export."""
+    import matplotlib.pyplot as plt
+
     history = [{"epoch": e, "train_loss": 1.0 / e, "lr": 0.1, "val_top1": 0.5 + e / 100} for e in range(1, 6)]
-    without = plot_curves("m", history, exported_epoch=4)
-    with_test = plot_curves("m", history, exported_epoch=4, test_top1=0.9)
-    assert with_test != without and with_test != plot_curves("m", history, exported_epoch=4, test_top1=0.2)
+    fig = curves_figure("m", history, exported_epoch=4, test_top1=0.9)
+    points = [(list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[2].lines]
+    plt.close(fig)
+    assert ([4], [0.9]) in points and ([1, 2, 3, 4, 5], [0.51, 0.52, 0.53, 0.54, 0.55]) in points
+    fig = curves_figure("m", history, exported_epoch=4)
+    assert all(len(line.get_xdata()) != 1 or line.get_ydata()[0] != 0.9 for line in fig.axes[2].lines)
+    plt.close(fig)
