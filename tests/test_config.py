@@ -323,7 +323,7 @@ def test_a_run_config_object_folds_train_into_teacher_and_student():
 
 
 def test_init_from_teacher_and_a_pretrained_student_are_refused_together():
-    with pytest.raises(ConfigError, match="student.pretrained='w.safetensors' would be overwritten"):
+    with pytest.raises(ConfigError, match=r"student.pretrained='w.safetensors' \(set there or through train"):
         load_config("digits", ["student.init_from_teacher=true", "student.archs=[test_resnet]",
                                "student.pretrained=w.safetensors"])  # fmt: skip
 
