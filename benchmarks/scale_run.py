@@ -133,6 +133,13 @@ def train_teacher(directory: str, steps: int = 300):
     return spec
 
 
+def _sum_jumps(jumps: list) -> dict:
+    out: dict[str, int] = {}
+    for title, mb in jumps:
+        out[title] = out.get(title, 0) + mb
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:5])
+
+
 class MemorySampler:
     """Peak memory of this process and of the largest of its descendants (Ray's), sampled.
 
@@ -146,12 +153,23 @@ class MemorySampler:
         self.interval, self.me = interval, psutil.Process()
         self.driver = self.worker = self.driver_rss = self.worker_rss = 0
         self.worker_name = ""
+        # per Ray process (pid): peak USS, its title at that peak (a Ray worker's title is what it runs:
+        # ray::IDLE, ray::ReadParquet->MapBatches(...), ...; raylet and gcs_server show their binary), its
+        # last USS and title, and its peak USS under each title
+        self.procs: dict[int, dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self, proc: psutil.Process) -> tuple[int, int]:
         info = proc.memory_full_info()
         return info.uss, info.rss
+
+    @staticmethod
+    def _title(proc: psutil.Process) -> str:
+        cmd = " ".join(proc.cmdline()).strip()
+        if cmd.startswith("ray::"):
+            return cmd[:90]
+        return os.path.basename(proc.cmdline()[0])[:40] if proc.cmdline() else proc.name()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -161,14 +179,46 @@ class MemorySampler:
                 for child in self.me.children(recursive=True):
                     try:
                         uss, rss = self._sample(child)
+                        title = self._title(child)
                         self.worker_rss = max(self.worker_rss, rss)
+                        rec = self.procs.setdefault(child.pid, {"peak": 0, "peak_title": "", "titles": {}})
+                        if uss - rec.get("last", uss) >= 32 << 20:  # grew between two samples: under which title
+                            rec.setdefault("jumps", []).append((title, (uss - rec["last"]) >> 20))
+                        rec["last"], rec["last_title"] = uss, title
+                        rec["titles"][title] = max(rec["titles"].get(title, 0), uss)  # peak USS per title
+                        if uss > rec["peak"]:
+                            rec["peak"], rec["peak_title"] = uss, title
                         if uss > self.worker:
-                            self.worker, self.worker_name = uss, " ".join(child.cmdline()[:1])[-40:]
+                            self.worker, self.worker_name = uss, title
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
             self._stop.wait(self.interval)
+
+    @staticmethod
+    def breakdown(pid: int) -> dict:
+        """A process's own memory (private pages, MB) by mapping: Ray's object store (plasma, shared memory),
+        the heap and other anonymous memory, and files (libraries)."""
+        out = {"plasma": 0, "anon": 0, "files": 0}
+        try:
+            for m in psutil.Process(pid).memory_maps(grouped=True):
+                own = m.private_clean + m.private_dirty
+                path = m.path
+                kind = "plasma" if ("plasma" in path or path.startswith("/dev/shm")) else (
+                    "files" if path.startswith("/") else "anon")  # fmt: skip
+                out[kind] += own
+        except psutil.Error:
+            return {}
+        return {k: v >> 20 for k, v in out.items()}
+
+    def top(self, k: int = 3) -> list[dict]:
+        """The ``k`` Ray processes with the largest peak USS: pid, peak and last MB, titles."""
+        ranked = sorted(self.procs.items(), key=lambda kv: -kv[1]["peak"])[:k]
+        return [{"pid": pid, "own_mb_now": self.breakdown(pid), "peak_mb": r["peak"] >> 20, "at_peak": r["peak_title"], "last_mb": r["last"] >> 20,
+                 "last": r["last_title"], "peak_mb_by_title": {t: v >> 20 for t, v in sorted(r["titles"].items(), key=lambda kv: -kv[1])[:5]},
+                 "growth_mb_by_title": _sum_jumps(r.get("jumps", []))}
+                for pid, r in ranked]  # fmt: skip
 
     def __enter__(self):
         self._thread.start()
@@ -196,8 +246,13 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
             result = fn()
             stages[name] = {"seconds": round(time.perf_counter() - start, 1), "driver_mb": mem.driver >> 20,
                             "worker_mb": mem.worker >> 20, "worker": mem.worker_name,
-                            "driver_rss_mb": mem.driver_rss >> 20, "worker_rss_mb": mem.worker_rss >> 20}  # fmt: skip
+                            "driver_rss_mb": mem.driver_rss >> 20, "worker_rss_mb": mem.worker_rss >> 20,
+                            "top": mem.top()}  # fmt: skip
+        top = stages[name].pop("top")
         print(f"  N={n:,} {name}: {stages[name]}", flush=True)
+        for t in top:
+            print(f"      {t}", flush=True)
+        stages[name]["top"] = top
         return result
 
     manifest = stage("labeling", lambda: run_labeling(corpus, teacher, os.path.join(out, "labels"), opts))
@@ -205,7 +260,9 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
     per_class = args.per_class or n // 20
     stats = stage("balancing", lambda: balance_predictions(
         os.path.join(out, "labels", "predictions"), out, 10, per_class, args.threshold))  # fmt: skip
-    stage("student", lambda: train_student(out, args.steps, spec, labeled))
+    if args.steps:
+        stage("student", lambda: train_student(out, args.steps, spec, labeled))
+    _file_layout(out, n)
     sizes = {k: _megabytes(p) for k, p in (("corpus", corpus), ("predictions", os.path.join(out, "labels")),
                                             ("balanced", os.path.join(out, "balanced")))}  # fmt: skip
     print(f"  N={n:,} storage MB: {sizes}")
@@ -237,6 +294,20 @@ def student_only(runs: list[str], steps: int, spec, labeled: str) -> None:
             seconds = time.perf_counter() - start
         print(f"  {out}: student {steps} steps {seconds:.1f} s, driver {mem.driver >> 20} MB, "
               f"largest Ray process {mem.worker >> 20} MB (USS)", flush=True)  # fmt: skip
+
+
+def _file_layout(out: str, n: int) -> None:
+    """Rows per Parquet file and row groups of the predictions and the balanced set (they bound block sizes)."""
+    import glob
+
+    for name, pattern in (("predictions", "labels/predictions/**/*.parquet"), ("balanced", "balanced/*.parquet")):
+        metas = [pq.ParquetFile(f).metadata for f in glob.glob(os.path.join(out, pattern), recursive=True)]
+        if not metas:
+            continue
+        rows = [m.num_rows for m in metas]
+        groups = [m.num_row_groups for m in metas]
+        print(f"  N={n:,} {name}: {len(metas)} files, rows per file min {min(rows):,} max {max(rows):,}, "
+              f"row groups per file max {max(groups)}", flush=True)  # fmt: skip
 
 
 def _megabytes(path: str) -> float:
@@ -280,7 +351,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset")
     parser.add_argument("--workdir", default="runs/scale")
-    parser.add_argument("--steps", type=int, default=200, help="student steps (128 images each)")
+    parser.add_argument("--steps", type=int, default=200, help="student steps (128 images each); 0: no student")
     parser.add_argument("--per-class", type=int, default=0, help="balancing target (0: N / 20)")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--batch", type=int, default=256, help="inference batch")
