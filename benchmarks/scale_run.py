@@ -153,12 +153,21 @@ class MemorySampler:
         self.interval, self.me = interval, psutil.Process()
         self.driver = self.worker = self.driver_rss = self.worker_rss = 0
         self.worker_name = ""
+        self.worker_heap, self.worker_heap_name = 0, ""  # USS less object-store pages, the largest process
         # per Ray process (pid): peak USS, its title at that peak (a Ray worker's title is what it runs:
         # ray::IDLE, ray::ReadParquet->MapBatches(...), ...; raylet and gcs_server show their binary), its
         # last USS and title, and its peak USS under each title
         self.procs: dict[int, dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _store_pages(proc: psutil.Process) -> int:
+        """Bytes of Ray's object store (plasma, a /dev/shm mapping) that count in ``proc``'s USS: store
+        pages only this process has mapped (objects it wrote that no other process has read yet, or
+        freed ones); the store's memory, capped by object_store_memory, not the process's heap."""
+        return sum(m.private_clean + m.private_dirty for m in proc.memory_maps(grouped=True)
+                   if "plasma" in m.path or m.path.startswith("/dev/shm"))  # fmt: skip
 
     def _sample(self, proc: psutil.Process) -> tuple[int, int]:
         info = proc.memory_full_info()
@@ -181,6 +190,10 @@ class MemorySampler:
                         uss, rss = self._sample(child)
                         title = self._title(child)
                         self.worker_rss = max(self.worker_rss, rss)
+                        if uss > self.worker_heap:  # else its own memory less the store's pages is no larger
+                            heap = uss - self._store_pages(child)
+                            if heap > self.worker_heap:
+                                self.worker_heap, self.worker_heap_name = heap, title
                         rec = self.procs.setdefault(child.pid, {"peak": 0, "peak_title": "", "titles": {}})
                         if uss - rec.get("last", uss) >= 32 << 20:  # grew between two samples: under which title
                             rec.setdefault("jumps", []).append((title, (uss - rec["last"]) >> 20))
@@ -215,10 +228,14 @@ class MemorySampler:
     def top(self, k: int = 3) -> list[dict]:
         """The ``k`` Ray processes with the largest peak USS: pid, peak and last MB, titles."""
         ranked = sorted(self.procs.items(), key=lambda kv: -kv[1]["peak"])[:k]
-        return [{"pid": pid, "own_mb_now": self.breakdown(pid), "peak_mb": r["peak"] >> 20, "at_peak": r["peak_title"], "last_mb": r["last"] >> 20,
-                 "last": r["last_title"], "peak_mb_by_title": {t: v >> 20 for t, v in sorted(r["titles"].items(), key=lambda kv: -kv[1])[:5]},
-                 "growth_mb_by_title": _sum_jumps(r.get("jumps", []))}
-                for pid, r in ranked]  # fmt: skip
+        out = []
+        for pid, r in ranked:
+            by_title = sorted(r["titles"].items(), key=lambda kv: -kv[1])[:5]
+            out.append({"pid": pid, "own_mb_now": self.breakdown(pid), "peak_mb": r["peak"] >> 20,
+                        "at_peak": r["peak_title"], "last_mb": r["last"] >> 20, "last": r["last_title"],
+                        "peak_mb_by_title": {t: v >> 20 for t, v in by_title},
+                        "growth_mb_by_title": _sum_jumps(r.get("jumps", []))})  # fmt: skip
+        return out
 
     def __enter__(self):
         self._thread.start()
@@ -247,6 +264,7 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
             stages[name] = {"seconds": round(time.perf_counter() - start, 1), "driver_mb": mem.driver >> 20,
                             "worker_mb": mem.worker >> 20, "worker": mem.worker_name,
                             "driver_rss_mb": mem.driver_rss >> 20, "worker_rss_mb": mem.worker_rss >> 20,
+                            "worker_no_store_mb": mem.worker_heap >> 20, "worker_no_store": mem.worker_heap_name,
                             "top": mem.top()}  # fmt: skip
         top = stages[name].pop("top")
         print(f"  N={n:,} {name}: {stages[name]}", flush=True)
@@ -358,6 +376,8 @@ def main() -> None:
     parser.add_argument("--kill-after", type=float, help="kill-and-resume mode: SIGKILL labeling after this many s")
     parser.add_argument("--student-only", nargs="+", metavar="RUN", help="time the student stage alone on earlier "
                         "runs' balanced sets (RUN: a run-* folder under --workdir/n<N>/)")  # fmt: skip
+    parser.add_argument("--default-allocator", action="store_true", help="workers keep pyarrow's default memory "
+                        "pool (mimalloc) instead of labeler.progress.WORKER_ENV, for comparison")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.makedirs(args.workdir, exist_ok=True)
@@ -373,7 +393,10 @@ def main() -> None:
     from pipeline.digits import write_digits_corpus
 
     labeled = write_digits_corpus(os.path.join(args.workdir, "digits"), 20, 0.1, 0)["labeled"]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    from labeler.progress import worker_runtime_env
+
+    runtime_env = None if args.default_allocator else worker_runtime_env()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if args.student_only:
         student_only(args.student_only, args.steps, spec, labeled)
@@ -381,20 +404,23 @@ def main() -> None:
         return
     results = [run_size(n, args, teacher, spec, labeled) for n in args.images]
     ray.shutdown()
-    print("\n| N | stage | seconds | driver peak MB: own (USS) / RSS | largest Ray process peak MB: own (USS) / RSS |")
-    print("|---|---|---|---|---|")
+    print("\n| N | stage | seconds | driver peak MB: own (USS) / RSS | largest Ray process peak MB: own (USS) / RSS "
+          "| largest Ray process peak MB: USS less object-store pages |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for r in results:
         for name, st in r["stages"].items():
             print(f"| {r['n']:,} | {name} | {st['seconds']} | {st['driver_mb']} / {st['driver_rss_mb']} | "
-                  f"{st['worker_mb']} / {st['worker_rss_mb']} |")  # fmt: skip
+                  f"{st['worker_mb']} / {st['worker_rss_mb']} | {st['worker_no_store_mb']} |")  # fmt: skip
     lo, hi = results[0], results[-1]
     print(f"\nratios N={hi['n']:,} / N={lo['n']:,} ({hi['n'] / lo['n']:.0f}x the images):")
     for name in lo["stages"]:
         a, b = lo["stages"][name], hi["stages"][name]
         time_x, driver_x, ray_x = (b[k] / a[k] for k in ("seconds", "driver_mb", "worker_mb"))
         rss_x = b["worker_rss_mb"] / a["worker_rss_mb"]
+        heap_x = b["worker_no_store_mb"] / a["worker_no_store_mb"]
         print(f"  {name}: time {time_x:.2f}x, driver memory {driver_x:.2f}x, largest Ray process memory {ray_x:.2f}x"
-              f" (RSS, counting shared object-store pages: {rss_x:.2f}x)")  # fmt: skip
+              f" (RSS, counting shared object-store pages: {rss_x:.2f}x; USS less the object-store pages in "
+              f"it: {heap_x:.2f}x)")  # fmt: skip
     print(json.dumps(results, indent=1))
 
 
