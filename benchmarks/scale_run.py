@@ -133,6 +133,13 @@ def train_teacher(directory: str, steps: int = 300):
     return spec
 
 
+def _sum_jumps(jumps: list) -> dict:
+    out: dict[str, int] = {}
+    for title, mb in jumps:
+        out[title] = out.get(title, 0) + mb
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:5])
+
+
 class MemorySampler:
     """Peak memory of this process and of the largest of its descendants (Ray's), sampled.
 
@@ -146,12 +153,32 @@ class MemorySampler:
         self.interval, self.me = interval, psutil.Process()
         self.driver = self.worker = self.driver_rss = self.worker_rss = 0
         self.worker_name = ""
+        self.worker_heap, self.worker_heap_name = 0, ""  # USS less object-store pages, the largest process
+        # per Ray process (pid): peak USS, its title at that peak (a Ray worker's title is what it runs:
+        # ray::IDLE, ray::ReadParquet->MapBatches(...), ...; raylet and gcs_server show their binary), its
+        # last USS and title, and its peak USS under each title
+        self.procs: dict[int, dict] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _store_pages(proc: psutil.Process) -> int:
+        """Bytes of Ray's object store (plasma, a /dev/shm mapping) that count in ``proc``'s USS: store
+        pages only this process has mapped (objects it wrote that no other process has read yet, or
+        freed ones); the store's memory, capped by object_store_memory, not the process's heap."""
+        return sum(m.private_clean + m.private_dirty for m in proc.memory_maps(grouped=True)
+                   if "plasma" in m.path or m.path.startswith("/dev/shm"))  # fmt: skip
 
     def _sample(self, proc: psutil.Process) -> tuple[int, int]:
         info = proc.memory_full_info()
         return info.uss, info.rss
+
+    @staticmethod
+    def _title(proc: psutil.Process) -> str:
+        cmd = " ".join(proc.cmdline()).strip()
+        if cmd.startswith("ray::"):
+            return cmd[:90]
+        return os.path.basename(proc.cmdline()[0])[:40] if proc.cmdline() else proc.name()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -161,14 +188,54 @@ class MemorySampler:
                 for child in self.me.children(recursive=True):
                     try:
                         uss, rss = self._sample(child)
+                        title = self._title(child)
                         self.worker_rss = max(self.worker_rss, rss)
+                        if uss > self.worker_heap:  # else its own memory less the store's pages is no larger
+                            heap = uss - self._store_pages(child)
+                            if heap > self.worker_heap:
+                                self.worker_heap, self.worker_heap_name = heap, title
+                        rec = self.procs.setdefault(child.pid, {"peak": 0, "peak_title": "", "titles": {}})
+                        if uss - rec.get("last", uss) >= 32 << 20:  # grew between two samples: under which title
+                            rec.setdefault("jumps", []).append((title, (uss - rec["last"]) >> 20))
+                        rec["last"], rec["last_title"] = uss, title
+                        rec["titles"][title] = max(rec["titles"].get(title, 0), uss)  # peak USS per title
+                        if uss > rec["peak"]:
+                            rec["peak"], rec["peak_title"] = uss, title
                         if uss > self.worker:
-                            self.worker, self.worker_name = uss, " ".join(child.cmdline()[:1])[-40:]
+                            self.worker, self.worker_name = uss, title
                     except psutil.Error:
                         pass
             except psutil.Error:
                 pass
             self._stop.wait(self.interval)
+
+    @staticmethod
+    def breakdown(pid: int) -> dict:
+        """A process's own memory (private pages, MB) by mapping: Ray's object store (plasma, shared memory),
+        the heap and other anonymous memory, and files (libraries)."""
+        out = {"plasma": 0, "anon": 0, "files": 0}
+        try:
+            for m in psutil.Process(pid).memory_maps(grouped=True):
+                own = m.private_clean + m.private_dirty
+                path = m.path
+                kind = "plasma" if ("plasma" in path or path.startswith("/dev/shm")) else (
+                    "files" if path.startswith("/") else "anon")  # fmt: skip
+                out[kind] += own
+        except psutil.Error:
+            return {}
+        return {k: v >> 20 for k, v in out.items()}
+
+    def top(self, k: int = 3) -> list[dict]:
+        """The ``k`` Ray processes with the largest peak USS: pid, peak and last MB, titles."""
+        ranked = sorted(self.procs.items(), key=lambda kv: -kv[1]["peak"])[:k]
+        out = []
+        for pid, r in ranked:
+            by_title = sorted(r["titles"].items(), key=lambda kv: -kv[1])[:5]
+            out.append({"pid": pid, "own_mb_now": self.breakdown(pid), "peak_mb": r["peak"] >> 20,
+                        "at_peak": r["peak_title"], "last_mb": r["last"] >> 20, "last": r["last_title"],
+                        "peak_mb_by_title": {t: v >> 20 for t, v in by_title},
+                        "growth_mb_by_title": _sum_jumps(r.get("jumps", []))})  # fmt: skip
+        return out
 
     def __enter__(self):
         self._thread.start()
@@ -196,8 +263,14 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
             result = fn()
             stages[name] = {"seconds": round(time.perf_counter() - start, 1), "driver_mb": mem.driver >> 20,
                             "worker_mb": mem.worker >> 20, "worker": mem.worker_name,
-                            "driver_rss_mb": mem.driver_rss >> 20, "worker_rss_mb": mem.worker_rss >> 20}  # fmt: skip
+                            "driver_rss_mb": mem.driver_rss >> 20, "worker_rss_mb": mem.worker_rss >> 20,
+                            "worker_no_store_mb": mem.worker_heap >> 20, "worker_no_store": mem.worker_heap_name,
+                            "top": mem.top()}  # fmt: skip
+        top = stages[name].pop("top")
         print(f"  N={n:,} {name}: {stages[name]}", flush=True)
+        for t in top:
+            print(f"      {t}", flush=True)
+        stages[name]["top"] = top
         return result
 
     manifest = stage("labeling", lambda: run_labeling(corpus, teacher, os.path.join(out, "labels"), opts))
@@ -205,7 +278,9 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
     per_class = args.per_class or n // 20
     stats = stage("balancing", lambda: balance_predictions(
         os.path.join(out, "labels", "predictions"), out, 10, per_class, args.threshold))  # fmt: skip
-    stage("student", lambda: train_student(out, args.steps, spec, labeled))
+    if args.steps:
+        stage("student", lambda: train_student(out, args.steps, spec, labeled))
+    _file_layout(out, n)
     sizes = {k: _megabytes(p) for k, p in (("corpus", corpus), ("predictions", os.path.join(out, "labels")),
                                             ("balanced", os.path.join(out, "balanced")))}  # fmt: skip
     print(f"  N={n:,} storage MB: {sizes}")
@@ -237,6 +312,20 @@ def student_only(runs: list[str], steps: int, spec, labeled: str) -> None:
             seconds = time.perf_counter() - start
         print(f"  {out}: student {steps} steps {seconds:.1f} s, driver {mem.driver >> 20} MB, "
               f"largest Ray process {mem.worker >> 20} MB (USS)", flush=True)  # fmt: skip
+
+
+def _file_layout(out: str, n: int) -> None:
+    """Rows per Parquet file and row groups of the predictions and the balanced set (they bound block sizes)."""
+    import glob
+
+    for name, pattern in (("predictions", "labels/predictions/**/*.parquet"), ("balanced", "balanced/*.parquet")):
+        metas = [pq.ParquetFile(f).metadata for f in glob.glob(os.path.join(out, pattern), recursive=True)]
+        if not metas:
+            continue
+        rows = [m.num_rows for m in metas]
+        groups = [m.num_row_groups for m in metas]
+        print(f"  N={n:,} {name}: {len(metas)} files, rows per file min {min(rows):,} max {max(rows):,}, "
+              f"row groups per file max {max(groups)}", flush=True)  # fmt: skip
 
 
 def _megabytes(path: str) -> float:
@@ -280,13 +369,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--format", choices=["webdataset", "parquet"], default="webdataset")
     parser.add_argument("--workdir", default="runs/scale")
-    parser.add_argument("--steps", type=int, default=200, help="student steps (128 images each)")
+    parser.add_argument("--steps", type=int, default=200, help="student steps (128 images each); 0: no student")
     parser.add_argument("--per-class", type=int, default=0, help="balancing target (0: N / 20)")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--batch", type=int, default=256, help="inference batch")
     parser.add_argument("--kill-after", type=float, help="kill-and-resume mode: SIGKILL labeling after this many s")
     parser.add_argument("--student-only", nargs="+", metavar="RUN", help="time the student stage alone on earlier "
                         "runs' balanced sets (RUN: a run-* folder under --workdir/n<N>/)")  # fmt: skip
+    parser.add_argument("--default-allocator", action="store_true", help="workers keep pyarrow's default memory "
+                        "pool (mimalloc) instead of labeler.progress.WORKER_ENV, for comparison")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.makedirs(args.workdir, exist_ok=True)
@@ -302,7 +393,10 @@ def main() -> None:
     from pipeline.digits import write_digits_corpus
 
     labeled = write_digits_corpus(os.path.join(args.workdir, "digits"), 20, 0.1, 0)["labeled"]
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    from labeler.progress import worker_runtime_env
+
+    runtime_env = None if args.default_allocator else worker_runtime_env()
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     ray.data.DataContext.get_current().enable_progress_bars = False
     if args.student_only:
         student_only(args.student_only, args.steps, spec, labeled)
@@ -310,20 +404,23 @@ def main() -> None:
         return
     results = [run_size(n, args, teacher, spec, labeled) for n in args.images]
     ray.shutdown()
-    print("\n| N | stage | seconds | driver peak MB: own (USS) / RSS | largest Ray process peak MB: own (USS) / RSS |")
-    print("|---|---|---|---|---|")
+    print("\n| N | stage | seconds | driver peak MB: own (USS) / RSS | largest Ray process peak MB: own (USS) / RSS "
+          "| largest Ray process peak MB: USS less object-store pages |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for r in results:
         for name, st in r["stages"].items():
             print(f"| {r['n']:,} | {name} | {st['seconds']} | {st['driver_mb']} / {st['driver_rss_mb']} | "
-                  f"{st['worker_mb']} / {st['worker_rss_mb']} |")  # fmt: skip
+                  f"{st['worker_mb']} / {st['worker_rss_mb']} | {st['worker_no_store_mb']} |")  # fmt: skip
     lo, hi = results[0], results[-1]
     print(f"\nratios N={hi['n']:,} / N={lo['n']:,} ({hi['n'] / lo['n']:.0f}x the images):")
     for name in lo["stages"]:
         a, b = lo["stages"][name], hi["stages"][name]
         time_x, driver_x, ray_x = (b[k] / a[k] for k in ("seconds", "driver_mb", "worker_mb"))
         rss_x = b["worker_rss_mb"] / a["worker_rss_mb"]
+        heap_x = b["worker_no_store_mb"] / a["worker_no_store_mb"]
         print(f"  {name}: time {time_x:.2f}x, driver memory {driver_x:.2f}x, largest Ray process memory {ray_x:.2f}x"
-              f" (RSS, counting shared object-store pages: {rss_x:.2f}x)")  # fmt: skip
+              f" (RSS, counting shared object-store pages: {rss_x:.2f}x; USS less the object-store pages in "
+              f"it: {heap_x:.2f}x)")  # fmt: skip
     print(json.dumps(results, indent=1))
 
 

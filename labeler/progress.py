@@ -281,6 +281,22 @@ def quiet_ray(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# Every Ray worker of our jobs allocates Arrow memory from the system allocator instead of pyarrow's
+# default (mimalloc): mimalloc kept the memory freed by Arrow's own threads (Parquet reads, the
+# partitioned write_dataset of labeling), so a reused task worker grew with every Arrow-heavy task it
+# ran, with the corpus size. benchmarks/scale_run.py, 20,000 and 200,000 images in one Ray session:
+# the largest worker (one task worker, reused throughout) grew 508 -> 819 -> 1,292 -> 1,353 MB (USS)
+# over labeling and balancing at the two sizes with the default pool, 502 -> 626 -> 692 -> 756 MB with
+# this. Two glibc arenas keep glibc from spreading the same memory over one arena per thread.
+WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
+
+
+def worker_runtime_env() -> dict:
+    """The job-level ``runtime_env`` of our ``ray.init`` calls: :data:`WORKER_ENV`, without overriding a
+    value the environment already sets (a task's or actor's own ``env_vars`` still win over both)."""
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}}
+
+
 def ray_init_kwargs(verbose: bool = False) -> dict:
     """``ray.init`` options for the console mode.
 
@@ -293,8 +309,10 @@ def ray_init_kwargs(verbose: bool = False) -> dict:
     once per poll; and Ray Train V2 patches ``print`` in its workers to go through its own logging
     (``RAY_TRAIN_ENABLE_PRINT_PATCH``), and the epoch lines rank 0 printed came out twice. Our workers
     now log instead of printing (once each, checked with ``--verbose``), and progress reaches the
-    driver through ``ProgressChannel``. ``verbose``: Ray's defaults (everything echoed).
+    driver through ``ProgressChannel``. ``verbose``: Ray's defaults (everything echoed). Both set the
+    workers' allocator environment (:func:`worker_runtime_env`).
     """
+    env = {"runtime_env": worker_runtime_env()}
     if verbose:
-        return {"log_to_driver": True}
-    return {"log_to_driver": False, "logging_level": logging.WARNING}
+        return {"log_to_driver": True, **env}
+    return {"log_to_driver": False, "logging_level": logging.WARNING, **env}

@@ -289,6 +289,69 @@ def apply_balance(ds: ray.data.Dataset, plan: BalancePlan) -> ray.data.Dataset:
     return ds.map_batches(apply_batch, batch_format="pyarrow", fn_kwargs={"plan": plan})
 
 
+APPLY_BATCH_ROWS = 8192  # predictions rows per record batch in the apply pass (a few MB with image bytes)
+
+
+def _apply_files(batch: dict, plan: BalancePlan, predictions: str, balanced: str, batch_rows: int) -> dict:
+    """Apply-pass task: each predictions file in ``batch`` (usually one) is streamed a record batch at a
+    time through :func:`apply_batch` into its own balanced file (``part-<index>.parquet``, one row group
+    per batch); nothing of a file is held beyond one batch. Returns the rows written per file."""
+    import pyarrow.parquet as pq
+
+    from labeler.storage import filesystem_for
+    from labeler.units import UNIT_COLUMN, unit_of
+
+    fs, _ = filesystem_for(predictions)
+    ofs, opath = filesystem_for(balanced)
+    written = []
+    for index, path in zip(batch["index"], batch["file"]):
+        rows, writer, sink = 0, None, None
+        unit = unit_of(str(path))
+        try:
+            with fs.open_input_file(str(path)) as handle:
+                for record_batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(batch_rows):
+                    table = pa.Table.from_batches([record_batch])
+                    if unit is not None and UNIT_COLUMN not in table.column_names:  # a hive partition column
+                        table = table.append_column(UNIT_COLUMN, pa.array([unit] * table.num_rows, pa.string()))
+                    out = apply_batch(table, plan)
+                    if out.num_rows == 0:
+                        continue
+                    if writer is None:
+                        sink = ofs.open_output_stream(f"{opath}/part-{int(index):06d}.parquet")
+                        writer = pq.ParquetWriter(sink, out.schema)
+                    writer.write_table(out)
+                    rows += out.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+                sink.close()
+        written.append(rows)
+    return {"rows": np.array(written, np.int64)}
+
+
+def write_balanced(predictions: str, plan: BalancePlan, balanced: str, batch_rows: int = APPLY_BATCH_ROWS) -> int:
+    """The apply pass as a Ray Data job with one task per predictions file, each writing its own balanced
+    file: a task holds one record batch, whatever the corpus size (predictions files are one per input
+    unit, so bounded by the unit size). Ray Data's ``read_parquet(...).write_parquet`` instead packs
+    many files into one fused read->write task whose writer first collects every block of the task
+    (``ParquetDatasink.write``: ``list(blocks)``), so its memory grew with the corpus. Returns the rows
+    written (rows with copies > 0)."""
+    from labeler.storage import filesystem_for, list_files
+
+    _, files = list_files(predictions, suffix=".parquet")
+    ofs, opath = filesystem_for(balanced)
+    ofs.create_dir(opath, recursive=True)
+    items = [{"index": i, "file": f} for i, f in enumerate(files)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    out = ds.map_batches(
+        _apply_files,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"plan": plan, "predictions": predictions, "balanced": balanced, "batch_rows": batch_rows},
+    )
+    return int(sum(b["rows"].sum() for b in out.iter_batches(batch_format="numpy", batch_size=None)))
+
+
 def balance_stats(plan: BalancePlan) -> dict:
     """``balance_stats.json``: per class (``classes``, a list indexed by class) the predictions, the
     rows passing the threshold, the rows after balancing (``final``), the cut-off confidence and the top
@@ -355,9 +418,8 @@ def balance_predictions(
     stats_ds = ray.data.read_parquet(path, filesystem=fs, columns=STAT_COLUMNS)
     plan = plan_balance(stats_ds, num_classes, per_class, threshold, duplicate)
     check_something_passed(plan.stats)
-    ofs, opath = filesystem_for(join(out, "balanced"))
     logger.info("balancing: writing the balanced set (apply pass)")
-    apply_balance(ray.data.read_parquet(path, filesystem=fs), plan).write_parquet(opath, filesystem=ofs)
+    write_balanced(predictions, plan, join(out, "balanced"))
     write_bytes(join(out, "balance_stats.json"), json.dumps(plan.stats, indent=2).encode())
     write_bytes(join(out, "class_counts.png"), plot_class_counts(plan.stats))
     return plan.stats

@@ -151,6 +151,34 @@ def test_balance_predictions_writes_parquet_and_stats(ray_local, tmp_path):
     assert (tmp_path / "out" / "class_counts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_apply_pass_writes_a_bounded_file_per_predictions_file(ray_local, tmp_path):
+    """Labeling's layout (hive folders unit=<key>/, one file each): one balanced file per predictions
+    file, written a record batch at a time (row groups of at most a batch), keeping the unit column;
+    the same rows and copies as the Ray Data apply pass."""
+    from pipeline.balance import write_balanced
+
+    rng = np.random.default_rng(3)
+    df = _frame(rng.integers(0, 3, 900), rng.uniform(0, 1, 900))
+    df["image"] = [bytes([i % 256]) * 5 for i in range(len(df))]
+    for i in range(3):
+        (tmp_path / "preds" / f"unit=u{i:07d}").mkdir(parents=True)
+        part = pa.Table.from_pandas(df.iloc[i * 300 : (i + 1) * 300], preserve_index=False)
+        pq.write_table(part, tmp_path / "preds" / f"unit=u{i:07d}" / "a.parquet", row_group_size=100)
+    stats = balance_predictions(str(tmp_path / "preds"), str(tmp_path / "out"), 3, 200)
+    files = sorted((tmp_path / "out" / "balanced").iterdir())
+    assert [f.name for f in files] == [f"part-{i:06d}.parquet" for i in range(3)]
+    table = pq.read_table(tmp_path / "out" / "balanced")
+    assert sum(table.column("copies").to_pylist()) == stats["total_rows"] == 600
+    assert set(table.column("unit").to_pylist()) == {"u0000000", "u0000001", "u0000002"}
+    ds = ray.data.read_parquet(str(tmp_path / "preds"))
+    plan = plan_balance(ds, 3, 200, 0.3)
+    expected = {r["id"]: r["copies"] for r in apply_balance(ds, plan).take_all()}
+    assert dict(zip(table.column("id").to_pylist(), table.column("copies").to_pylist())) == expected
+    rows = write_balanced(str(tmp_path / "preds"), plan, str(tmp_path / "small"), batch_rows=64)
+    assert rows == len(expected)
+    assert max(pq.ParquetFile(f).metadata.row_group(0).num_rows for f in (tmp_path / "small").iterdir()) <= 64
+
+
 def test_parquet_runner_gives_the_same_plan_as_ray(ray_local, tmp_path):
     rng = np.random.default_rng(5)
     df = _frame(rng.integers(0, 6, 2000), rng.choice([0.2, 0.6, 1.0], 2000))
