@@ -3,7 +3,7 @@
     pip install -e ".[bench]"
     python benchmarks/heldout_check.py                           # MNIST: about 15 min on 2 CPU cores
     pip install --no-deps animal-mnist                           # its data only (no tensorflow)
-    python benchmarks/heldout_check.py --dataset animal_mnist    # README, "On a data set ..."
+    python benchmarks/heldout_check.py --dataset animal_mnist    # 23 min; README, "On a data set ..."
 
 Data sets (each split with a seeded permutation, per class, into 25 labeled images, ``test_per_class``
 test images and the rest unlabeled, labels withheld; written as PNG class folders under ``--data``):
