@@ -61,6 +61,7 @@ class Progress:
     ):
         self.desc, self.total, self.unit, self.interval_s = desc, total, unit, interval_s
         self.n, self.initial, self.fields = initial, initial, {}
+        self.printed_n: float | None = None  # the count of the last log line (a closing line says something new)
         self.start = self.last_line = time.monotonic()
         self.bar = None
         self.closed = False
@@ -110,7 +111,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             logger.debug(self.text())  # for log files (RUN_DIR/run.log); the terminal has the bar
-        else:
+        elif self.printed_n != self.n:  # else the last line already showed the final count
             self._line()
         if message:
             logger.info(message)
@@ -124,7 +125,7 @@ class Progress:
         )
 
     def _line(self) -> None:
-        self.last_line = time.monotonic()
+        self.last_line, self.printed_n = time.monotonic(), self.n
         logger.info(self.text())
 
     def _postfix(self) -> str:

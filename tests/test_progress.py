@@ -38,6 +38,14 @@ def test_progress_in_a_log_with_no_interval_prints_every_update(console):
     assert "loss 0.5" in console()[-1]
 
 
+def test_closing_after_a_line_with_the_final_count_prints_nothing_more(console):
+    """An evaluation whose last update fell due for a line printed it twice (once more on close)."""
+    p = Progress("evaluating round_1/student (test split)", total=539, unit="img", interval_s=0, stream=io.StringIO())
+    p.update(539)
+    p.close()
+    assert len(console()) == 1 and "539/539" in console()[0]
+
+
 def test_a_total_learned_later_gives_a_percentage(console):
     p = Progress("evaluating round_1/student", unit="img", interval_s=0, stream=io.StringIO())
     p.update(10)
