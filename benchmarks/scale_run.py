@@ -133,6 +133,11 @@ def train_teacher(directory: str, steps: int = 300):
     return spec
 
 
+def _is_store(path: str) -> bool:
+    """Whether a mapping is Ray's object store (plasma, a /dev/shm mapping)."""
+    return "plasma" in path or path.startswith("/dev/shm")
+
+
 def _sum_jumps(jumps: list) -> dict:
     out: dict[str, int] = {}
     for title, mb in jumps:
@@ -166,8 +171,7 @@ class MemorySampler:
         """Bytes of Ray's object store (plasma, a /dev/shm mapping) that count in ``proc``'s USS: store
         pages only this process has mapped (objects it wrote that no other process has read yet, or
         freed ones); the store's memory, capped by object_store_memory, not the process's heap."""
-        return sum(m.private_clean + m.private_dirty for m in proc.memory_maps(grouped=True)
-                   if "plasma" in m.path or m.path.startswith("/dev/shm"))  # fmt: skip
+        return sum(m.private_clean + m.private_dirty for m in proc.memory_maps(grouped=True) if _is_store(m.path))
 
     def _sample(self, proc: psutil.Process) -> tuple[int, int]:
         info = proc.memory_full_info()
@@ -216,11 +220,8 @@ class MemorySampler:
         out = {"plasma": 0, "anon": 0, "files": 0}
         try:
             for m in psutil.Process(pid).memory_maps(grouped=True):
-                own = m.private_clean + m.private_dirty
-                path = m.path
-                kind = "plasma" if ("plasma" in path or path.startswith("/dev/shm")) else (
-                    "files" if path.startswith("/") else "anon")  # fmt: skip
-                out[kind] += own
+                kind = "plasma" if _is_store(m.path) else "files" if m.path.startswith("/") else "anon"
+                out[kind] += m.private_clean + m.private_dirty
         except psutil.Error:
             return {}
         return {k: v >> 20 for k, v in out.items()}
