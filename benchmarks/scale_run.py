@@ -4,6 +4,7 @@
     python benchmarks/scale_run.py                              # N = 100,000 and 1,000,000 (see README)
     python benchmarks/scale_run.py --images 20000 200000        # quicker
     python benchmarks/scale_run.py --images 100000 --kill-after 20   # SIGKILL labeling, resume, check counts
+    python benchmarks/scale_run.py --steps 0 --object-store-mb 512  # labeling's read-ahead limited
     python benchmarks/scale_run.py --steps 50 --student-only runs/scale/n100000/run-* runs/scale/n1000000/run-*
 
 Corpus: scikit-learn's 1,797 digits, each copy randomly shifted, scaled and noised (no two alike),
@@ -255,7 +256,8 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
     root = os.path.join(args.workdir, f"n{n}")
     corpus = write_corpus(os.path.join(root, "corpus"), n)[args.format]
     out = os.path.join(root, f"run-{time.time_ns()}")
-    opts = LabelOptions(batch_size=args.batch, keep_image_bytes=True, image_bytes_min_confidence=args.threshold)
+    opts = LabelOptions(batch_size=args.batch, keep_image_bytes=True, image_bytes_min_confidence=args.threshold,
+                        object_store_mb=args.object_store_mb)  # fmt: skip
     stages: dict[str, dict] = {}
 
     def stage(name, fn):
@@ -340,7 +342,7 @@ def kill_and_resume(n: int, args, teacher: str) -> None:
     corpus = write_corpus(os.path.join(root, "corpus"), n)[args.format]
     out = os.path.join(root, f"killed-{time.time_ns()}")
     cmd = [sys.executable, "-m", "labeler", "--input", corpus, "--checkpoint", teacher, "--output", out,
-           "--batch-size", str(args.batch)]  # fmt: skip
+           "--batch-size", str(args.batch), "--object-store-mb", str(args.object_store_mb)]  # fmt: skip
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(args.kill_after)
@@ -374,6 +376,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=0, help="balancing target (0: N / 20)")
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--batch", type=int, default=256, help="inference batch")
+    parser.add_argument("--object-store-mb", type=float, default=0.0, help="labeling's object-store limit "
+                        "(label.object_store_mb; 0: Ray Data's default)")  # fmt: skip
     parser.add_argument("--kill-after", type=float, help="kill-and-resume mode: SIGKILL labeling after this many s")
     parser.add_argument("--student-only", nargs="+", metavar="RUN", help="time the student stage alone on earlier "
                         "runs' balanced sets (RUN: a run-* folder under --workdir/n<N>/)")  # fmt: skip

@@ -16,6 +16,7 @@ _EXPORTS = {
         "NothingPassed",
         "apply_balance",
         "balance_predictions",
+        "files_runner",
         "parquet_runner",
         "plan_balance",
         "ray_runner",

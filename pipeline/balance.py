@@ -42,6 +42,7 @@ from pipeline.balance_core import (
 logger = logging.getLogger(__name__)
 
 STAT_COLUMNS = ["id", "label", "confidence", "reject_reason"]
+APPLY_BATCH_ROWS = 8192  # predictions rows per record batch in a pass over files (a few MB with image bytes)
 
 
 @dataclass
@@ -143,28 +144,71 @@ def ray_runner(ds: ray.data.Dataset) -> Runner:
     return run
 
 
+def _as_numpy(out: dict | pa.Table) -> dict:
+    return out if isinstance(out, dict) else {c: out[c].to_numpy(zero_copy_only=False) for c in out.column_names}
+
+
+def _stream_file(fs, path: str, fn, kwargs: dict, batch_rows: int) -> Iterator[dict]:
+    """``fn`` on each record batch of one predictions file's :data:`STAT_COLUMNS`, opened without
+    pre-buffering: memory stays at about one record batch."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle, pre_buffer=False)
+        if parquet.metadata.num_rows == 0:  # one empty output, so every file gives the pass a batch
+            yield _as_numpy(fn(parquet.schema_arrow.empty_table().select(STAT_COLUMNS), **kwargs))
+        for batch in parquet.iter_batches(batch_rows, columns=STAT_COLUMNS):
+            yield _as_numpy(fn(pa.Table.from_batches([batch]), **kwargs))
+
+
 def parquet_runner(path: str, batch_rows: int = 1 << 18) -> Runner:
     """Run each pass in this process, streaming Parquet files one record batch at a time (no Ray).
 
     Files are opened one after another without pre-buffering, so memory stays at about one
     row group whatever the number of files.
     """
-    import pyarrow.parquet as pq
-
     from labeler.storage import list_files
 
     fs, files = list_files(path, suffix=".parquet")
 
     def run(fn, kwargs):
         for f in files:
-            with fs.open_input_file(f) as handle:
-                for batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(batch_rows, columns=STAT_COLUMNS):
-                    out = fn(pa.Table.from_batches([batch]), **kwargs)
-                    yield (
-                        out
-                        if isinstance(out, dict)
-                        else {c: out[c].to_numpy(zero_copy_only=False) for c in out.column_names}
-                    )
+            yield from _stream_file(fs, f, fn, kwargs, batch_rows)
+
+    return run
+
+
+def _pass_on_files(batch: dict, fn, kwargs: dict, predictions: str, batch_rows: int) -> dict:
+    """A :func:`files_runner` task: ``fn`` over each file in ``batch`` (one), its small outputs joined."""
+    from labeler.storage import filesystem_for
+
+    fs, _ = filesystem_for(predictions)
+    outs = [o for f in batch["file"] for o in _stream_file(fs, str(f), fn, kwargs, batch_rows)]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def files_runner(predictions: str, batch_rows: int = APPLY_BATCH_ROWS) -> Runner:
+    """Run each pass as a Ray Data job with one task per predictions file, each streaming its file a
+    record batch at a time (as the apply pass, :func:`write_balanced`, does); the driver sums the small
+    outputs. Ray Data's ``read_parquet`` packs many files into one read task, and the largest worker of
+    the counting and refinement passes grew with the corpus: 165 MB at 100k images, 399 MB at 1M
+    (``benchmarks/scale_run.py``'s predictions, balancing alone in one Ray session)."""
+    from labeler.storage import list_files
+
+    _, files = list_files(predictions, suffix=".parquet")
+    items = [{"file": f} for f in files]
+
+    def run(fn, kwargs):
+        if not items:
+            return
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        out = ds.map_batches(
+            _pass_on_files,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={"fn": fn, "kwargs": kwargs, "predictions": predictions, "batch_rows": batch_rows},
+        )
+        yield from out.iter_batches(batch_format="numpy", batch_size=None)
 
     return run
 
@@ -176,7 +220,8 @@ def plan_balance(
 
     ``data``: predictions with ``id`` (str), ``label`` (int, 0..num_classes-1), ``confidence``
     (float32 top probability, 0..1) and ``reject_reason`` (null for a prediction) columns, as a Ray
-    Dataset or a :data:`Runner` (:func:`parquet_runner` runs in this process). ``threshold``: the
+    Dataset or a :data:`Runner` (:func:`parquet_runner` runs in this process, :func:`files_runner` a
+    Ray task per file). ``threshold``: the
     confidence filter (Xie et al. 2020, section 3: 0.3 on ImageNet); ``per_class``: N, the rows
     every non-empty class gets (the paper's 130K on ImageNet); ``duplicate=False`` only trims
     classes above N. The semantics are DESIGN.md section 4 (exact, unlike the reference code's
@@ -287,9 +332,6 @@ def apply_batch(table: pa.Table, plan: BalancePlan) -> pa.Table:
 def apply_balance(ds: ray.data.Dataset, plan: BalancePlan) -> ray.data.Dataset:
     """Stateless streaming pass: each passing row gets its ``copies``; zero-copy rows are dropped."""
     return ds.map_batches(apply_batch, batch_format="pyarrow", fn_kwargs={"plan": plan})
-
-
-APPLY_BATCH_ROWS = 8192  # predictions rows per record batch in the apply pass (a few MB with image bytes)
 
 
 def _apply_files(batch: dict, plan: BalancePlan, predictions: str, balanced: str, batch_rows: int) -> dict:
@@ -412,11 +454,9 @@ def balance_predictions(
         NothingPassed: (a ValueError) no prediction reached ``threshold``; nothing is written, so a
             run with a lower threshold starts balancing afresh.
     """
-    from labeler.storage import filesystem_for, join, write_bytes
+    from labeler.storage import join, write_bytes
 
-    fs, path = filesystem_for(predictions)
-    stats_ds = ray.data.read_parquet(path, filesystem=fs, columns=STAT_COLUMNS)
-    plan = plan_balance(stats_ds, num_classes, per_class, threshold, duplicate)
+    plan = plan_balance(files_runner(predictions), num_classes, per_class, threshold, duplicate)
     check_something_passed(plan.stats)
     logger.info("balancing: writing the balanced set (apply pass)")
     write_balanced(predictions, plan, join(out, "balanced"))

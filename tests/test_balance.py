@@ -10,7 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import balance_core
-from pipeline.balance import GATHER_LIMIT, apply_balance, apply_batch, balance_predictions, parquet_runner, plan_balance
+from pipeline.balance import (
+    GATHER_LIMIT,
+    apply_balance,
+    apply_batch,
+    balance_predictions,
+    files_runner,
+    parquet_runner,
+    plan_balance,
+)
 from tests.reference import brute_force_copies
 
 
@@ -179,16 +187,19 @@ def test_apply_pass_writes_a_bounded_file_per_predictions_file(ray_local, tmp_pa
     assert max(pq.ParquetFile(f).metadata.row_group(0).num_rows for f in (tmp_path / "small").iterdir()) <= 64
 
 
-def test_parquet_runner_gives_the_same_plan_as_ray(ray_local, tmp_path):
+def test_the_local_and_per_file_runners_give_the_same_plan_as_ray(ray_local, tmp_path):
     rng = np.random.default_rng(5)
     df = _frame(rng.integers(0, 6, 2000), rng.choice([0.2, 0.6, 1.0], 2000))
     for i in range(4):
         part = df.iloc[i * 500 : (i + 1) * 500]
         pq.write_table(pa.Table.from_pandas(part, preserve_index=False), tmp_path / f"p{i}.parquet")
+    pq.write_table(pa.Table.from_pandas(df.iloc[:0], preserve_index=False), tmp_path / "p4.parquet")  # empty
     local = plan_balance(parquet_runner(str(tmp_path), batch_rows=300), 6, 250, 0.3)
     distributed, _ = _run(df, 6, 250, 0.3, blocks=3)
-    assert local.stats == distributed.stats
-    assert list(local.cut_key) == list(distributed.cut_key) and local.cut_id == distributed.cut_id
+    per_file = plan_balance(files_runner(str(tmp_path), batch_rows=300), 6, 250, 0.3)  # what balancing runs
+    assert local.passes > 0 and local.stats == distributed.stats == per_file.stats
+    for plan in (distributed, per_file):
+        assert list(local.cut_key) == list(plan.cut_key) and local.cut_id == plan.cut_id
 
 
 def test_sort_key_orders_confidence_then_hash():

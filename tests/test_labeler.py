@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from labeler.api import LabelOptions, label_images, run_labeling
@@ -148,6 +149,57 @@ def test_interrupted_run_resumes_by_unit_without_relabeling_or_duplicates(ray_lo
     again = run_labeling(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(files_per_unit=5))
     ids = pq.read_table(out / "predictions").column("id").to_pylist()
     assert sorted(ids) == sorted(expected) and again["units"] == 3 and again["resumed_from"] == 0
+
+
+def test_units_are_written_while_later_units_are_still_unread(ray_local, tmp_path):
+    """Writing needs no CPU of its own, so units reach storage while later units are still being read,
+    not at the end of the job: a job killed part-way keeps them. Before, the writer waited for a CPU
+    until every unit had been read and decoded (here: the first file came with 40 of 40 units read;
+    scale_run: none of 100 units was finished 60 s into a 1M-image job). 40 units of 4 incompressible
+    128 px PNGs, decoded at 128 px."""
+    import threading
+    import time
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(160):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(corpus / f"noise_{i:03d}.png")
+    random_checkpoint(str(tmp_path / "ckpt"), image_size=128)
+    out = tmp_path / "out"
+    seen: list[tuple[int, int]] = []  # (unit records, predictions files) while the job runs
+    running = True
+
+    def watch() -> None:
+        while running:
+            units = len(list((out / "units").glob("*.json"))) if (out / "units").exists() else 0
+            seen.append((units, len(list(out.glob("predictions/*/*.parquet")))))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        manifest = run_labeling(str(corpus), str(tmp_path / "ckpt"), str(out), LabelOptions(files_per_unit=4))
+    finally:
+        running = False
+        watcher.join()
+    assert manifest["rows"] == 160 and manifest["units"] == 40
+    read_when_first_written = min(units for units, files in seen if files)
+    assert read_when_first_written < 40, seen[-5:]
+
+
+def test_an_object_store_limit_applies_to_the_labeling_job_only(ray_local, tmp_path):
+    random_checkpoint(str(tmp_path / "ckpt"))
+    write_bad_and_good_folder(str(tmp_path / "corpus"))
+    limited = label_images(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), LabelOptions(object_store_mb=512))
+    default = label_images(str(tmp_path / "corpus"), str(tmp_path / "ckpt"))
+    assert limited.context.execution_options.resource_limits.object_store_memory == 512 * 2**20
+    for ctx in (default.context, ray.data.DataContext.get_current()):
+        assert ctx.execution_options.resource_limits.object_store_memory == float("inf")
+    with pytest.raises(ValueError, match="object_store_mb"):
+        LabelOptions(object_store_mb=-1)
 
 
 def test_topk_labels_keep_the_mass(ray_local, tmp_path):
