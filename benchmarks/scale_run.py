@@ -315,6 +315,8 @@ def student_only(runs: list[str], steps: int, spec, labeled: str) -> None:
             seconds = time.perf_counter() - start
         print(f"  {out}: student {steps} steps {seconds:.1f} s, driver {mem.driver >> 20} MB, "
               f"largest Ray process {mem.worker >> 20} MB (USS)", flush=True)  # fmt: skip
+        for t in mem.top():
+            print(f"      {t}", flush=True)
 
 
 def _file_layout(out: str, n: int) -> None:

@@ -73,19 +73,33 @@ def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool) -> dict[str, np.
     }
 
 
-def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Dataset:
-    """The balanced set, streamed: each pass reads its files in a new random order.
+def _read_balanced_files(batch: dict, balanced: str) -> Iterator[pa.Table]:
+    """A task of :func:`pseudo_dataset`: the balanced files in ``batch`` (one), a record batch of
+    ``DECODE_BATCH`` rows at a time, opened without pre-buffering (memory: one record batch)."""
+    fs, _ = filesystem_for(balanced)
+    for path in batch["file"]:
+        with fs.open_input_file(str(path)) as handle:
+            for record_batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(DECODE_BATCH):
+                yield pa.Table.from_batches([record_batch])
 
-    ``shuffle="files"`` rather than ``randomize_block_order``: the latter waits for every block of
-    the set before it emits one, so each pass would first read the whole balanced set (images
-    included) into the object store; shuffling the file list costs nothing.
+
+def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Dataset:
+    """The balanced set, streamed: a task per file, and each pass reads the files in a new random order.
+
+    The file list is what is shuffled (``randomize_block_order`` over blocks of one file name each),
+    never the rows, so nothing waits for the whole set. Not ``read_parquet``: it packs many files into
+    one read task, and the largest worker of the 1M-image student (``benchmarks/scale_run.py``) grew
+    with the corpus (942 MB against 582 MB at 100k, by USS).
     """
-    fs, path = filesystem_for(balanced)
-    ds = ray.data.read_parquet(path, filesystem=fs, shuffle="files")
+    _, files = list_files(balanced, suffix=".parquet")
+    if not files:
+        raise ValueError(f"no balanced Parquet files under {balanced}")
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files)).randomize_block_order()
+    ds = ds.map_batches(_read_balanced_files, batch_size=1, batch_format="numpy", fn_kwargs={"balanced": balanced})
     # Blocks of DECODE_BATCH rows (a streaming split, no shuffle): otherwise one task decodes a whole
     # file (150k rows at 1M images) while holding a CPU, and on a small cluster the labeled stream
     # waits for that CPU for minutes (benchmarks/scale_run.py's 1M student stalled so).
-    ds = ds.repartition(target_num_rows_per_block=DECODE_BATCH)
+    ds = ds.repartition(target_num_rows_per_block=DECODE_BATCH, strict=True)
     kwargs = {"num_classes": num_classes, "hard": hard}
     return ds.map_batches(_pseudo_rows, batch_format="pyarrow", fn_kwargs=kwargs)
 
