@@ -100,8 +100,8 @@ class LabelOptions:
     object_store_mb: float = setting(
         0.0,
         help="object store (MB) that read and decoded images may fill ahead of the inference actors; 0: Ray "
-        "Data's default (half the object store). Bounds a worker's memory on large corpora, but under about "
-        "50 read blocks it slows labeling",
+        "Data's default (half the object store; a larger value has no effect). Bounds a worker's memory on "
+        "large corpora, but under about 50 read blocks it slows labeling",
     )
     # keep each labeled image's encoded bytes in the predictions (column ``image``), so the balanced set
     # is a self-contained training set whatever the corpus format (no reads back into .tar shards)
@@ -203,8 +203,9 @@ def _predicted(
     gpus = opts.num_gpus_per_actor
     if gpus is None:
         gpus = gpus_per_task()
-    ctx = ray.data.DataContext.get_current()
-    ctx.wait_for_min_actors_s = opts.wait_for_actors_s
+    # the dataset's own context (read_datasource copied the process's): set on the current one, it never
+    # reached this job and leaked into later ones
+    ds.context.wait_for_min_actors_s = opts.wait_for_actors_s
     return ds.map_batches(
         Predictor,
         fn_constructor_kwargs={
@@ -260,7 +261,8 @@ def run_labeling(
         if len(done) < len(units):
             ds = label_images(source, checkpoint, opts, spec, frozenset(done), join(out, UNIT_LOG), channel, plan)
             display = Progress("labeling", total=total, unit="img", initial=resumed if total else 0)
-            _write_watched(ds, join(out, "predictions"), opts.stall_timeout_s, channel, display)
+            writers = max(2, opts.max_actors or opts.num_actors)  # a writer per inference actor keeps pace
+            _write_watched(ds, join(out, "predictions"), opts.stall_timeout_s, channel, display, writers=writers)
         manifest = summarize_predictions(join(out, "predictions"), join(out, "rejected.parquet"))
         if display is not None:
             # the last line: the whole job's rate (the actors' last counts arrive with the manifest, not before)
@@ -308,8 +310,10 @@ def _write_watched(
     channel: ProgressChannel | None = None,
     display: Progress | None = None,
     poll_s: float = 10.0,
+    writers: int = 2,
 ) -> None:
-    """``write_parquet`` with a progress display (fed by ``channel``) and a no-progress watchdog.
+    """``write_parquet`` (at most ``writers`` write tasks at a time) with a progress display (fed by
+    ``channel``) and a no-progress watchdog.
 
     A pool that can never be scheduled (say, actors holding every CPU so reads never run)
     otherwise hangs silently forever; this raises instead. The job's Ray cluster must then be
@@ -322,8 +326,16 @@ def _write_watched(
         try:
             # no CPU reserved for writing: Ray Data gives its CPUs to the upstream operators first, so a
             # writer asking for one ran only once reading and decoding were done, and each unit's rows
-            # reached storage at the end of the job (writing Parquet is light next to inference)
-            ds.write_parquet(path, filesystem=fs, partition_cols=[UNIT_COLUMN], ray_remote_args={"num_cpus": 0})
+            # reached storage at the end of the job (writing Parquet is light next to inference). With
+            # no CPU to count, Ray Data would not bound the concurrent writers (each a worker process):
+            # `writers` does; they may also run on a head node started with --num-cpus=0
+            ds.write_parquet(
+                path,
+                filesystem=fs,
+                partition_cols=[UNIT_COLUMN],
+                ray_remote_args={"num_cpus": 0},
+                concurrency=writers,
+            )
         except BaseException as err:  # re-raised in the caller's thread
             errors.append(err)
 

@@ -196,11 +196,11 @@ def files_runner(predictions: str, batch_rows: int = APPLY_BATCH_ROWS) -> Runner
     from labeler.storage import list_files
 
     _, files = list_files(predictions, suffix=".parquet")
+    if not files:
+        raise FileNotFoundError(f"no predictions Parquet files under {predictions}")
     items = [{"file": f} for f in files]
 
     def run(fn, kwargs):
-        if not items:
-            return
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         out = ds.map_batches(
             _pass_on_files,
@@ -453,6 +453,7 @@ def balance_predictions(
     Raises:
         NothingPassed: (a ValueError) no prediction reached ``threshold``; nothing is written, so a
             run with a lower threshold starts balancing afresh.
+        FileNotFoundError: ``predictions`` holds no Parquet file.
     """
     from labeler.storage import join, write_bytes
 

@@ -202,6 +202,13 @@ def test_the_local_and_per_file_runners_give_the_same_plan_as_ray(ray_local, tmp
         assert list(local.cut_key) == list(plan.cut_key) and local.cut_id == plan.cut_id
 
 
+def test_a_predictions_folder_without_files_is_named_not_reported_as_nothing_passing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for missing in (tmp_path / "empty", tmp_path / "no_such_folder"):
+        with pytest.raises(FileNotFoundError, match="predictions"):
+            files_runner(str(missing))
+
+
 def test_sort_key_orders_confidence_then_hash():
     ids = ["a", "b", "c"]
     keys = balance_core.sort_keys(np.array([0.5, 1.0, 0.5], np.float32), ids)

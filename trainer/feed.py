@@ -74,8 +74,9 @@ def _pseudo_rows(table: pa.Table, num_classes: int, hard: bool) -> dict[str, np.
 
 
 def _read_balanced_files(batch: dict, balanced: str) -> Iterator[pa.Table]:
-    """A task of :func:`pseudo_dataset`: the balanced files in ``batch`` (one), a record batch of
-    ``DECODE_BATCH`` rows at a time, opened without pre-buffering (memory: one record batch)."""
+    """A task of :func:`pseudo_dataset`: the balanced files in ``batch`` (one), read a record batch of
+    ``DECODE_BATCH`` rows at a time without pre-buffering. Ray Data packs the yielded tables into
+    blocks of up to its target block size (128 MiB), which the strict repartition then splits."""
     fs, _ = filesystem_for(balanced)
     for path in batch["file"]:
         with fs.open_input_file(str(path)) as handle:
