@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,9 @@ from labeler.storage import filesystem_for, join, list_files, write_bytes
 from labeler.units import UNIT_COLUMN, UNIT_LOG, finished_units
 
 logger = logging.getLogger(__name__)
+# Ray Data warns when a write's concurrency exceeds its estimate of the blocks coming in, which it
+# makes before a job runs and which is often 1 here; the cap (see _write_watched) is deliberate
+warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'Write'", category=UserWarning)
 
 LISTING = "listing.parquet"  # beside predictions/: a folder corpus's listing (labeler.listing)
 
