@@ -168,10 +168,10 @@ def _bounded(ds: ray.data.Dataset, opts: LabelOptions) -> ray.data.Dataset:
 
     Ray Data's own limit is half the object store. On a corpus larger than that, reading and decoding
     run that far ahead of the actors, and the processes that touch the waiting blocks map their pages:
-    in ``benchmarks/scale_run.py`` the inference actor grew 1.50x (by USS) from 100k to 1M images
-    without a limit and 1.22x with 512 MB. The limit is not the default because Ray Data throttles a
-    pipeline whose limit holds few blocks: 40 units of 3 MB read blocks took 11 s without a limit,
-    85 s with 64 MB and 372 s with 16 MB (one measurement each, 2-core machine).
+    in ``benchmarks/scale_run.py`` the largest Ray process grew 1.41x (by USS) from 100k to 1M images
+    without a limit and 1.14x with 512 MB. The limit is not the default because Ray Data throttles a
+    pipeline whose limit holds few blocks: ``benchmarks/read_ahead_limit.py`` (3 MB read blocks) took
+    10.1 s without a limit, 8.9 s with 512 MB and 85.1 s with 64 MB (README, "scale run").
     """
     if opts.object_store_mb > 0:
         ctx = ds.context
