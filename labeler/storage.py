@@ -11,7 +11,9 @@ import functools
 import json
 import os
 import re
+from collections.abc import Iterator
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 S3_SCHEME = "s3://"
@@ -213,3 +215,20 @@ def list_dirs(uri: str) -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def iter_tables(
+    fs: pafs.FileSystem, path: str, batch_rows: int, columns: list[str] | None = None
+) -> Iterator[pa.Table]:
+    """One Parquet file as tables of at most ``batch_rows`` rows (``columns`` only, when given), opened
+    without pre-buffering: memory stays at about one record batch whatever the file's size. A file
+    without rows gives one empty table, so every file gives its reader at least one."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle, pre_buffer=False)
+        if parquet.metadata.num_rows == 0:
+            empty = parquet.schema_arrow.empty_table()
+            yield empty.select(columns) if columns else empty
+        for batch in parquet.iter_batches(batch_rows, columns=columns):
+            yield pa.Table.from_batches([batch])

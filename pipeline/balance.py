@@ -149,16 +149,12 @@ def _as_numpy(out: dict | pa.Table) -> dict:
 
 
 def _stream_file(fs, path: str, fn, kwargs: dict, batch_rows: int) -> Iterator[dict]:
-    """``fn`` on each record batch of one predictions file's :data:`STAT_COLUMNS`, opened without
-    pre-buffering: memory stays at about one record batch."""
-    import pyarrow.parquet as pq
+    """``fn`` on each record batch of one predictions file's :data:`STAT_COLUMNS`
+    (:func:`labeler.storage.iter_tables`: one batch in memory; an empty file gives one empty output)."""
+    from labeler.storage import iter_tables
 
-    with fs.open_input_file(path) as handle:
-        parquet = pq.ParquetFile(handle, pre_buffer=False)
-        if parquet.metadata.num_rows == 0:  # one empty output, so every file gives the pass a batch
-            yield _as_numpy(fn(parquet.schema_arrow.empty_table().select(STAT_COLUMNS), **kwargs))
-        for batch in parquet.iter_batches(batch_rows, columns=STAT_COLUMNS):
-            yield _as_numpy(fn(pa.Table.from_batches([batch]), **kwargs))
+    for table in iter_tables(fs, path, batch_rows, STAT_COLUMNS):
+        yield _as_numpy(fn(table, **kwargs))
 
 
 def parquet_runner(path: str, batch_rows: int = 1 << 18) -> Runner:
@@ -340,7 +336,7 @@ def _apply_files(batch: dict, plan: BalancePlan, predictions: str, balanced: str
     per batch); nothing of a file is held beyond one batch. Returns the rows written per file."""
     import pyarrow.parquet as pq
 
-    from labeler.storage import filesystem_for
+    from labeler.storage import filesystem_for, iter_tables
     from labeler.units import UNIT_COLUMN, unit_of
 
     fs, _ = filesystem_for(predictions)
@@ -350,19 +346,17 @@ def _apply_files(batch: dict, plan: BalancePlan, predictions: str, balanced: str
         rows, writer, sink = 0, None, None
         unit = unit_of(str(path))
         try:
-            with fs.open_input_file(str(path)) as handle:
-                for record_batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(batch_rows):
-                    table = pa.Table.from_batches([record_batch])
-                    if unit is not None and UNIT_COLUMN not in table.column_names:  # a hive partition column
-                        table = table.append_column(UNIT_COLUMN, pa.array([unit] * table.num_rows, pa.string()))
-                    out = apply_batch(table, plan)
-                    if out.num_rows == 0:
-                        continue
-                    if writer is None:
-                        sink = ofs.open_output_stream(f"{opath}/part-{int(index):06d}.parquet")
-                        writer = pq.ParquetWriter(sink, out.schema)
-                    writer.write_table(out)
-                    rows += out.num_rows
+            for table in iter_tables(fs, str(path), batch_rows):
+                if unit is not None and UNIT_COLUMN not in table.column_names:  # a hive partition column
+                    table = table.append_column(UNIT_COLUMN, pa.array([unit] * table.num_rows, pa.string()))
+                out = apply_batch(table, plan)
+                if out.num_rows == 0:
+                    continue
+                if writer is None:
+                    sink = ofs.open_output_stream(f"{opath}/part-{int(index):06d}.parquet")
+                    writer = pq.ParquetWriter(sink, out.schema)
+                writer.write_table(out)
+                rows += out.num_rows
         finally:
             if writer is not None:
                 writer.close()

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 
 from labeler.images import decode_into, normalize
-from labeler.storage import filesystem_for, list_files
+from labeler.storage import filesystem_for, iter_tables, list_files
 from trainer.data import (
     class_indices,
     list_class_folders,
@@ -79,9 +79,7 @@ def _read_balanced_files(batch: dict, balanced: str) -> Iterator[pa.Table]:
     blocks of up to its target block size (128 MiB), which the strict repartition then splits."""
     fs, _ = filesystem_for(balanced)
     for path in batch["file"]:
-        with fs.open_input_file(str(path)) as handle:
-            for record_batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(DECODE_BATCH):
-                yield pa.Table.from_batches([record_batch])
+        yield from iter_tables(fs, str(path), DECODE_BATCH)
 
 
 def pseudo_dataset(balanced: str, num_classes: int, hard: bool) -> ray.data.Dataset:
@@ -109,12 +107,8 @@ def pseudo_row_count(balanced: str) -> int:
     """Rows the balanced set expands to (the sum of ``copies``), reading that column only, a record
     batch at a time (the column of a 130M-row set would be 0.5 GB in the driver)."""
     fs, files = list_files(balanced, suffix=".parquet")
-    total = 0
-    for path in files:
-        with fs.open_input_file(path) as handle:
-            for batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(1 << 16, columns=["copies"]):
-                total += int(pc.sum(batch.column(0)).as_py() or 0)
-    return total
+    tables = (t for path in files for t in iter_tables(fs, path, 1 << 16, ["copies"]))
+    return sum(int(pc.sum(t["copies"]).as_py() or 0) for t in tables)
 
 
 def _decode(src, size: int, chans: int) -> tuple[np.ndarray | None, int]:
