@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 import warnings
@@ -16,13 +17,25 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from labeler.checkpoint_import import STATE_DICT_SUFFIXES
+from labeler.fingerprint import OutputMismatch, differences, file_sha256
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
-from labeler.model import ModelSpec, load_spec
+from labeler.model import WEIGHTS_FILE, ModelSpec, check_weights_file, load_spec
 from labeler.predict import Predictor, check_precision
 from labeler.progress import Progress, ProgressChannel
 from labeler.settings import check_choices, setting
 from labeler.sources import plan_units, read_source, unit_rows
-from labeler.storage import filesystem_for, join, list_files, write_bytes
+from labeler.storage import (
+    delete_file,
+    delete_tree,
+    exists,
+    filesystem_for,
+    join,
+    list_files,
+    read_json,
+    write_bytes,
+    write_json,
+)
 from labeler.units import UNIT_COLUMN, UNIT_LOG, finished_units
 
 logger = logging.getLogger(__name__)
@@ -31,6 +44,22 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for 'Write'", category=UserWarning)
 
 LISTING = "listing.parquet"  # beside predictions/: a folder corpus's listing (labeler.listing)
+RECORD = "inputs.json"  # beside predictions/: what made them (labeling_record), checked before reuse
+# the LabelOptions that change what a prediction row holds; the others (actors, batch size, CPUs,
+# timeouts) only change how fast rows come, and may differ between a run and its resumption
+ROW_SETTINGS = (
+    "format",
+    "image_column",
+    "id_column",
+    "files_per_unit",
+    "temperature",
+    "hard",
+    "topk",
+    "max_pixels",
+    "precision",
+    "keep_image_bytes",
+    "image_bytes_min_confidence",
+)
 
 
 def gpus_per_task(resources: dict[str, float] | None = None) -> int:
@@ -158,6 +187,7 @@ def label_images(
     opts = options or LabelOptions()
     check_precision(opts.precision)  # here too, not only in the actors: fail before any work
     spec = _resolve_spec(checkpoint, spec)
+    check_weights_file(checkpoint if checkpoint.endswith(STATE_DICT_SUFFIXES) else join(checkpoint, WEIGHTS_FILE))
     ds = _decoded(read_source(source, opts, frozenset(skip_units), unit_log, plan), spec, opts)
     return _bounded(_predicted(ds, checkpoint, spec, opts, progress), opts)
 
@@ -234,29 +264,99 @@ def _predicted(
     )
 
 
+def labeling_record(source: str, checkpoint: str, options: LabelOptions, spec: ModelSpec | None = None) -> dict:
+    """What makes a labeling job's rows (``out/inputs.json``): the corpus location, the SHA-256 of the
+    checkpoint's weights (the file itself for a bare state dict), the model spec (classes, input size,
+    preprocessing) and the :data:`ROW_SETTINGS`. The corpus's files are fingerprinted per unit
+    (``labeler.units``).
+
+    Raises:
+        FileNotFoundError: no checkpoint (or ``model.json``) there.
+    """
+    spec = _resolve_spec(checkpoint, spec)
+    weights = checkpoint if checkpoint.endswith(STATE_DICT_SUFFIXES) else join(checkpoint, WEIGHTS_FILE)
+    check_weights_file(weights)
+    model = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("model_id", "extra")}
+    return {
+        "source": source if "://" in source else os.path.abspath(source),
+        "checkpoint_sha256": file_sha256(weights),
+        "model": json.loads(json.dumps(model)),  # tuples as lists, as read back from the file
+        "settings": {name: getattr(options, name) for name in ROW_SETTINGS},
+    }
+
+
+def prepare_output(out: str, record: dict, overwrite: bool = False) -> bool:
+    """Make ``out`` ready for a labeling job made by ``record`` (:func:`labeling_record`): with
+    ``overwrite``, delete what an earlier job wrote there; else check that it was made by the same record.
+    Writes the record when there is none. Returns whether an earlier job's output is being resumed.
+
+    Raises:
+        OutputMismatch: ``out`` holds output of other inputs (the message lists what changed), or output
+            with no record of its inputs; it says how to start fresh.
+    """
+    written = [join(out, name) for name in ("predictions", UNIT_LOG, "manifest.json")]
+    found = exists(join(out, RECORD)) or any(map(exists, written))
+    if overwrite and found:
+        for name in ("predictions", UNIT_LOG):
+            delete_tree(join(out, name))
+        for name in ("manifest.json", "rejected.parquet", LISTING, RECORD):
+            delete_file(join(out, name))
+        logger.info(f"labeler: --overwrite: deleted the earlier output under {out}")
+        found = False
+    fresh = "write to a new output, or pass --overwrite (labeler) / run with --overwrite (noisy-student) to delete it"
+    if found and not exists(join(out, RECORD)):
+        raise OutputMismatch(
+            f"{out} holds predictions with no record of what made them (an older version of the labeler, or an "
+            f"interrupted first run); to start fresh, {fresh}"
+        )
+    if found:
+        before = read_json(join(out, RECORD))
+        if before != record:
+            raise OutputMismatch(
+                f"{out} holds predictions made from other inputs; what changed: "
+                f"{'; '.join(differences(before, record))}. Nothing was relabeled. To start fresh, {fresh}"
+            )
+        return True
+    write_json(join(out, RECORD), record)
+    return False
+
+
 def run_labeling(
-    source: str, checkpoint: str, out: str, options: LabelOptions | None = None, spec: ModelSpec | None = None
+    source: str,
+    checkpoint: str,
+    out: str,
+    options: LabelOptions | None = None,
+    spec: ModelSpec | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Label ``source`` into Parquet under ``out/predictions/unit=<key>/`` and write ``out/manifest.json``.
 
     Running it again with the same ``out`` resumes by input unit (labeler.units): finished units
-    are kept as written, anything else is redone whole, so no row is written twice or lost. A
-    folder corpus is listed anew into ``out/listing.parquet`` on each run (labeler.listing).
-    ``out`` is a local folder or an ``s3://`` prefix. Returns the manifest: counts (``rows``,
-    ``labeled``, ``rejected``, ``reject_reasons``), ``seconds`` (wall time), ``images_per_s``,
-    ``units`` and ``resumed_from`` (images already labeled before this call).
+    are kept as written, anything else is redone whole, so no row is written twice or lost; a finished
+    job is returned as it is (its manifest). Resuming needs the same inputs: ``out/inputs.json``
+    (:func:`labeling_record`: corpus, checkpoint digest, model, row settings) and every finished unit's
+    files must match, else :class:`OutputMismatch` says what changed. ``overwrite``: delete what an
+    earlier job wrote under ``out`` first. A folder corpus is listed anew into ``out/listing.parquet``
+    on each run (labeler.listing). ``out`` is a local folder or an ``s3://`` prefix. Returns the
+    manifest: counts (``rows``, ``labeled``, ``rejected``, ``reject_reasons``), ``seconds`` (wall
+    time), ``images_per_s``, ``units`` and ``resumed_from`` (images already labeled before this call).
 
     Raises:
         LabelingStalled: no output for ``options.stall_timeout_s`` seconds (a pool that cannot start).
+        OutputMismatch: ``out`` holds output of other inputs (a ``ValueError``).
         ValueError, FileNotFoundError: as :func:`label_images`.
     """
     start, started = time.time(), time.monotonic()
     opts = options or LabelOptions()
     out = out.rstrip("/")
     listing = join(out, LISTING)
+    prepare_output(out, labeling_record(source, checkpoint, opts, spec), overwrite)
     plan = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit, listing)
     fmt, units, _ = plan
     done, resumed = finished_units(out, units)
+    if len(done) == len(units) and exists(join(out, "manifest.json")):
+        logger.info(f"labeler: {out} is complete ({len(units)} input units, all of them the same inputs); reused")
+        return read_json(join(out, "manifest.json"))
     if done:
         logger.info(f"labeler: resuming, {len(done)} of {len(units)} input units ({resumed} images) already labeled")
     total = unit_rows(fmt, units)

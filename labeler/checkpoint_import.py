@@ -14,10 +14,20 @@ Loading never executes code: safetensors, or ``torch.load(weights_only=True)``, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import TYPE_CHECKING
 
-from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, local_copy, save_checkpoint
+from labeler.model import (
+    SPEC_FILE,
+    WEIGHTS_FILE,
+    ModelSpec,
+    check_weights_file,
+    create_model,
+    load_spec,
+    local_copy,
+    save_checkpoint,
+)
 from labeler.storage import exists, join
 
 if TYPE_CHECKING:
@@ -26,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["ClassCountMismatch", "import_checkpoint", "read_state_dict", "classifier_keys"]
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+logger = logging.getLogger(__name__)
 
 
 class ClassCountMismatch(ValueError):
@@ -41,6 +52,7 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """
     from timm.models import load_state_dict
 
+    check_weights_file(uri)
     with local_copy(uri) as path:
         try:
             # timm: safetensors or torch.load(weights_only=True); state_dict_ema > model_ema > state_dict > model;
@@ -69,24 +81,53 @@ def _checkpoint_classes(state: dict, keys: list[str]) -> int | None:
     return int(state[weight].shape[0]) if weight and weight in state else None
 
 
+def text_ordered_numbers(classes: list[str]) -> bool:
+    """True when every class name is a whole number and the names are in text order where that differs
+    from numeric order (``'0', '1', '10', '11', '2'``): a model trained elsewhere may well have its
+    outputs in numeric order (timm's folder reader sorts names naturally), so the order is a guess."""
+    if not classes or not all(c.isdigit() for c in classes):
+        return False
+    return list(classes) != sorted(classes, key=int)
+
+
+def reorder_head(state: dict, head: list[str], source: list[str], target: list[str]) -> dict:
+    """``state`` with the classifier rows (``head`` keys, output dimension first) moved from the order of
+    ``source`` (the supplied model's classes) to that of ``target`` (the same names, another order)."""
+    import torch
+
+    order = torch.tensor([source.index(c) for c in target])
+    return {k: (v.index_select(0, order) if k in head else v) for k, v in state.items()}
+
+
 def import_checkpoint(
-    uri: str, spec: ModelSpec, out_dir: str, reset_classifier: bool = False
+    uri: str, spec: ModelSpec, out_dir: str, reset_classifier: bool = False, classes: list[str] | None = None
 ) -> tuple[ModelSpec, bool]:
-    """Convert ``uri`` into a checkpoint folder ``out_dir`` whose classes are ``spec.classes``.
+    """Convert ``uri`` into a checkpoint folder ``out_dir`` whose classes are ``spec.classes``, in that order.
 
     ``spec`` gives the architecture and preprocessing of a bare state dict; a project folder keeps its own
-    ``model.json`` (its architecture and preprocessing) and takes ``spec.classes``. Returns the written
-    spec and whether the classifier was re-initialised (then the model needs fine-tuning before use).
+    ``model.json`` (its architecture and preprocessing) and takes ``spec.classes``. ``classes``: the class of
+    each output of the supplied model, in order (``teacher.classes``): needed for a bare state dict whose
+    outputs are not in ``spec.classes``' order; a project folder's ``model.json`` says it already. When the
+    supplied model's classes are ``spec.classes`` in another order, the classifier's rows are reordered.
+    Without ``classes``, a bare state dict is taken to be in ``spec.classes``' order, with a warning when
+    the names are numbers in text order (``'10'`` before ``'2'``). Returns the written spec and whether the
+    classifier was re-initialised (then the model needs fine-tuning before use).
 
     Raises:
-        ClassCountMismatch: the classifier's class count (or, for a project folder, its class names)
-            differs from ``spec``'s and ``reset_classifier`` is False; the message names both counts.
-        ValueError: unreadable file, or weights that do not fit the architecture.
+        ClassCountMismatch: the classifier's class count (or, for a project folder or with ``classes``, its
+            class names) differs from ``spec``'s and ``reset_classifier`` is False; the message names both.
+        ValueError: unreadable file, weights that do not fit the architecture, ``classes`` that disagree with
+            the folder's ``model.json``, or as many names as the head has outputs.
     """
     if uri.endswith(STATE_DICT_SUFFIXES):
-        state, source_classes = read_state_dict(uri), None
+        state, source_classes = read_state_dict(uri), list(classes) if classes else None
     elif exists(join(uri, SPEC_FILE)):
         source = load_spec(uri)
+        if classes and list(classes) != list(source.classes):
+            raise ValueError(
+                f"teacher.classes {list(classes)[:5]}... differs from the classes {source.classes[:5]}... that "
+                f"{uri}/{SPEC_FILE} records for its outputs; remove teacher.classes (the folder says its order)"
+            )
         state, source_classes = read_state_dict(join(uri, WEIGHTS_FILE)), source.classes
         spec = dataclasses.replace(source, classes=list(spec.classes), model_id="")
     else:
@@ -97,6 +138,29 @@ def import_checkpoint(
     model = create_model(spec)
     head = classifier_keys(model)
     found = _checkpoint_classes(state, head)
+    if classes and found is not None and len(classes) != found:
+        raise ValueError(
+            f"teacher.classes names {len(classes)} classes but the classifier of {uri} has {found} outputs; "
+            "give one class name per output, in the order of the outputs"
+        )
+    reorder = (
+        source_classes is not None
+        and list(source_classes) != list(spec.classes)
+        and sorted(source_classes) == sorted(spec.classes)
+    )
+    if reorder:
+        logger.info(
+            "the supplied model's outputs are the labeled classes in another order; its head is reordered into the "
+            f"labeled set's order ({', '.join(spec.classes[:12])}{', ...' if spec.num_classes > 12 else ''})"
+        )
+        state, source_classes = reorder_head(state, head, list(source_classes), list(spec.classes)), spec.classes
+    elif source_classes is None and found == spec.num_classes and text_ordered_numbers(spec.classes):
+        logger.warning(
+            f"WARNING: {uri} is a bare state dict, so the class of each output is not known; its outputs are "
+            f"taken to be the classes in text order ({', '.join(spec.classes[:6])}, ...), not numeric order "
+            f"(0, 1, 2, ...). If the model was trained with classes in numeric order (timm's folder reader does "
+            f"that), set teacher.classes=[{', '.join(sorted(spec.classes, key=int)[:4])}, ...] to its order."
+        )
     mismatch = (found is not None and found != spec.num_classes) or (
         source_classes is not None and list(source_classes) != list(spec.classes)
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from labeler.api import LabelingStalled, LabelOptions, run_labeling
 from labeler.checkpoint_import import STATE_DICT_SUFFIXES
@@ -33,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="checkpoint dir with model.json, or a .safetensors/.pth/.pt/.bin state dict"
     )
     p.add_argument("--output", required=True, help="output folder: predictions/ (Parquet) and manifest.json")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete what an earlier job wrote under --output first (without it, an output made from other inputs "
+        "is refused, and one made from the same inputs is resumed)",
+    )
     p.add_argument("--arch", help="timm architecture (bare state-dict files only)")
     p.add_argument("--num-classes", type=int, help="number of classes (bare state-dict files only)")
     p.add_argument("--image-size", type=int, default=224, help="eval input size (bare state-dict files only)")
@@ -66,12 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             print("labeler: error: a bare state-dict file needs --arch and --num-classes", file=sys.stderr)
             return 2
         spec = ModelSpec(args.arch, [str(i) for i in range(args.num_classes)], args.image_size, crop_pct=args.crop_pct)
-    opts = options_from_args(args)
-    if not ray.is_initialized():
-        ray.init(address=args.address, **ray_init_kwargs(args.verbose))
     try:
-        run_labeling(args.input, args.checkpoint, args.output, opts, spec)
-    except (ValueError, FileNotFoundError, LabelingStalled) as err:
+        opts = options_from_args(args)
+        if not ray.is_initialized():
+            ray.init(address=args.address, **ray_init_kwargs(args.verbose))
+        run_labeling(args.input, args.checkpoint, args.output, opts, spec, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, PermissionError, LabelingStalled) as err:
+        # caused by the input (a bug keeps its traceback): one message; --verbose shows the traceback too
+        if args.verbose:
+            traceback.print_exc()
         print(f"labeler: error: {err}", file=sys.stderr)
         return 2
     return 0

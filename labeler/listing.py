@@ -38,12 +38,14 @@ ROW_GROUP = 16_384  # rows per Parquet row group: what the writer and each reade
 S3_PAGE = 1000  # keys per list_objects_v2 page (S3's maximum)
 
 
-def iter_files(fs: pafs.FileSystem, root: str) -> Iterator[str]:
+def iter_entries(fs: pafs.FileSystem, root: str) -> Iterator[tuple[str, str]]:
     """Files under the folder ``root`` of ``fs`` (as :func:`labeler.storage.filesystem_for` gives),
-    one path at a time, in sorted order (code point order of the whole path, which is S3's key
-    order too). Hidden files and folders (names starting with ``.``) are left out and not descended
-    into; local names that are not UTF-8 come escaped (:func:`labeler.storage.escape_name`); a
-    symbolic link to a folder already listed (a loop, or a second name) is not listed again.
+    one ``(path, stamp)`` at a time, in sorted order (code point order of the whole path, which is S3's
+    key order too). ``stamp`` is ``size:mtime`` (nanoseconds) locally and ``size:ETag`` on S3: what
+    changes when a file is rewritten (``labeler.fingerprint``). Hidden files and folders (names starting
+    with ``.``) are left out and not descended into; local names that are not UTF-8 come escaped
+    (:func:`labeler.storage.escape_name`); a symbolic link to a folder already listed (a loop, or a
+    second name) is not listed again.
 
     Raises:
         PermissionError: a local folder that cannot be listed (not a silent gap).
@@ -54,7 +56,12 @@ def iter_files(fs: pafs.FileSystem, root: str) -> Iterator[str]:
         yield from _iter_s3(root)
 
 
-def _iter_local(folder: str, seen: set[str]) -> Iterator[str]:
+def iter_files(fs: pafs.FileSystem, root: str) -> Iterator[str]:
+    """The paths of :func:`iter_entries`, one at a time."""
+    return (path for path, _ in iter_entries(fs, root))
+
+
+def _iter_local(folder: str, seen: set[str]) -> Iterator[tuple[str, str]]:
     # our own recursion rather than os.walk: os.walk lists a folder's entries in the order the
     # operating system returns them, and sorting after it would need every path in memory
     real = os.path.realpath(folder)
@@ -63,17 +70,17 @@ def _iter_local(folder: str, seen: set[str]) -> Iterator[str]:
     seen.add(real)
     try:
         with os.scandir(folder) as it:
-            entries = [(e.name, e.is_dir(follow_symlinks=True)) for e in it if not e.name.startswith(".")]
+            entries = [(e.name, e.is_dir(follow_symlinks=True), e) for e in it if not e.name.startswith(".")]
     except OSError as err:
         raise PermissionError(f"cannot list {folder}: {err.strerror}; fix its permissions or leave it out") from err
     # a folder sorts as "name/": then visiting entries in this order yields whole paths in sorted order
-    entries.sort(key=lambda e: escape_name(e[0]) + ("/" if e[1] else ""))
-    for name, is_dir in entries:
+    entries.sort(key=lambda e: escape_name(e[0]) + ("/" if e[1] else ""))  # the DirEntry never ties
+    for name, is_dir, entry in entries:
         path = os.path.join(folder, name)
         if is_dir:
             yield from _iter_local(path, seen)
         else:
-            yield escape_name(path)
+            yield escape_name(path), _stamp_of(entry)
 
 
 def _s3_client():
@@ -86,7 +93,15 @@ def _s3_client():
     return boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
 
-def _iter_s3(root: str) -> Iterator[str]:
+def _stamp_of(entry: os.DirEntry) -> str:
+    try:
+        info = entry.stat(follow_symlinks=True)
+    except OSError:  # a dangling link, or gone since: listed all the same, read as unreadable
+        return "missing"
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def _iter_s3(root: str) -> Iterator[tuple[str, str]]:
     # boto3's paginator rather than pyarrow's FileSelector: pyarrow returns the whole recursive
     # listing as one list; list_objects_v2 pages come in key order, 1,000 keys at a time
     bucket, _, prefix = root.strip("/").partition("/")
@@ -100,7 +115,7 @@ def _iter_s3(root: str) -> Iterator[str]:
         for obj in page.get("Contents", []):
             relative = obj["Key"][len(prefix) :]
             if relative and not relative.endswith("/") and not is_hidden(relative):  # "x/": a folder marker
-                yield f"{bucket}/{obj['Key']}"
+                yield f"{bucket}/{obj['Key']}", f"{obj.get('Size')}:{obj.get('ETag', '')}"
 
 
 @dataclass(frozen=True)
@@ -112,12 +127,13 @@ class Listing:
     units: list[Unit]
 
 
-def write_listing(root: str, paths: Iterable[str], uri: str, files_per_unit: int) -> Listing:
-    """Stream ``paths`` (under the corpus folder ``root``, in order) into a Parquet listing at ``uri``
-    (local path or s3:// URI; written under a temporary name, then renamed, so a listing is never seen
-    half-written) and cut it into units of ``files_per_unit`` rows, keyed ``u0000000``.. in order.
-    Memory: one row group of paths and a Unit per unit. Each unit's ``fingerprint`` is a SHA-1 of its
-    relative paths, so :attr:`Unit.identity` changes when the files in its range do."""
+def write_listing(root: str, paths: Iterable[str | tuple[str, str]], uri: str, files_per_unit: int) -> Listing:
+    """Stream ``paths`` (under the corpus folder ``root``, in order; each a path, or a ``(path, stamp)``
+    of :func:`iter_entries`) into a Parquet listing at ``uri`` (local path or s3:// URI; written under a
+    temporary name, then renamed, so a listing is never seen half-written) and cut it into units of
+    ``files_per_unit`` rows, keyed ``u0000000``.. in order. Memory: one row group of paths and a Unit per
+    unit. Each unit's ``fingerprint`` is a SHA-1 of its relative paths and their stamps, so
+    :attr:`Unit.identity` changes when the files in its range do, or are rewritten."""
     fs, path = filesystem_for(uri)
     parent = path.rsplit("/", 1)[0]
     if parent:
@@ -134,9 +150,10 @@ def write_listing(root: str, paths: Iterable[str], uri: str, files_per_unit: int
     temporary = f"{path}.{os.getpid()}.tmp"  # per process: two listings of one corpus do not collide
     with fs.open_output_stream(temporary) as out, pq.ParquetWriter(out, schema) as writer:
         for group in _batched(paths, ROW_GROUP):
-            relative = [p[base:] for p in group]
-            for name in relative:
-                digest.update(name.encode("utf-8", "surrogateescape") + b"\n")
+            entries = [(p, "") if isinstance(p, str) else p for p in group]
+            relative = [p[base:] for p, _ in entries]
+            for name, (_, mark) in zip(relative, entries):
+                digest.update(name.encode("utf-8", "surrogateescape") + (f"\0{mark}" if mark else "").encode() + b"\n")
                 rows += 1
                 if rows % files_per_unit == 0:
                     close_unit()
@@ -148,7 +165,7 @@ def write_listing(root: str, paths: Iterable[str], uri: str, files_per_unit: int
     return Listing(uri, rows, units)
 
 
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+def _batched(items: Iterable, n: int) -> Iterator[list]:
     # itertools.batched is Python 3.12+; this project supports 3.10
     it = iter(items)
     while batch := list(itertools.islice(it, n)):

@@ -11,6 +11,7 @@ URI as written in the manifest. Blank lines and lines starting with ``#`` are no
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.file_reader import REMOTE_READ_THREADS, _read_one, blocks
+from labeler.fingerprint import stamp
 from labeler.storage import escape_name, join
 from labeler.units import Unit
 
@@ -40,31 +42,41 @@ def _entry(line: bytes) -> str | None:
 
 
 def text_units(fs: pafs.FileSystem, path: str, per_unit: int) -> list[Unit]:
-    """Units of ``per_unit`` entries of a text manifest, by the byte offset each one starts at."""
-    starts, entries, offset, tail = [], 0, 0, b""
+    """Units of ``per_unit`` entries of a text manifest, by the byte offset each one starts at; each
+    unit's fingerprint is a SHA-1 of its entries (so an edited line changes its unit's identity)."""
+    starts, digests, entries, offset, tail = [], [], 0, 0, b""
+
+    def add(line: bytes) -> None:
+        nonlocal entries
+        entry = _entry(line)
+        if entry is None:
+            return
+        if entries % per_unit == 0:
+            starts.append(offset)
+            digests.append(hashlib.sha1())
+        digests[-1].update(entry.encode("utf-8", "surrogateescape") + b"\n")
+        entries += 1
+
     with fs.open_input_stream(path) as f:
         while chunk := f.read(READ_CHUNK):
             lines = (tail + chunk).split(b"\n")
             tail = lines.pop()
             for line in lines:
-                if _entry(line) is not None:
-                    if entries % per_unit == 0:
-                        starts.append(offset)
-                    entries += 1
+                add(line)
                 offset += len(line) + 1
-    if _entry(tail) is not None:
-        if entries % per_unit == 0:
-            starts.append(offset)
-        entries += 1
+    add(tail)
     end = offset + len(tail)
-    return [Unit(f"u{i:07d}", (path,), s, e) for i, (s, e) in enumerate(zip(starts, [*starts[1:], end]))]
+    bounds = zip(starts, [*starts[1:], end], digests)
+    return [Unit(f"u{i:07d}", (path,), s, e, d.hexdigest()[:16]) for i, (s, e, d) in enumerate(bounds)]
 
 
 def parquet_units(fs: pafs.FileSystem, path: str, per_unit: int) -> list[Unit]:
-    """Units of ``per_unit`` rows of a Parquet manifest (its footer only is read here)."""
+    """Units of ``per_unit`` rows of a Parquet manifest (its footer only is read here); their fingerprint
+    is the file's size and modification time (``labeler.fingerprint.stamp``)."""
     with fs.open_input_file(path) as f:
         rows = pq.ParquetFile(f).metadata.num_rows
-    return [Unit(f"u{i // per_unit:07d}", (path,), i, min(i + per_unit, rows)) for i in range(0, rows, per_unit)]
+    mark = hashlib.sha1(stamp(fs.get_file_info(path)).encode()).hexdigest()[:16]
+    return [Unit(f"u{i // per_unit:07d}", (path,), i, min(i + per_unit, rows), mark) for i in range(0, rows, per_unit)]
 
 
 def _text_entries(fs: pafs.FileSystem, path: str, start: int, stop: int) -> list[str]:

@@ -208,10 +208,52 @@ def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, directory: str) -> 
     return spec
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+SNIFF_BYTES = 1 << 16
+
+
+def check_weights_file(uri: str) -> None:
+    """Refuse a weights file that cannot be what it claims, from its first bytes (no tensor is read):
+    empty, a Git LFS pointer (the weights were never fetched), a ``.safetensors`` file whose header is not
+    one, or a ``.pth``/``.pt``/``.bin`` file that is neither a zip (``torch.save``) nor a pickle.
+
+    Raises:
+        FileNotFoundError: nothing at ``uri``. ValueError: naming the file, what it holds and what to do.
+    """
+    from labeler.storage import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if not info.is_file:
+        raise FileNotFoundError(f"weights file {uri} does not exist")
+    with fs.open_input_file(path) as f:
+        head = f.read(min(info.size, SNIFF_BYTES))
+    if not head:
+        raise ValueError(f"weights file {uri} is empty; point at the real weights file")
+    if head.startswith(LFS_POINTER):
+        raise ValueError(
+            f"{uri} is a Git LFS pointer file ({info.size} bytes of text), not the weights: the file was never "
+            "downloaded. Run `git lfs pull` in its repository (or download the file itself) and use that file"
+        )
+    if path.endswith(".safetensors"):
+        size = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+        if not 0 < size <= info.size - 8 or not head[8:9] == b"{":
+            raise ValueError(
+                f"{uri} is not a safetensors file (it starts with {head[:24]!r}); give the weights saved by "
+                "safetensors (or a .pth saved with torch.save(model.state_dict(), ...))"
+            )
+    elif not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise ValueError(
+            f"{uri} is not a PyTorch checkpoint (neither torch.save's zip nor a pickle; it starts with "
+            f"{head[:24]!r}); save it with torch.save(model.state_dict(), ...), or as .safetensors"
+        )
+
+
 def _load_weights(uri: str) -> dict[str, torch.Tensor]:
     """A checkpoint folder's own weights (always safetensors: nothing is executed)."""
     from safetensors.torch import load
 
+    check_weights_file(uri)
     return load(read_bytes(uri))
 
 
@@ -221,7 +263,14 @@ def load_spec(directory: str) -> ModelSpec:
     Raises:
         FileNotFoundError: no ``model.json`` there. ValueError: as :meth:`ModelSpec.from_json`.
     """
-    return ModelSpec.from_json(read_bytes(join(directory, SPEC_FILE)).decode())
+    uri = join(directory, SPEC_FILE)
+    text = read_bytes(uri)
+    if text.startswith(LFS_POINTER):
+        raise ValueError(f"{uri} is a Git LFS pointer file, not the model's spec; run `git lfs pull` in its repository")
+    try:
+        return ModelSpec.from_json(text.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
+        raise ValueError(f"{uri} is not a model spec written by this project ({type(err).__name__}: {err})") from err
 
 
 def load_checkpoint(

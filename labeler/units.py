@@ -8,10 +8,16 @@ every row it writes ``units/u0000042.json`` with its row count. A unit is finish
 predictions hold exactly that many rows; resuming skips finished units and redoes the rest
 from scratch. So resume costs memory per unit, never per image, and rows in = predictions +
 rejections stays exact across any number of interruptions.
+
+A unit's identity (:attr:`Unit.identity`) names what it reads and a fingerprint of it (the sizes and
+modification times or ETags of its files, ``labeler.fingerprint``). A finished unit whose recorded
+identity is not the current one was made from other files: resuming stops with
+:class:`labeler.fingerprint.OutputMismatch` rather than keep its rows or silently relabel it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,6 +30,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from labeler.file_reader import SCHEMA
+from labeler.fingerprint import OutputMismatch
 from labeler.storage import delete_file, delete_tree, join, list_files, read_bytes, uri_of, write_bytes
 
 UNIT_COLUMN = "unit"
@@ -49,16 +56,23 @@ class Unit:
     def identity(self) -> str:
         """What the unit reads, checked on resume: a unit of another size, or of a corpus whose
         listing changed under it (files added, a manifest appended to), is not the same unit."""
+        check = f" sha1:{self.fingerprint}" if self.fingerprint else ""
         if self.stop is not None:
             # a listing's range also names the files in it: files added before it shift it
-            check = f" sha1:{self.fingerprint}" if self.fingerprint else ""
             return f"{self.paths[0]}@{self.start}-{self.stop}{check}"
-        return f"{self.paths[0]} .. {self.paths[-1]} ({len(self.paths)} files)"
+        return f"{self.paths[0]} .. {self.paths[-1]} ({len(self.paths)} files){check}"
 
 
-def make_units(paths: list[str], per_unit: int) -> list[Unit]:
-    """Consecutive groups of ``per_unit`` paths (in the order given: sorted), keyed by index."""
-    return [Unit(f"u{i // per_unit:07d}", tuple(paths[i : i + per_unit])) for i in range(0, len(paths), per_unit)]
+def make_units(paths: list[str], per_unit: int, stamps: list[str] | None = None) -> list[Unit]:
+    """Consecutive groups of ``per_unit`` paths (in the order given: sorted), keyed by index; with
+    ``stamps`` (one per path: ``labeler.listing.iter_entries``), each unit's fingerprint digests them."""
+    units = []
+    for i in range(0, len(paths), per_unit):
+        group = paths[i : i + per_unit]
+        marks = "\n".join(f"{p}\0{m}" for p, m in zip(group, stamps[i : i + per_unit])) if stamps else ""
+        fingerprint = hashlib.sha1(marks.encode("utf-8", "surrogateescape")).hexdigest()[:16] if stamps else ""
+        units.append(Unit(f"u{i // per_unit:07d}", tuple(group), fingerprint=fingerprint))
+    return units
 
 
 def _read_unit(fs: pafs.FileSystem, root: str, unit: Unit, reader: Reader, log: str | None) -> Iterator[pa.Table]:
@@ -121,19 +135,39 @@ def _rows_written(predictions: str) -> tuple[Counter, set[str]]:
 
 def finished_units(out: str, units: list[Unit]) -> tuple[set[str], int]:
     """(keys of the units already labeled under ``out``, their rows); everything written for any
-    other unit is deleted so it is redone whole. A unit counts as finished when its recorded input
-    (``Unit.identity``) is the same and its predictions hold exactly its recorded row count."""
+    other unit is deleted so it is redone whole. A unit counts as finished when its predictions hold
+    exactly its recorded row count.
+
+    Raises:
+        OutputMismatch: a unit recorded as read is not the same input now (another recorded
+            ``Unit.identity``: files added, removed or rewritten, another unit size), or is no unit of
+            the corpus any more; the message names up to five and says how to start fresh.
+    """
     log, predictions = join(out, UNIT_LOG), join(out, "predictions")
     by_key = {u.key: u for u in units}
     rows, broken = _rows_written(predictions)
     done, resumed = set(), 0
+    records = {}
     for path in list_files(log, suffix=".json")[1]:
         key = path.rsplit("/", 1)[-1][: -len(".json")]
-        uri = join(log, key + ".json")
         try:
-            record = json.loads(read_bytes(uri))
+            records[key] = json.loads(read_bytes(join(log, key + ".json")))
         except ValueError:  # cut off mid-write: the unit is redone
-            record = {}
+            records[key] = {}
+    changed = [
+        f"{key}: recorded {r['input']!r}, now {by_key[key].identity if key in by_key else 'no such unit'!r}"
+        for key, r in sorted(records.items())
+        if "input" in r and (key not in by_key or r["input"] != by_key[key].identity)
+    ]
+    if changed:
+        raise OutputMismatch(
+            f"{out} holds predictions of other inputs: {len(changed)} of its input units differ from the corpus "
+            f"as listed now (files added, removed or rewritten, or another files_per_unit): {'; '.join(changed[:5])}"
+            f"{'; ...' if len(changed) > 5 else ''}. To start fresh, write to a new output, or pass --overwrite "
+            "(labeler) / run with --overwrite (noisy-student), which deletes what is there."
+        )
+    for key, record in records.items():
+        uri = join(log, key + ".json")
         unit = by_key.get(key)
         if unit and key not in broken and record.get("input") == unit.identity and rows[key] == record.get("rows"):
             done.add(key)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
 from labeler.settings import add_arguments
+from labeler.storage import absolute
 from pipeline.config import BalanceConfig
 
 logger = logging.getLogger("pipeline.cli")
@@ -18,7 +20,26 @@ def _run(args) -> int:
     from pipeline.loop import run_loop
 
     cfg = load_config(args.config, args.overrides)
-    run_loop(cfg)
+    run_loop(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def _check(args) -> int:
+    """Every check the loop makes before it starts, and nothing else: no Ray, no model built, nothing written
+    (except the embedded digits corpus when the config uses it)."""
+    from pipeline.checks import InputError
+    from pipeline.config import load_config
+    from pipeline.loop import preflight
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.run_dir = absolute(cfg.run_dir)
+    try:
+        _, report, _ = preflight(cfg, list_folders=True)
+    except InputError as err:
+        print(f"noisy-student check: {err}")
+        return 2
+    print("\n".join(report.found))
+    print(f"noisy-student check: inputs ok ({len(report.warnings)} warnings)")
     return 0
 
 
@@ -64,7 +85,22 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "overrides", nargs="*", help="key=value overrides, e.g. teacher.epochs=5 run_dir=runs/x runlocal=true"
     )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the stages of run_dir that were made from other inputs, and make them again (without it, "
+        "such stages stop the run before anything is computed)",
+    )
     run.set_defaults(func=_run)
+    chk = sub.add_parser(
+        "check",
+        parents=[common],
+        help="check a config's inputs without computing anything: class sets, schemas, counts per split, formats, "
+        "which stages of run_dir would be reused",
+    )
+    chk.add_argument("config", help=CONFIG_HELP)
+    chk.add_argument("overrides", nargs="*", help="key=value overrides, as for run")
+    chk.set_defaults(func=_check)
     rep = sub.add_parser("report", parents=[common], help="write RUN_DIR/report.html from a finished (or partial) run")
     rep.add_argument("run_dir", help="the run_dir of a noisy-student run")
     rep.set_defaults(func=_report)
@@ -86,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_console(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        # what a user can fix (config errors name their key path); anything else is a bug and keeps its traceback
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+        # what a user can fix (config errors name their key path): one message, the traceback with --verbose;
+        # anything else is a bug and keeps its traceback
+        if args.verbose:
+            traceback.print_exc()
         print(f"noisy-student: error: {err}", file=sys.stderr)
         return 2
 

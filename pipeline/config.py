@@ -51,6 +51,7 @@ __all__ = [
     "RayConfig",
     "RunConfig",
     "StudentSettings",
+    "TeacherSettings",
     "as_config",
     "check_model_sizes",
     "check_rules",
@@ -88,6 +89,11 @@ class DataConfig:
     )
     val: str | None = setting(
         None, help="validation class folders or Parquet: selects each model's exported checkpoint (export: best)"
+    )
+    label_column: str = setting(
+        "label",
+        help="Parquet labeled sets (data.labeled, data.val, data.test, eval.extra): the column with the labels "
+        "(class names, or class indices 0..K-1)",
     )
     val_fraction: float = setting(
         0.0,
@@ -134,6 +140,18 @@ class EvalConfig:
 
 
 @dataclass
+class TeacherSettings(TrainSettings):
+    """The first teacher's settings: ``TrainSettings`` plus the class order of a supplied model (``teacher:``)."""
+
+    classes: list[str] = setting(
+        default_factory=list,
+        help="with checkpoint: the class of each output of the supplied model, in order (a bare state dict "
+        "does not say); its head is reordered into the labeled set's class order. Empty: the model.json's "
+        "classes, or for a state dict the labeled set's order",
+    )
+
+
+@dataclass
 class StudentSettings(TrainSettings):
     """A student's training settings: ``TrainSettings`` plus the per-round architectures (``student:``)."""
 
@@ -164,7 +182,7 @@ class RunConfig:
     balance: BalanceConfig = setting(default_factory=BalanceConfig, help="")
     eval: EvalConfig = setting(default_factory=EvalConfig, help="")
     train: TrainSettings = setting(default_factory=TrainSettings, help="")
-    teacher: TrainSettings = setting(default_factory=TrainSettings, help="")
+    teacher: TeacherSettings = setting(default_factory=TeacherSettings, help="")
     student: StudentSettings = setting(default_factory=StudentSettings, help="")
 
 
@@ -175,7 +193,7 @@ SECTION_HELP = {
     "balance": "confidence filter and per-class balancing",
     "eval": "evaluation of every trained model (top-1/5, ECE, corruptions, flips)",
     "train": "training keys shared by teacher and student (trainer.settings.TrainSettings)",
-    "teacher": "the first teacher: `train` plus these keys on top",
+    "teacher": "the first teacher: `train` plus these keys on top, and `classes`",
     "student": "every student: `train` plus these keys on top, and `archs`, `init_from_teacher`, `as_long_as_teacher`",
 }
 
@@ -243,8 +261,7 @@ def _read_layers(ref: str, relative_to: str | None = None, seen: tuple[str, ...]
     path = os.path.abspath(resolve_config_path(ref, relative_to))
     if path in seen:
         raise ConfigError(f"config {path} names itself in its base: chain ({' -> '.join(seen)})")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = _load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a YAML mapping at the top level")
     base = data.pop("base", None)
@@ -255,12 +272,40 @@ def _read_layers(ref: str, relative_to: str | None = None, seen: tuple[str, ...]
     return _read_layers(base, path, (*seen, path)) + [data]
 
 
+def _load_yaml(path: str) -> Any:
+    """The YAML value in the file at ``path``.
+
+    Raises:
+        ConfigError: the file is not valid YAML or not UTF-8 text, naming the file, line and column, the
+            problem, and (for the most common one) what to do.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err}); save the config as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else path
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        hint = ""
+        if "'\\t'" in problem:  # PyYAML names a tab as '\t'
+            hint = "; YAML indents with spaces only: replace the tab with spaces"
+        raise ConfigError(f"{where}: not valid YAML: {problem}{hint}") from None
+
+
 def _parse_override(item: str) -> dict:
     """``a.b=value`` -> ``{"a": {"b": value}}`` (the value parsed as YAML; empty means null)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value (for example teacher.epochs=5)")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() != "" else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. {key}='\"...\"'"
+        ) from None
     for part in reversed(key.strip().split(".")):
         if not part:
             raise ConfigError(f"override {item!r} has an empty key part")
@@ -442,6 +487,13 @@ def check_rules(cfg: DictConfig) -> None:
             "checkpoint and reset_classifier are the first teacher's (a supplied model): set teacher.checkpoint, "
             "not student.checkpoint or train.checkpoint; students always train"
         )
+    if cfg.teacher.classes and not cfg.teacher.checkpoint:
+        raise ConfigError(
+            "teacher.classes names the outputs of a supplied model, in order; set teacher.checkpoint too, or "
+            "remove teacher.classes (a teacher trained here predicts the labeled set's classes)"
+        )
+    if len(set(cfg.teacher.classes)) != len(cfg.teacher.classes):
+        raise ConfigError("teacher.classes names a class twice; give each output's class once, in order")
     if cfg.student.init_from_teacher and cfg.student.pretrained:
         raise ConfigError(
             f"student.init_from_teacher=true starts each student from its teacher's weights, so "
@@ -569,7 +621,7 @@ def config_table() -> str:
             if f.name == "student":  # the TrainSettings keys are listed under train
                 fields = [g for g in fields if g.name not in {t.name for t in dataclasses.fields(TrainSettings)}]
             elif f.name == "teacher":
-                continue
+                fields = [g for g in fields if g.name not in {t.name for t in dataclasses.fields(TrainSettings)}]
             for g in fields:
                 text = g.metadata.get("help") or ""
                 if f"{f.name}.{g.name}" in _RESERVED:

@@ -24,6 +24,7 @@ from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, 
 from labeler.progress import Progress, ProgressChannel, log_file, quiet_ray, ray_init_kwargs, verbose
 from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_bytes, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
+from pipeline.checks import CheckReport, check_inputs
 from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
 from pipeline.digits import write_digits_corpus
 from pipeline.model_eval import (
@@ -36,8 +37,8 @@ from pipeline.model_eval import (
 )
 from pipeline.report import role_label, write_report
 from pipeline.split import carve_validation
+from pipeline.stages import Stage, check_stages, plan_stages, start_stage
 from trainer.api import train_model
-from trainer.data import labeled_classes
 from trainer.loop import steps_per_epoch
 from trainer.settings import TrainSettings
 
@@ -106,18 +107,14 @@ def software_versions() -> dict:
     return out
 
 
-def prepare_data(cfg: DictConfig) -> dict:
-    """The splits: ``labeled`` (what models train on), ``unlabeled``, ``test``, ``val`` (or None) and
-    ``classes_from`` (the labeled set as given, whose classes the models predict); writes the embedded
-    digits corpus when none is configured (``check_rules`` has made sure ``data.labeled`` and
-    ``data.unlabeled`` are both set or both null).
-
-    The validation split, first that applies: ``data.val`` (a labeled set); ``data.val_fraction`` > 0,
-    carved per class from the labeled set into ``run_dir/splits/`` (:mod:`pipeline.split`; the carved
-    images leave the training set); the digits corpus's own ``val/`` (``data.val_per_class``); none.
+def split_paths(cfg: DictConfig) -> dict:
+    """The splits as configured, before any carving: ``labeled``, ``unlabeled``, ``test``, ``val`` (or
+    None), ``classes_from`` (the labeled set as given, whose classes the models predict) and ``carve``
+    (whether validation is carved from the labeled set: :func:`prepare_data`); local paths absolute (Ray
+    Train workers run in their own working directory). Writes the embedded digits corpus when none is
+    configured (``check_rules`` has made sure ``data.labeled`` and ``data.unlabeled`` are both set or both null).
     """
     d = cfg.data
-    fraction = d.val_fraction or 0.0
     if d.labeled and d.unlabeled:
         paths = {"labeled": d.labeled, "unlabeled": d.unlabeled, "test": d.test}
     else:
@@ -127,10 +124,24 @@ def prepare_data(cfg: DictConfig) -> dict:
         paths["test"] = d.test or paths["test"]
     paths["classes_from"] = paths["labeled"]
     paths["val"] = d.val or paths.get("val")
-    if not d.val and fraction:
-        paths.update(carve_validation(absolute(paths["labeled"]), fraction, cfg.seed, join(cfg.run_dir, "splits")))
-    # absolute: Ray Train workers run in their own working directory
-    return {k: absolute(v) if v else v for k, v in paths.items()}
+    paths = {k: absolute(v) if v else v for k, v in paths.items()}
+    paths["carve"] = bool(not d.val and d.val_fraction)
+    return paths
+
+
+def prepare_data(cfg: DictConfig, paths: dict | None = None) -> dict:
+    """The splits (:func:`split_paths`, or ``paths`` when given) with the validation split carved where
+    configured: ``labeled`` (what models train on) and ``val`` then point at the carved parts.
+
+    The validation split, first that applies: ``data.val`` (a labeled set); ``data.val_fraction`` > 0,
+    carved per class from the labeled set into ``run_dir/splits/`` (:mod:`pipeline.split`; the carved
+    images leave the training set); the digits corpus's own ``val/`` (``data.val_per_class``); none.
+    """
+    paths = dict(paths or split_paths(cfg))
+    if paths["carve"]:
+        splits = join(cfg.run_dir, "splits")
+        paths.update(carve_validation(paths["labeled"], cfg.data.val_fraction, cfg.seed, splits, cfg.data.label_column))
+    return paths
 
 
 def _model_spec(cfg: DictConfig, classes: list[str], settings: TrainSettings) -> ModelSpec:
@@ -150,25 +161,30 @@ def _finished(model_dir: str) -> dict | None:
     return None
 
 
-def _supplied_teacher(cfg: DictConfig, settings: TrainSettings, spec: ModelSpec, data: dict, teacher_dir: str) -> dict:
-    """Round 0 from ``teacher.checkpoint``: converted into ``teacher_dir`` (the project's checkpoint folder),
-    not trained; with ``reset_classifier`` and another class count, its new head is fine-tuned on the labels."""
+def _supplied_teacher(
+    cfg: DictConfig, settings: TrainSettings, spec: ModelSpec, data: dict, teacher_dir: str, stage: Stage
+) -> dict:
+    """Round 0 from ``teacher.checkpoint``: converted into ``teacher_dir`` (the project's checkpoint folder,
+    its head in the labeled set's class order: ``teacher.classes``), not trained; with ``reset_classifier``
+    and another class count, its new head is fine-tuned on the labels."""
     if (done := _finished(teacher_dir)) is not None:
         return done
+    start_stage(stage)
     uri = settings.checkpoint if "://" in settings.checkpoint else absolute(settings.checkpoint)
     staged = join(os.path.dirname(teacher_dir.rstrip("/")), "supplied")
     logger.info(f"round 0: the supplied teacher {uri} (teacher training skipped)")
-    spec, reset = import_checkpoint(uri, spec, staged, settings.reset_classifier)
+    spec, reset = import_checkpoint(uri, spec, staged, settings.reset_classifier, list(cfg.teacher.classes) or None)
     if reset:  # a new head knows nothing yet: fine-tune the supplied model on the labeled set
         logger.info(f"the supplied teacher's head was re-initialised; fine-tuning it for {settings.epochs} epochs")
-        metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher", init_from=staged)
+        metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher", init_from=staged, stage=stage)
     else:
         for name in (SPEC_FILE, WEIGHTS_FILE):
             write_bytes(join(teacher_dir, name), read_bytes(join(staged, name)))
         metrics = {"train_seconds": 0.0}
         if data.get("val"):  # validated like a trained model, so a worse student is marked against it
             task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(validate_model)
-            metrics.update(ray.get(task.remote(teacher_dir, data["val"], cfg.eval.batch_size)))
+            column = cfg.data.label_column
+            metrics.update(ray.get(task.remote(teacher_dir, data["val"], cfg.eval.batch_size, column)))
     metrics.update(supplied=uri, classifier_reset=reset)
     write_json(join(teacher_dir, "final.json"), metrics)
     return metrics
@@ -190,10 +206,12 @@ def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: boo
         )
 
 
-def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None) -> dict:
+def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None, stage: Stage | None = None) -> dict:
     if (done := _finished(out_dir)) is not None:
-        logger.info(f"[{name}] already trained, skipping")
+        logger.info(f"[{name}] already trained from the same inputs, reused")
         return done
+    if stage is not None:
+        start_stage(stage)
     if _FIXED_CLUSTER:
         check_stream_cpus(settings, ray.cluster_resources().get("CPU", 0))
     logger.info(f"training {name}: {spec.arch}, {settings.epochs} epochs, {settings.num_workers} workers")
@@ -202,7 +220,7 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
         settings, spec, data["labeled"], out_dir, join(cfg.run_dir, "ray_train"), name,
         pseudo=pseudo, val=data.get("val"), hard=cfg.label.hard, init_from=init_from, label=name,
         tensorboard=join(cfg.run_dir, "tensorboard", name),
-        eval_batch=cfg.eval.batch_size,
+        eval_batch=cfg.eval.batch_size, label_column=cfg.data.label_column,
     )  # fmt: skip
     metrics["train_seconds"] = round(time.time() - start, 1)
     top1 = metrics.get("val_top1", float("nan"))
@@ -243,13 +261,14 @@ def at_least_as_long(s: TrainSettings, teacher_seen: int | None, pseudo_rows: in
     return dataclasses.replace(s, min_steps_per_epoch=max(s.min_steps_per_epoch, need))
 
 
-def _evaluate(cfg: DictConfig, model_dir: str, data: dict) -> dict:
+def _evaluate(cfg: DictConfig, model_dir: str, data: dict, stage: Stage) -> dict:
     """All metrics of one model (``model_dir/eval.json``, computed once); a Ray task, on a GPU if there is one."""
     path = join(model_dir, "eval.json")
     if exists(path):
         return read_json(path)
     if not data["test"]:
         return {}
+    start_stage(stage)
     task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(evaluate_model)
     extra = {name: absolute(uri) for name, uri in cfg.eval.extra.items()}
     start = time.time()
@@ -258,7 +277,7 @@ def _evaluate(cfg: DictConfig, model_dir: str, data: dict) -> dict:
     )
     channel = ProgressChannel.create()
     try:
-        ref = task.remote(model_dir, data["test"], extra, cfg.seed, cfg.eval.batch_size, channel)
+        ref = task.remote(model_dir, data["test"], extra, cfg.seed, cfg.eval.batch_size, channel, cfg.data.label_column)
         metrics = _wait_showing_progress(ref, channel, f"evaluating {_model_name(model_dir)} (test split)")
     finally:
         channel.shutdown()
@@ -289,20 +308,26 @@ def _model_name(model_dir: str) -> str:
     return "/".join(parts[-2:])
 
 
-def _label_and_balance(cfg: DictConfig, data: dict, teacher_dir: str, round_dir: str, num_classes: int) -> dict:
-    labels_dir = join(round_dir, "labels")
-    if not exists(join(labels_dir, "manifest.json")):  # absent: not run, or interrupted (resumes)
+def _label_and_balance(
+    cfg: DictConfig, data: dict, teacher_dir: str, round_dir: str, num_classes: int, stages: dict[str, Stage]
+) -> dict:
+    labels_dir, it = join(round_dir, "labels"), round_dir.rstrip("/").rsplit("_", 1)[-1]
+    start_stage(stages[f"round_{it}/labels"])
+    if not exists(join(labels_dir, "manifest.json")):
         logger.info(f"labeling {data['unlabeled']} with {teacher_dir}")
-        opts = dataclasses.replace(
-            OmegaConf.to_object(cfg.label),
-            # the balanced set then carries the images: students read them from any corpus format
-            keep_image_bytes=True,
-            image_bytes_min_confidence=cfg.balance.threshold,
-        )
-        run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts)
+    opts = dataclasses.replace(
+        OmegaConf.to_object(cfg.label),
+        # the balanced set then carries the images: students read them from any corpus format
+        keep_image_bytes=True,
+        image_bytes_min_confidence=cfg.balance.threshold,
+    )
+    # always: a finished job is reused only when the corpus's units are the same files (labeler.units);
+    # an interrupted one resumes
+    run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts)
     stats_path = join(round_dir, "balance_stats.json")
     if exists(stats_path):
         return read_json(stats_path)
+    start_stage(stages[f"round_{it}/balanced"])
     delete_tree(join(round_dir, "balanced"))
     b = cfg.balance
     per_class, duplicate = b.per_class or _auto_per_class(labels_dir, num_classes, b.threshold), b.duplicate
@@ -328,37 +353,71 @@ def _auto_per_class(labels_dir: str, num_classes: int, threshold: float) -> int:
     return max(1, _manifest(labels_dir)["labeled"] // num_classes)
 
 
-def run_loop(cfg: DictConfig | RunConfig | dict) -> list[dict]:
+def run_loop(cfg: DictConfig | RunConfig | dict, overwrite: bool = False) -> list[dict]:
     """Run all iterations; returns (and writes) the summary, one entry per trained model.
 
     ``cfg``: ``pipeline.config.load_config``'s result, a ``RunConfig``, or a dict of what differs from
-    the defaults (checked the same way; the caller's object is not changed). The driver's full log
-    (progress, debug lines) goes to ``RUN_DIR/run.log`` too (appended; for an ``s3://`` run_dir it is
-    uploaded at the end); Ray's own logs stay in its session folder.
+    the defaults (checked the same way; the caller's object is not changed). Before Ray starts, every
+    input is checked (``pipeline.checks``) and every stage already in ``run_dir`` is compared with what
+    made it (``pipeline.stages``): a stage made from other inputs stops the run, or with ``overwrite`` is
+    deleted and made again. The driver's full log (progress, debug lines) goes to ``RUN_DIR/run.log`` too
+    (appended; for an ``s3://`` run_dir it is uploaded at the end); Ray's own logs stay in its session folder.
 
     Raises:
-        ConfigError: for a config that cannot run (before Ray starts).
+        ConfigError: for a config that cannot run. InputError: inputs that cannot be used (all problems
+            listed). OutputMismatch: stages of ``run_dir`` made from other inputs. All before Ray starts.
     """
     cfg = as_config(cfg)
     run_dir = cfg.run_dir = absolute(cfg.run_dir)
     if not is_s3(run_dir):
         os.makedirs(run_dir, exist_ok=True)
         with log_file(os.path.join(run_dir, RUN_LOG)):
-            return _run_loop(cfg, run_dir)
+            return _run_loop(cfg, run_dir, overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, RUN_LOG)
         try:
             with log_file(local):
-                return _run_loop(cfg, run_dir)
+                return _run_loop(cfg, run_dir, overwrite)
         finally:
             with open(local, "rb") as f:
                 write_bytes(join(run_dir, RUN_LOG), f.read())
 
 
-def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
-    data = prepare_data(cfg)
-    classes = labeled_classes(data["classes_from"])
-    check_model_sizes(cfg, len(classes))  # before Ray starts and before the teacher trains
+def model_specs(cfg: DictConfig, classes: list[str]) -> dict[str, ModelSpec]:
+    """The spec each model of the run is trained with: ``round_0/teacher``, ``round_<i>/student``."""
+    specs = {"round_0/teacher": _model_spec(cfg, classes, train_settings(cfg.teacher, cfg.seed))}
+    for it, arch in enumerate(student_archs(cfg), start=1):
+        specs[f"round_{it}/student"] = _model_spec(cfg, classes, train_settings(cfg.student, cfg.seed + it, arch))
+    return specs
+
+
+def preflight(cfg: DictConfig, overwrite: bool = False, list_folders: bool = False) -> tuple[dict, CheckReport, list]:
+    """Everything the loop checks before Ray starts: the inputs (``pipeline.checks``), the model sizes, and
+    which stages of ``run_dir`` are reused, resumed, run or redone (``pipeline.stages``). Returns the splits
+    (:func:`split_paths`), the report and the stages; logs the warnings.
+
+    Raises:
+        InputError, ConfigError, OutputMismatch: as :func:`run_loop`.
+    """
+    paths = split_paths(cfg)
+    report = check_inputs(cfg, paths, list_folders)
+    for warning in report.warnings:
+        logger.warning(f"WARNING: {warning}")
+    report.raise_for_problems()
+    classes = report.classes.classes
+    check_model_sizes(cfg, len(classes))
+    stages = plan_stages(cfg, paths, classes, model_specs(cfg, classes))
+    report.found += check_stages(stages, overwrite)
+    return paths, report, stages
+
+
+def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[dict]:
+    paths, report, planned = preflight(cfg, overwrite)  # before Ray starts and before the teacher trains
+    for line in report.found:
+        logger.debug(f"check: {line}")
+    stages = {s.name: s for s in planned}
+    data = prepare_data(cfg, paths)
+    classes = report.classes.classes
     init_ray(cfg)
     supplied = cfg.teacher.checkpoint  # a supplied first teacher: not trained by this run
     info = {"config": OmegaConf.to_container(cfg), "versions": software_versions(), "argv": sys.argv,
@@ -370,19 +429,20 @@ def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
     settings = train_settings(cfg.teacher, cfg.seed)
     spec = _model_spec(cfg, classes, settings)
     if settings.checkpoint:
-        metrics = _supplied_teacher(cfg, settings, spec, data, teacher_dir)
+        metrics = _supplied_teacher(cfg, settings, spec, data, teacher_dir, stages["round_0/teacher"])
     else:
-        metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher")
+        metrics = _train(cfg, settings, spec, data, teacher_dir, "round_0_teacher", stage=stages["round_0/teacher"])
     teacher_seen = labeled_images_seen(settings, metrics)
     spec = load_spec(teacher_dir)
-    summary = [_entry(0, "teacher", spec.arch, teacher_dir, metrics, _evaluate(cfg, teacher_dir, data))]
+    evaluation = _evaluate(cfg, teacher_dir, data, stages["round_0/teacher evaluation"])
+    summary = [_entry(0, "teacher", spec.arch, teacher_dir, metrics, evaluation)]
     if settings.checkpoint:
         summary[0]["supplied"] = metrics.get("supplied", settings.checkpoint)
     archs = student_archs(cfg)
     for it in range(1, cfg.iterations + 1):
         logger.info(f"== round {it} of {cfg.iterations} ==")
         round_dir = join(run_dir, f"round_{it}")
-        stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes))
+        stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes), stages)
         arch = archs[it - 1]
         settings = train_settings(cfg.student, cfg.seed + it, arch)
         if cfg.student.as_long_as_teacher:
@@ -392,9 +452,11 @@ def _run_loop(cfg: DictConfig, run_dir: str) -> list[dict]:
         student_dir = join(round_dir, "student")
         init = teacher_dir if cfg.student.init_from_teacher else None
         balanced = join(round_dir, "balanced")
-        metrics = _train(cfg, settings, student, data, student_dir, f"round_{it}_student", balanced, init)
+        name = f"round_{it}/student"
+        train_name = name.replace("/", "_")
+        metrics = _train(cfg, settings, student, data, student_dir, train_name, balanced, init, stages[name])
         teacher_seen = labeled_images_seen(settings, metrics)
-        evaluation = _evaluate(cfg, student_dir, data)
+        evaluation = _evaluate(cfg, student_dir, data, stages[f"{name} evaluation"])
         summary.append(_entry(it, "student", arch, student_dir, metrics, evaluation, stats["total_rows"]))
         teacher_dir = student_dir
     add_relative_errors(summary)

@@ -26,7 +26,7 @@ from pipeline.corruptions import (
     corrupt,
     perturbation_frames,
 )
-from trainer.data import EVAL_BATCH, LabeledBatches
+from trainer.data import EVAL_BATCH, LABEL_COLUMN, LabeledBatches
 from trainer.evaluate import AccuracySums, predict_logits
 
 ECE_BINS = 15
@@ -115,6 +115,7 @@ def evaluate_model(
     seed: int = 0,
     batch: int = EVAL_BATCH,
     progress: ProgressChannel | None = None,
+    label_column: str = LABEL_COLUMN,
 ) -> dict:
     """All metrics of one checkpoint on the test split (and on each extra labeled set), streamed.
 
@@ -135,7 +136,9 @@ def evaluate_model(
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_checkpoint(model_dir, device=device)
-    data = LabeledBatches(test, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation)
+    data = LabeledBatches(
+        test, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation, label_column
+    )
     accuracy, calibration = AccuracySums(), CalibrationSums()
     matrix = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     corrupt_correct = {name: [0] * len(SEVERITIES) for name in CORRUPTIONS}
@@ -166,11 +169,13 @@ def evaluate_model(
     out["flip_rates"] = {name: f / (n * (FRAMES - 1)) for name, f in flips.items()}
     out["flip_rate"] = float(np.mean(list(out["flip_rates"].values())))
     extra = extra or {}
-    out["extra"] = {name: _evaluate_extra(model, spec, device, name, root, batch) for name, root in extra.items()}
+    out["extra"] = {
+        name: _evaluate_extra(model, spec, device, name, root, batch, label_column) for name, root in extra.items()
+    }
     return out
 
 
-def validate_model(model_dir: str, val: str, batch: int = EVAL_BATCH) -> dict:
+def validate_model(model_dir: str, val: str, batch: int = EVAL_BATCH, label_column: str = LABEL_COLUMN) -> dict:
     """``val_top1``/``val_top5``/``val_loss`` and ``val_unreadable`` of a checkpoint on a validation set,
     streamed: what the trainer records for a model it trained, for one it did not (a supplied teacher).
 
@@ -179,12 +184,16 @@ def validate_model(model_dir: str, val: str, batch: int = EVAL_BATCH) -> dict:
     """
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_checkpoint(model_dir, device=device)
-    return _evaluate_extra(model, spec, device, "val", val, batch)
+    return _evaluate_extra(model, spec, device, "val", val, batch, label_column)
 
 
-def _evaluate_extra(model, spec: ModelSpec, device, name: str, root: str, batch: int) -> dict:
+def _evaluate_extra(
+    model, spec: ModelSpec, device, name: str, root: str, batch: int, label_column: str = LABEL_COLUMN
+) -> dict:
     """``{name}_top1/_top5/_loss`` and ``{name}_unreadable`` of one extra labeled set, streamed."""
-    data = LabeledBatches(root, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation)
+    data = LabeledBatches(
+        root, spec.classes, spec.image_size, spec.in_chans, batch, spec.crop_pct, spec.interpolation, label_column
+    )
     sums = AccuracySums()
     for images, labels in data:
         sums.add(predict_logits(model, images, spec, device, batch), labels)

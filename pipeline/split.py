@@ -10,6 +10,7 @@ Layout: ``splits/train/manifest.parquet`` and ``splits/val/manifest.parquet``, e
 the trainer and evaluation read like any other (``trainer.data``): a file list (``path``, image
 URI; ``label``, class name) for a class-folder labeled set, or the rows themselves (``image`` bytes,
 ``label``) for a Parquet labeled set, which has no file per image to point at.
+The label column is named as in the labeled set (``data.label_column``), so one setting reads both.
 ``splits/split.json`` records the parameters and the images per class in each part.
 """
 
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from labeler.storage import exists, join, read_json, write_bytes, write_json
-from trainer.data import _parquet_columns, list_class_folders, parquet_files, parquet_source_column
+from trainer.data import LABEL_COLUMN, _parquet_columns, list_class_folders, parquet_files, parquet_source_column
 
 SPLIT_FILE = "split.json"
 
@@ -51,7 +52,9 @@ def carve_indices(labels: list[str], fraction: float, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
 
 
-def carve_validation(labeled: str, fraction: float, seed: int, out_dir: str) -> dict[str, str]:
+def carve_validation(
+    labeled: str, fraction: float, seed: int, out_dir: str, label_column: str = LABEL_COLUMN
+) -> dict[str, str]:
     """Split ``labeled`` (class folders or Parquet, local or ``s3://``) into ``out_dir/train`` and
     ``out_dir/val`` (see the module docstring); returns ``{"labeled": train root, "val": val root}``.
 
@@ -65,6 +68,8 @@ def carve_validation(labeled: str, fraction: float, seed: int, out_dir: str) -> 
         ValueError: as :func:`carve_indices`.
     """
     params = {"labeled": labeled, "val_fraction": fraction, "seed": seed}
+    if label_column != LABEL_COLUMN:  # recorded only when set, so splits carved before still match
+        params["label_column"] = label_column
     roots = {"labeled": join(out_dir, "train"), "val": join(out_dir, "val")}
     marker = join(out_dir, SPLIT_FILE)
     if exists(marker):
@@ -76,7 +81,7 @@ def carve_validation(labeled: str, fraction: float, seed: int, out_dir: str) -> 
         )
     if parquet_files(labeled):
         column = parquet_source_column(labeled)
-        cols = _parquet_columns(labeled, [column, "label"])
+        cols = _parquet_columns(labeled, [column, "label"], label_column)
         source, names = cols[column], cols["label"]
     else:
         _, pairs = list_class_folders(labeled)
@@ -87,7 +92,7 @@ def carve_validation(labeled: str, fraction: float, seed: int, out_dir: str) -> 
     counts = {}
     for part, mask in (("labeled", ~is_val), ("val", is_val)):
         rows = np.flatnonzero(mask)
-        table = pa.table({column: [source[i] for i in rows], "label": [names[i] for i in rows]})
+        table = pa.table({column: [source[i] for i in rows], label_column: [names[i] for i in rows]})
         buf = io.BytesIO()
         pq.write_table(table, buf)
         write_bytes(join(roots[part], "manifest.parquet"), buf.getvalue())

@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, save_checkpoint
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import exists, filesystem_for, is_s3, join, write_bytes
-from trainer.data import EVAL_BATCH
+from trainer.data import EVAL_BATCH, LABEL_COLUMN
 from trainer.data_check import clear_recorded_error, preflight, preflight_val, raise_recorded_error
 from trainer.loop import steps_per_epoch, train_loop_per_worker
 from trainer.noise import target_smoothing
@@ -41,6 +41,7 @@ def train_model(
     tensorboard: str | None = None,
     progress: bool = True,
     eval_batch: int = EVAL_BATCH,
+    label_column: str = LABEL_COLUMN,
 ) -> dict:
     """Train one model; write ``out_dir/{model.safetensors,model.json,metrics.jsonl}``.
 
@@ -79,7 +80,7 @@ def train_model(
     """
     preflight(labeled, pseudo, spec.classes, spec.image_size, spec.in_chans)  # a bad set fails here, not in retries
     if val:
-        preflight_val(val, spec.classes, spec.image_size, spec.in_chans)
+        preflight_val(val, spec.classes, spec.image_size, spec.in_chans, label_column)
     error_file = join(out_dir, "data_error.json")
     clear_recorded_error(error_file)
     if init_from:  # fail here, naming the checkpoint, rather than in every worker
@@ -98,10 +99,11 @@ def train_model(
         "data_error_file": error_file,
         "tensorboard": tensorboard,
         "eval_batch": eval_batch,
+        "label_column": label_column,
     }
     datasets = {}
     if settings.feed == "ray_data":
-        datasets, config["stream_steps"] = streaming_datasets(settings, spec, labeled, pseudo, hard)
+        datasets, config["stream_steps"] = streaming_datasets(settings, spec, labeled, pseudo, hard, label_column)
     if not val:
         logger.info(f"[{label}] no validation split: the last epoch's checkpoint is exported")
     channel = config["progress"] = ProgressChannel.create() if progress else None
@@ -249,7 +251,12 @@ class _ProgressWatcher:
 
 
 def streaming_datasets(
-    settings: TrainSettings, spec: ModelSpec, labeled: str, pseudo: str | None, hard: bool
+    settings: TrainSettings,
+    spec: ModelSpec,
+    labeled: str,
+    pseudo: str | None,
+    hard: bool,
+    label_column: str = LABEL_COLUMN,
 ) -> tuple[dict[str, ray.data.Dataset], int]:
     """The Ray Datasets of ``feed: ray_data`` and the steps per epoch they give.
 
@@ -260,7 +267,7 @@ def streaming_datasets(
 
     s, sp = settings, dataclasses.asdict(spec)
     noise, geometry = (s.randaugment_ops, s.randaugment_magnitude), (s.random_resized_crop, s.hflip)
-    rows = labeled_dataset(labeled, spec.classes)
+    rows = labeled_dataset(labeled, spec.classes, label_column)
     eps_labeled = target_smoothing(s.label_smoothing, pseudo=False, hard=True)
     datasets = {
         "labeled": augmented(rows, sp, *noise, eps_labeled, *geometry),

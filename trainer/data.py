@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from labeler.images import RejectedImage, decode_into, is_container
 from labeler.sources import image_bytes
-from labeler.storage import filesystem_for, is_s3, list_files, read_bytes, uri_of
+from labeler.storage import filesystem_for, is_s3, iter_tables, list_dirs, list_files, read_bytes, uri_of
 
 EVAL_BATCH = 256  # images per evaluation batch: all an evaluation holds decoded at once
 REMOTE_READS = 16  # S3 objects fetched at a time by LabeledBatches (each GET is latency-bound)
@@ -103,6 +103,8 @@ def _rejections(reasons: list[str | None], ids: list[str], weights=None) -> tupl
 
 def class_indices(names: list[str], classes: list[str], root: str) -> np.ndarray:
     """Index into ``classes`` of each class name; a name the model does not know is an error."""
+    if None in names:
+        raise ValueError(f"{root} has rows without a label (null or NaN); label them or drop them")
     unknown = sorted(set(names) - set(classes))
     if unknown:
         raise ValueError(f"{root} has classes {unknown[:10]} that the model does not know ({classes[:10]})")
@@ -132,15 +134,130 @@ def parquet_files(root: str) -> list[str]:
     return list_files(root, suffix=".parquet")[1]
 
 
-def _parquet_columns(root: str, columns: list[str]) -> dict[str, list]:
-    """Python lists of ``columns`` over every Parquet file under ``root`` (``image`` as plain bytes)."""
+LABEL_COLUMN = "label"  # the default of ``data.label_column``; carved splits (pipeline.split) write it too
+
+
+def label_names(values: pa.Array | pa.ChunkedArray, where: str) -> list[str | None]:
+    """Class names of a Parquet ``label`` column's values; None for a row without a label (null, NaN).
+
+    Accepted: strings (class names, as written), integers (class indices, as ``"3"``) and floats whose
+    values are all integral (``3.0`` -> ``"3"``: what pandas writes for an int column with a missing
+    value). ``where`` names the file and column in errors.
+
+    Raises:
+        ValueError: another type (bool, nested, ...), a float that is not integral, or a negative index.
+    """
+    t = values.type
+    if pa.types.is_dictionary(t):
+        values, t = values.cast(t.value_type), t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return values.to_pylist()
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        numbers = values.to_pylist()
+        named: list[str | None] = []
+        for v in numbers:
+            if v is None or v != v:  # null or NaN: no label
+                named.append(None)
+            elif v != int(v) or v < 0:
+                raise ValueError(
+                    f"{where}: label {v!r} is not a class index (a whole number >= 0); labels must be class names "
+                    "(strings) or class indices 0..K-1"
+                )
+            else:
+                named.append(str(int(v)))
+        return named
+    raise ValueError(
+        f"{where} holds {t} values; labels must be class names (strings) or class indices (integers, or floats "
+        "holding whole numbers)"
+    )
+
+
+@dataclass
+class ClassSet:
+    """What a labeled set holds, read before any training (``read_class_set``).
+
+    ``classes``: the class names the set defines, in the project's order (folders: sorted names; Parquet:
+    indices 0..K-1 when every label is a number, else sorted names); ``counts``: images (rows, files) per
+    class, 0 for a class with none (an empty class folder, an index no row uses); ``unlabeled``: Parquet
+    rows without a label; ``unclassified``: files directly under a class-folder root (in no class);
+    ``numeric``: every class name is a whole number; ``kind``: ``folders`` or ``parquet``.
+    """
+
+    root: str
+    kind: str
+    classes: list[str]
+    counts: dict[str, int]
+    unlabeled: int = 0
+    unclassified: int = 0
+    numeric: bool = False
+
+    @property
+    def images(self) -> int:
+        """Images (files or rows) that belong to a class."""
+        return sum(self.counts.values())
+
+    @property
+    def empty(self) -> list[str]:
+        """Classes without an image."""
+        return [c for c in self.classes if not self.counts.get(c)]
+
+
+def _is_index(name: str) -> bool:
+    return name.isdigit()
+
+
+def read_class_set(root: str, label_column: str = LABEL_COLUMN) -> ClassSet:
+    """The classes of a labeled set and the images in each, from its listing (class folders) or its
+    ``label_column`` alone (Parquet, streamed a record batch at a time): no image is read.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        ValueError: no class folder holds an image; a Parquet file without ``label_column`` (naming
+            the columns it has); labels that are neither class names nor class indices (:func:`label_names`).
+    """
+    files = parquet_files(root)
+    if not files:
+        classes, pairs = list_class_folders(root)
+        counts = Counter(c for _, c in pairs)
+        folders = [d for d in list_dirs(root) if not d.startswith(".")]
+        names = sorted(set(classes) | set(folders))
+        loose = len(list_files(root)[1]) - len(pairs)
+        numeric = all(map(_is_index, names))
+        return ClassSet(root, "folders", names, {c: counts.get(c, 0) for c in names}, 0, loose, numeric)
+    fs, _ = filesystem_for(root)
+    counts, missing = Counter(), 0
+    for path in files:
+        where = f"{uri_of(fs, path)}, column {label_column!r}"
+        names = pq.read_schema(path, filesystem=fs).names
+        if label_column not in names:
+            raise ValueError(
+                f"{uri_of(fs, path)} has no {label_column!r} column (its columns: {', '.join(names)}); name the "
+                "column that holds the labels with data.label_column"
+            )
+        for table in iter_tables(fs, path, 64 * 1024, [label_column]):
+            named = label_names(table.column(0), where)
+            missing += sum(n is None for n in named)
+            counts.update(n for n in named if n is not None)
+    if counts and all(map(_is_index, counts)):
+        classes = [str(i) for i in range(max(int(n) for n in counts) + 1)]
+        return ClassSet(root, "parquet", classes, {c: counts.get(c, 0) for c in classes}, missing, 0, True)
+    classes = sorted(counts)
+    return ClassSet(root, "parquet", classes, dict(counts), missing, 0, bool(classes) and all(map(_is_index, classes)))
+
+
+def _parquet_columns(root: str, columns: list[str], label_column: str = LABEL_COLUMN) -> dict[str, list]:
+    """Python lists of ``columns`` over every Parquet file under ``root`` (``image`` as plain bytes; the
+    labels of ``label_column``, under the key ``label``, as class names: :func:`label_names`)."""
     fs, files = list_files(root, suffix=".parquet")
+    read = [label_column if c == "label" else c for c in columns]
     out: dict[str, list] = {c: [] for c in columns}
     for path in files:
-        t = pq.read_table(path, filesystem=fs, columns=columns)
-        for c in columns:
-            out[c] += (image_bytes(t[c]) if c == "image" else t[c]).to_pylist()
-    out["label"] = [str(v) for v in out["label"]]
+        t = pq.read_table(path, filesystem=fs, columns=read)
+        for c, r in zip(columns, read):
+            if c == "label":
+                out[c] += label_names(t[r], f"{uri_of(fs, path)}, column {r!r}")
+            else:
+                out[c] += (image_bytes(t[r]) if c == "image" else t[r]).to_pylist()
     return out
 
 
@@ -158,24 +275,21 @@ def parquet_source_column(root: str) -> str:
         if column in names:
             return column
     raise ValueError(
-        f"{files[0]} has neither an image column (image bytes) nor a path column (image URIs); a labeled "
-        "Parquet set needs one of them and a label column"
+        f"{uri_of(fs, files[0])} has neither an image column (image bytes) nor a path column (image URIs); its "
+        f"columns: {', '.join(names)}. A labeled Parquet set needs one of them and a label column"
     )
 
 
-def labeled_classes(root: str) -> list[str]:
-    """Sorted class names of a labeled set: class folders, or the ``label`` values of Parquet files
-    (``image`` column, bytes or a struct with ``bytes``; ``label`` column, class names or integer
-    indices; integer labels 0..K-1 become "0".."K-1", sorted by value)."""
-    if not parquet_files(root):
-        return list_class_folders(root)[0]
-    names = set(_parquet_columns(root, ["label"])["label"])
-    if all(n.lstrip("-").isdigit() for n in names):
-        return [str(i) for i in range(max(int(n) for n in names) + 1)]
-    return sorted(names)
+def labeled_classes(root: str, label_column: str = LABEL_COLUMN) -> list[str]:
+    """Class names of a labeled set (:attr:`ClassSet.classes`): class folders (sorted names), or the labels
+    of Parquet files (class names, sorted, or class indices: integer labels 0..K-1 become "0".."K-1",
+    in index order)."""
+    return read_class_set(root, label_column).classes
 
 
-def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int = 3) -> ImageSet:
+def load_labeled(
+    root: str, classes: list[str], image_size: int, in_chans: int = 3, label_column: str = LABEL_COLUMN
+) -> ImageSet:
     """Labeled images with one-hot targets, from class folders or Parquet (``image`` or ``path``, ``label``);
     images that cannot be read or decoded are left out and counted in ``ImageSet.unreadable``.
 
@@ -187,7 +301,7 @@ def load_labeled(root: str, classes: list[str], image_size: int, in_chans: int =
     """
     if parquet_files(root):
         source = parquet_source_column(root)
-        cols = _parquet_columns(root, [source, "label"])
+        cols = _parquet_columns(root, [source, "label"], label_column)
         indices = class_indices(cols["label"], classes, root)
         if source == "path":  # a manifest: files named by URI, read as class-folder files are
             images, reasons = _decode_many(cols["path"], image_size, in_chans)
@@ -236,11 +350,13 @@ class LabeledBatches:
         batch: int = EVAL_BATCH,
         crop_pct: float = 1.0,
         interpolation: str = "bilinear",
+        label_column: str = LABEL_COLUMN,
     ):
         if batch < 1:
             raise ValueError(f"the evaluation batch must hold at least one image, not {batch}")
         self.root, self.classes, self.image_size, self.in_chans, self.batch = root, classes, image_size, in_chans, batch
         self.crop_pct, self.interpolation = crop_pct, interpolation  # the model's eval resize (ModelSpec)
+        self.label_column = label_column
         self.rejected: Counter[str] = Counter()
         self._index = {c: i for i, c in enumerate(classes)}
         self._parquet = parquet_files(root)
@@ -257,9 +373,10 @@ class LabeledBatches:
         seen: set[str] = set()
         for pf in self._parquet_files():
             with pf:
-                for rb in pf.iter_batches(batch_size=64 * 1024, columns=["label"]):
-                    seen.update(str(v) for v in pc.unique(rb.column(0)).to_pylist())
-        class_indices(sorted(seen), self.classes, self.root)
+                for rb in pf.iter_batches(batch_size=64 * 1024, columns=[self.label_column]):
+                    where = f"{self.root}, column {self.label_column!r}"
+                    seen.update(label_names(pc.unique(rb.column(0)), where))
+        class_indices(list(seen), self.classes, self.root)
 
     def __len__(self) -> int:
         """Images in the set (rows of its Parquet files, from their footers; or files listed), readable or not."""
@@ -282,12 +399,13 @@ class LabeledBatches:
             source = parquet_source_column(self.root)
             for pf in self._parquet_files():
                 with pf:
-                    for rb in pf.iter_batches(batch_size=self.batch, columns=[source, "label"]):
+                    for rb in pf.iter_batches(batch_size=self.batch, columns=[source, self.label_column]):
                         if source == "path":  # a manifest of image URIs
                             blobs = [_read_or_none(u) for u in rb.column(0).to_pylist()]
                         else:
                             blobs = image_bytes(pa.chunked_array([rb.column(0)])).to_pylist()
-                        labels = [self._index[str(v)] for v in rb.column(1).to_pylist()]
+                        names = label_names(rb.column(1), f"{self.root}, column {self.label_column!r}")
+                        labels = [self._index[n] for n in names]
                         yield from zip(blobs, labels)
             return
         with ThreadPoolExecutor(REMOTE_READS) as pool:

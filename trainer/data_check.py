@@ -81,7 +81,7 @@ def preflight(labeled: str, pseudo: str | None, classes: list[str], image_size: 
         check_unreadable("pseudo", *_counts(reasons, table.column("id").to_pylist()))
 
 
-def preflight_val(val: str, classes: list[str], image_size: int, in_chans: int) -> None:
+def preflight_val(val: str, classes: list[str], image_size: int, in_chans: int, label_column: str = "label") -> None:
     """The validation split's first rows must decode: an empty or unreadable split scores every epoch
     0 and would select a checkpoint at random.
 
@@ -90,7 +90,7 @@ def preflight_val(val: str, classes: list[str], image_size: int, in_chans: int) 
     """
     from trainer.data import LabeledBatches
 
-    data = LabeledBatches(val, classes, image_size, in_chans, SAMPLE_ROWS)
+    data = LabeledBatches(val, classes, image_size, in_chans, SAMPLE_ROWS, label_column=label_column)
     _, labels = next(iter(data), (None, []))
     if len(labels) == 0:
         reasons = dict(data.rejected) or "it holds no images"

@@ -27,7 +27,9 @@ import ray
 from labeler.images import decode_into, normalize
 from labeler.storage import filesystem_for, iter_tables, list_files
 from trainer.data import (
+    LABEL_COLUMN,
     class_indices,
+    label_names,
     list_class_folders,
     one_hot,
     parquet_files,
@@ -41,7 +43,7 @@ from trainer.noise import smooth, train_transform
 DECODE_BATCH = 64
 
 
-def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
+def labeled_dataset(root: str, classes: list[str], label_column: str = LABEL_COLUMN) -> ray.data.Dataset:
     """Rows (path, one-hot target) of a class-folder tree or a Parquet manifest (``path``, ``label``:
     a carved training split, ``pipeline.split``), in a stable order."""
     if parquet_files(root):
@@ -51,8 +53,9 @@ def labeled_dataset(root: str, classes: list[str]) -> ray.data.Dataset:
                 "manifests of image paths, use feed: memory"
             )
         fs, files = list_files(root, suffix=".parquet")
-        table = pa.concat_tables([pq.read_table(f, filesystem=fs, columns=["path", "label"]) for f in files])
-        pairs = list(zip(table.column("path").to_pylist(), [str(v) for v in table.column("label").to_pylist()]))
+        table = pa.concat_tables([pq.read_table(f, filesystem=fs, columns=["path", label_column]) for f in files])
+        names = label_names(table.column(label_column), f"{root}, column {label_column!r}")
+        pairs = list(zip(table.column("path").to_pylist(), names))
     else:
         _, pairs = list_class_folders(root)
     indices = class_indices([c for _, c in pairs], classes, root)

@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 
 from labeler.model import ModelSpec, create_model, load_checkpoint, save_checkpoint
 from trainer.board import Board
-from trainer.data import EVAL_BATCH, LabeledBatches, load_labeled, load_pseudo
+from trainer.data import EVAL_BATCH, LABEL_COLUMN, LabeledBatches, load_labeled, load_pseudo
 from trainer.data_check import (
     TrainingDataError,
     check_image_set,
@@ -126,7 +126,8 @@ class MemoryFeed:
     """``feed: memory``: both sets decoded once into this worker; RandAugment per step, here."""
 
     def __init__(self, config: dict, s: TrainSettings, spec: ModelSpec, rank: int, world: int, start_epoch: int):
-        self.labeled = load_labeled(config["labeled"], spec.classes, spec.image_size, spec.in_chans)
+        column = config.get("label_column", LABEL_COLUMN)
+        self.labeled = load_labeled(config["labeled"], spec.classes, spec.image_size, spec.in_chans, column)
         self.pseudo = None
         if config.get("pseudo"):
             self.pseudo = load_pseudo(
@@ -335,7 +336,8 @@ def _setup(config: dict) -> _Worker:
     val = None
     if config.get("val") and rank == 0:
         val = LabeledBatches(
-            config["val"], spec.classes, spec.image_size, spec.in_chans, eval_batch, spec.crop_pct, spec.interpolation
+            config["val"], spec.classes, spec.image_size, spec.in_chans, eval_batch, spec.crop_pct, spec.interpolation,
+            config.get("label_column", LABEL_COLUMN),
         )
 
     state = _last_state()

@@ -1,0 +1,240 @@
+"""The stages of a run_dir and what made each: a finished stage is reused only when its inputs are the same.
+
+Every stage of the loop (the first teacher, each round's labels, balanced set and student, and the
+evaluation of every model) has a record of its inputs (:class:`Stage`): the settings that shape it,
+fingerprints of the data it reads (``labeler.fingerprint``: paths, sizes and modification times) and the
+digest of the record of the stage it reads from. Records depend on inputs only, so every stage's
+expected record is known before anything runs, and :func:`check_stages` compares them all with what
+the run_dir holds before Ray starts:
+
+* a stage that is not there runs;
+* a stage whose record is the same is reused when finished, resumed when not;
+* a stage whose record differs (or that has none: written by an older version), or that reads from a
+  stage that will run again, is stale: the run stops with :class:`labeler.fingerprint.OutputMismatch`
+  naming each stale stage and what changed, before anything is computed; with ``overwrite`` the stale
+  stages are deleted and made again.
+
+The record is written when a stage starts (:func:`start_stage`), so an interrupted stage is resumed only
+with the same inputs too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
+
+from labeler.api import ROW_SETTINGS
+from labeler.fingerprint import OutputMismatch, differences, file_sha256, record_digest, tree_fingerprint
+from labeler.model import SPEC_FILE, WEIGHTS_FILE
+from labeler.storage import delete_file, delete_tree, exists, join, read_json, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Stage", "check_stages", "plan_stages", "start_stage"]
+
+
+@dataclass
+class Stage:
+    """One stage of a run_dir.
+
+    ``name``: how messages name it (``round_1/labels``); ``record``: its inputs; ``record_file``: where
+    the record is kept; ``owns``: the folders and files it writes (deleted with ``overwrite``);
+    ``done_file``: present when it finished; ``upstream``: the names of the stages it reads.
+    """
+
+    name: str
+    record: dict
+    record_file: str
+    owns: list[str]
+    done_file: str
+    upstream: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.record = json.loads(json.dumps(self.record))  # as it reads back from its file (tuples as lists)
+
+    @property
+    def digest(self) -> str:
+        """A digest of the record: what a downstream stage records of this one."""
+        return record_digest(self.record)
+
+    def exists(self) -> bool:
+        """Whether anything of this stage is in the run_dir."""
+        return any(exists(p) for p in [self.record_file, *self.owns])
+
+    def finished(self) -> bool:
+        return exists(self.done_file)
+
+
+def _fingerprint(uri: str | None) -> dict | None:
+    return {"uri": uri, **tree_fingerprint(uri)} if uri else None
+
+
+def _supplied(cfg: DictConfig) -> dict | None:
+    """The supplied first teacher's file and its SHA-256 (the weights; a folder's model.json too)."""
+    uri = cfg.teacher.checkpoint
+    if not uri:
+        return None
+    if exists(join(uri, SPEC_FILE)):
+        digest = {"weights": file_sha256(join(uri, WEIGHTS_FILE)), "spec": file_sha256(join(uri, SPEC_FILE))}
+    else:
+        digest = {"weights": file_sha256(uri)}
+    return {"uri": uri, **digest, "classes": list(cfg.teacher.classes), "reset": cfg.teacher.reset_classifier}
+
+
+def _model_stages(cfg: DictConfig, data: dict, name: str, folder: str, record: dict, upstream: list[str]) -> list:
+    """A trained (or supplied) model's stage and its evaluation's."""
+    run_dir = cfg.run_dir
+    train_name = name.replace("/", "_")
+    model = Stage(
+        name,
+        record,
+        join(folder, "stage.json"),
+        [folder, join(run_dir, "ray_train", train_name), join(run_dir, "tensorboard", train_name)],
+        join(folder, "final.json"),
+        upstream,
+    )
+    return [model, _eval_stage(cfg, data.get("test"), name, folder, model)]
+
+
+def _eval_stage(cfg: DictConfig, test: str | None, name: str, folder: str, model: Stage) -> Stage:
+    record = {
+        "stage": "eval",
+        "model": model.digest,
+        "test": _fingerprint(test),
+        "extra": {k: _fingerprint(v) for k, v in cfg.eval.extra.items()},
+        "label_column": cfg.data.label_column,
+        "seed": cfg.seed,
+    }
+    eval_file = join(folder, "eval.json")
+    return Stage(f"{name} evaluation", record, join(folder, "eval_stage.json"), [eval_file], eval_file, [model.name])
+
+
+def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict) -> list[Stage]:
+    """Every stage of the run ``cfg`` describes, in order, with the record it would have.
+
+    ``data``: the splits before any carving (``pipeline.loop.split_paths``: ``classes_from`` the labeled
+    set as given, ``val``, ``test``, ``unlabeled``, ``carve``: whether validation is carved); ``specs``:
+    ``{"round_0/teacher": ModelSpec, "round_1/student": ...}``, each model's spec; ``classes``: the labeled
+    set's classes. Reads the data's listings (paths, sizes, modification times), and the supplied
+    teacher's bytes for its digest, nothing else.
+    """
+    from pipeline.config import student_archs, train_settings
+
+    run_dir = cfg.run_dir
+    carve = data.get("carve")
+    data_record = {
+        "labeled": _fingerprint(data["classes_from"]),
+        "val": None if carve else _fingerprint(data.get("val")),
+        "carved_val": {"fraction": cfg.data.val_fraction, "seed": cfg.seed} if carve else None,
+        "label_column": cfg.data.label_column,
+        "classes": list(classes),
+    }
+    teacher = train_settings(cfg.teacher, cfg.seed)
+    record = {"stage": "teacher", **data_record, "settings": teacher.to_dict(), "supplied": _supplied(cfg)}
+    record["spec"] = dataclasses.asdict(specs["round_0/teacher"])
+    stages = _model_stages(cfg, data, "round_0/teacher", join(run_dir, "round_0", "teacher"), record, [])
+    if cfg.teacher.checkpoint:
+        stages[0].owns.append(join(run_dir, "round_0", "supplied"))
+    model = stages[0]
+    label_settings = {name: getattr(cfg.label, name) for name in ROW_SETTINGS}
+    label_settings.update(keep_image_bytes=True, image_bytes_min_confidence=cfg.balance.threshold)  # as the loop sets
+    for it, arch in enumerate(student_archs(cfg), start=1):
+        round_dir = join(run_dir, f"round_{it}")
+        labels_record = {"stage": "labels", "teacher": model.digest, "unlabeled": data["unlabeled"]}
+        labels_record["label"] = label_settings
+        labels_dir = join(round_dir, "labels")
+        labels = Stage(
+            f"round_{it}/labels",
+            labels_record,
+            join(labels_dir, "stage.json"),
+            [labels_dir],
+            join(labels_dir, "manifest.json"),
+            [model.name],
+        )
+        balance_record = {"stage": "balanced", "labels": labels.digest, "num_classes": len(classes)}
+        balance_record["balance"] = OmegaConf.to_container(cfg.balance)
+        owned = [join(round_dir, n) for n in ("balanced", "balance_stats.json", "class_counts.png")]
+        balanced = Stage(
+            f"round_{it}/balanced",
+            balance_record,
+            join(round_dir, "balance_stage.json"),
+            owned,
+            join(round_dir, "balance_stats.json"),
+            [labels.name],
+        )
+        settings = train_settings(cfg.student, cfg.seed + it, arch)
+        student_record = {"stage": "student", **data_record, "teacher": model.digest, "balanced": balanced.digest}
+        student_record.update(settings=settings.to_dict(), hard=cfg.label.hard)
+        student_record["spec"] = dataclasses.asdict(specs[f"round_{it}/student"])
+        student_record["student"] = {
+            k: cfg.student[k] for k in ("init_from_teacher", "as_long_as_teacher")
+        }  # the student-only keys that change training
+        name = f"round_{it}/student"
+        student = _model_stages(
+            cfg, data, name, join(round_dir, "student"), student_record, [model.name, balanced.name]
+        )
+        stages += [labels, balanced, *student]
+        model = student[0]
+    return stages
+
+
+def check_stages(stages: list[Stage], overwrite: bool = False) -> list[str]:
+    """Compare each stage's record with the run_dir (see the module docstring); returns one line per
+    stage saying what the run will do with it (``reuse``, ``resume``, ``run``, ``redo``).
+
+    Raises:
+        OutputMismatch: stale stages and ``overwrite`` false: names each, what changed, how to start fresh.
+    """
+    will_run: set[str] = set()
+    lines, stale = [], []
+    for st in stages:
+        if not st.exists():
+            will_run.add(st.name)
+            lines.append(f"{st.name}: run")
+            continue
+        recorded = read_json(st.record_file) if exists(st.record_file) else None
+        rerun = [u for u in st.upstream if u in will_run]
+        if recorded != st.record or rerun:
+            why = (
+                "no record of its inputs (written by an older version)"
+                if recorded is None
+                else "; ".join(differences(recorded, st.record))
+                if recorded != st.record
+                else f"it reads {', '.join(rerun)}, which will be made again"
+            )
+            stale.append(f"{st.name}: {why}")
+            will_run.add(st.name)
+            lines.append(f"{st.name}: redo ({why})")
+            if overwrite:
+                _delete(st)
+            continue
+        if st.finished():
+            lines.append(f"{st.name}: reuse (same inputs)")
+        else:
+            will_run.add(st.name)
+            lines.append(f"{st.name}: resume (same inputs)")
+    if stale and not overwrite:
+        raise OutputMismatch(
+            "the run_dir holds stages made from other inputs, and nothing has been computed:\n  "
+            + "\n  ".join(stale)
+            + "\nTo start fresh, use a new run_dir, or run again with --overwrite, which deletes the stages above "
+            "(and only them) and makes them again."
+        )
+    return lines
+
+
+def _delete(stage: Stage) -> None:
+    for path in [*stage.owns, stage.record_file]:
+        delete_tree(path)
+        delete_file(path)
+    logger.info(f"--overwrite: deleted {stage.name}")
+
+
+def start_stage(stage: Stage) -> None:
+    """Record the stage's inputs as it starts (an interrupted stage resumes only with the same ones)."""
+    if not exists(stage.record_file):
+        write_json(stage.record_file, stage.record)
