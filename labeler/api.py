@@ -24,7 +24,7 @@ from labeler.model import WEIGHTS_FILE, ModelSpec, check_weights_file, load_spec
 from labeler.predict import Predictor, check_precision
 from labeler.progress import Progress, ProgressChannel
 from labeler.settings import check_choices, setting
-from labeler.sources import plan_units, read_source, unit_rows
+from labeler.sources import detect_format, plan_units, read_source, unit_rows
 from labeler.storage import (
     delete_file,
     delete_tree,
@@ -125,7 +125,7 @@ class LabelOptions:
         "auto", help="input format; auto detects it (a .txt file is a manifest of URIs)"
     )
     image_column: str = setting("image", help="Parquet inputs: the column with the image bytes")
-    id_column: str | None = setting(None, help="Parquet inputs: a column with a stable id; null: file + content hash")
+    id_column: str | None = setting(None, help="Parquet inputs: a column with a stable id; null: file + row index")
     topk: int = setting(
         0, help="0: store the full distribution; k: top-k classes + fp16 probabilities + remaining mass"
     )
@@ -321,6 +321,38 @@ def prepare_output(out: str, record: dict, overwrite: bool = False) -> bool:
     return False
 
 
+def check_labeling_inputs(
+    source: str,
+    checkpoint: str,
+    out: str,
+    options: LabelOptions | None = None,
+    spec: ModelSpec | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """What :func:`run_labeling` checks before it starts, without Ray and without writing anything: the
+    checkpoint (a real weights file, a readable spec), the corpus (exists, its format, every Parquet
+    file's columns) and whether ``out`` may be resumed (made from the same record). Returns the record
+    (:func:`labeling_record`).
+
+    Raises:
+        OutputMismatch, ValueError, FileNotFoundError: as :func:`run_labeling`, before any compute.
+    """
+    opts = options or LabelOptions()
+    record = labeling_record(source, checkpoint, opts, spec)
+    out = out.rstrip("/")
+    if not overwrite and exists(join(out, RECORD)) and read_json(join(out, RECORD)) != record:
+        before = read_json(join(out, RECORD))
+        raise OutputMismatch(
+            f"{out} holds predictions made from other inputs; what changed: "
+            f"{'; '.join(differences(before, record))}. Nothing was relabeled. To start fresh, write to a new "
+            "output, or pass --overwrite to delete it"
+        )
+    fmt = opts.format if opts.format != "auto" else detect_format(source)
+    if fmt in ("parquet", "webdataset"):  # footers and names only; a folder is listed once, by the job
+        plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    return record
+
+
 def run_labeling(
     source: str,
     checkpoint: str,
@@ -328,6 +360,7 @@ def run_labeling(
     options: LabelOptions | None = None,
     spec: ModelSpec | None = None,
     overwrite: bool = False,
+    plan: tuple | None = None,
 ) -> dict:
     """Label ``source`` into Parquet under ``out/predictions/unit=<key>/`` and write ``out/manifest.json``.
 
@@ -340,6 +373,8 @@ def run_labeling(
     on each run (labeler.listing). ``out`` is a local folder or an ``s3://`` prefix. Returns the
     manifest: counts (``rows``, ``labeled``, ``rejected``, ``reject_reasons``), ``seconds`` (wall
     time), ``images_per_s``, ``units`` and ``resumed_from`` (images already labeled before this call).
+    ``plan``: the corpus's :func:`labeler.sources.plan_units` when the caller has listed it (with the same
+    options; its listing must stay where it is), so it is not listed again.
 
     Raises:
         LabelingStalled: no output for ``options.stall_timeout_s`` seconds (a pool that cannot start).
@@ -351,7 +386,7 @@ def run_labeling(
     out = out.rstrip("/")
     listing = join(out, LISTING)
     prepare_output(out, labeling_record(source, checkpoint, opts, spec), overwrite)
-    plan = plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit, listing)
+    plan = plan or plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit, listing)
     fmt, units, _ = plan
     done, resumed = finished_units(out, units)
     if len(done) == len(units) and exists(join(out, "manifest.json")):

@@ -13,7 +13,7 @@ import argparse
 import sys
 import traceback
 
-from labeler.api import LabelingStalled, LabelOptions, run_labeling
+from labeler.api import LabelingStalled, LabelOptions, check_labeling_inputs, run_labeling
 from labeler.checkpoint_import import STATE_DICT_SUFFIXES
 from labeler.model import ModelSpec
 from labeler.settings import add_arguments, from_args
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         spec = ModelSpec(args.arch, [str(i) for i in range(args.num_classes)], args.image_size, crop_pct=args.crop_pct)
     try:
         opts = options_from_args(args)
+        # the inputs first, so a wrong one is reported before a Ray cluster is started
+        check_labeling_inputs(args.input, args.checkpoint, args.output, opts, spec, args.overwrite)
         if not ray.is_initialized():
             ray.init(address=args.address, **ray_init_kwargs(args.verbose))
         run_labeling(args.input, args.checkpoint, args.output, opts, spec, overwrite=args.overwrite)

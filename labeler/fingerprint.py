@@ -18,6 +18,7 @@ What a fingerprint covers, and what it does not:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,11 +39,22 @@ class OutputMismatch(ValueError):
 
 
 def file_sha256(uri: str) -> str:
-    """SHA-256 (hex) of a local file's or ``s3://`` object's bytes, read in 8 MB chunks.
+    """SHA-256 (hex) of a local file's or ``s3://`` object's bytes, read in 8 MB chunks; remembered in
+    this process while the file's size and modification time stay the same (a check before a job and
+    the job itself read a large checkpoint once).
 
     Raises:
         FileNotFoundError: nothing at ``uri``.
     """
+    fs, path = filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if not info.is_file:
+        raise FileNotFoundError(f"{uri} does not exist")
+    return _sha256(uri, stamp(info))
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(uri: str, mark: str) -> str:
     fs, path = filesystem_for(uri)
     digest = hashlib.sha256()
     try:

@@ -62,13 +62,22 @@ def _upright(img: Image.Image) -> Image.Image:
         return img
 
 
-def decode_image(data: bytes, in_chans: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, in_chans: int = 3, max_pixels: int = DEFAULT_MAX_PIXELS, scale_size: int | None = None
+) -> Image.Image:
     """Decode bytes into a PIL image in ``L`` (``in_chans`` 1) or ``RGB`` mode, upright (EXIF
     orientation applied) and with transparency flattened onto :data:`BACKGROUND`.
 
+    ``scale_size``: the shorter side the caller will resize the image to (:func:`resize_center_crop`);
+    the image is then also rejected, from its header and before anything is decoded, when that resize
+    would make more than ``max_pixels`` pixels (:func:`resized_size`: a 2,000,000 x 1 strip, 2 Mpx and a
+    few KB, becomes 512,000,000 x 256 = 131 Gpx for a 224 px model). So ``max_pixels`` bounds what
+    decoding and resizing allocate alike (about 4 bytes a pixel, a few copies).
+
     Raises:
-        RejectedImage: ``empty``, ``too_large`` (over ``max_pixels`` pixels), ``not_an_image``,
-            ``truncated``, ``undecodable`` or ``unsupported_mode``.
+        RejectedImage: ``empty``, ``too_large`` (over ``max_pixels`` pixels, decoded or resized to
+            ``scale_size``; or out of memory while decoding), ``not_an_image``, ``truncated``,
+            ``undecodable`` or ``unsupported_mode``.
     """
     if not data:
         raise RejectedImage("empty")
@@ -78,11 +87,15 @@ def decode_image(data: bytes, in_chans: int = 3, max_pixels: int = DEFAULT_MAX_P
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
                 raise RejectedImage("too_large", f"{img.width}x{img.height} > {max_pixels} pixels")
+            if scale_size is not None:
+                _check_resize(img.size, scale_size, max_pixels)
             img.load()
     except RejectedImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise RejectedImage("too_large", str(err)) from err
+    except MemoryError as err:
+        raise RejectedImage("too_large", "out of memory while decoding") from err
     except UnidentifiedImageError as err:
         raise RejectedImage("not_an_image", str(err)) from err
     except OSError as err:
@@ -92,11 +105,38 @@ def decode_image(data: bytes, in_chans: int = 3, max_pixels: int = DEFAULT_MAX_P
         raise RejectedImage("undecodable", f"{type(err).__name__}: {err}") from err
     try:
         return _to_mode(_upright(img), in_chans)
+    except MemoryError as err:
+        raise RejectedImage("too_large", f"out of memory converting {img.width}x{img.height} {img.mode}") from err
     except Exception as err:
         raise RejectedImage("unsupported_mode", f"{img.mode}: {err}") from err
 
 
-CONTAINER_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".parquet")
+def resized_size(size: tuple[int, int], scale_size: int) -> tuple[int, int]:
+    """(width, height) of an image of ``size`` with its shorter side resized to ``scale_size`` (timm's
+    eval geometry, :func:`resize_center_crop`); the longer side grows with it."""
+    w, h = size
+    if w <= h:
+        return scale_size, max(scale_size, int(round(h * scale_size / w)))
+    return max(scale_size, int(round(w * scale_size / h))), scale_size
+
+
+def _check_resize(size: tuple[int, int], scale_size: int, max_pixels: int) -> None:
+    """Raise ``too_large`` when resizing an image of ``size`` to a shorter side of ``scale_size``
+    would make more than ``max_pixels`` pixels (PIL holds 4 bytes a pixel in RGB)."""
+    if min(size) < 1:
+        return  # PIL refuses a zero-sized image itself (undecodable)
+    new_w, new_h = resized_size(size, scale_size)
+    if new_w * new_h > max_pixels:
+        raise RejectedImage(
+            "too_large",
+            f"{size[0]}x{size[1]} resized to a shorter side of {scale_size} would be {new_w}x{new_h} = "
+            f"{new_w * new_h:,} pixels (about {new_w * new_h * 4 / 2**20:,.0f} MB) > max_pixels {max_pixels:,}",
+        )
+
+
+# WebDataset shard names: a tar archive, plain or compressed as Python's tarfile reads it (labeler.tar_reader)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+CONTAINER_SUFFIXES = (*SHARD_SUFFIXES, ".parquet")
 
 
 def is_container(path: str) -> bool:
@@ -130,11 +170,7 @@ def resize_center_crop(
     from timm.data.transforms import str_to_pil_interp
 
     scale_size = math.floor(image_size / crop_pct)
-    w, h = img.size
-    if w <= h:
-        new_w, new_h = scale_size, max(scale_size, int(round(h * scale_size / w)))
-    else:
-        new_w, new_h = max(scale_size, int(round(w * scale_size / h))), scale_size
+    new_w, new_h = resized_size(img.size, scale_size)
     img = img.resize((new_w, new_h), str_to_pil_interp(interpolation))
     left, top = (new_w - image_size) // 2, (new_h - image_size) // 2
     img = img.crop((left, top, left + image_size, top + image_size))
@@ -166,15 +202,19 @@ def decode_into(
     geometry (:func:`decode_image`, then :func:`resize_center_crop`); the one decode step of the
     labeler and of both training feeds, so an image is rejected for the same reasons everywhere.
 
-    Returns the reject reason (``out`` then untouched), or None when it decoded. ``read`` may raise
+    Returns the reject reason (``out`` then untouched), or None when it decoded. An image whose
+    resize would exceed ``max_pixels`` is ``too_large`` before it is decoded, and running out of memory
+    while decoding or resizing is ``too_large`` too, never a failed task. ``read`` may raise
     :class:`RejectedImage` too (``unreadable``); any other exception propagates.
     """
     try:
-        img = decode_image(read(src), in_chans, max_pixels)
+        img = decode_image(read(src), in_chans, max_pixels, scale_size=math.floor(image_size / crop_pct))
         out[...] = resize_center_crop(img, image_size, crop_pct, interpolation)
         return None
     except RejectedImage as err:
         return err.reason
+    except MemoryError:
+        return "too_large"
 
 
 def decode_batch(

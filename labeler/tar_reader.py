@@ -1,4 +1,7 @@
-"""WebDataset ``.tar`` shards read sample by sample, by the webdataset format's own rules.
+"""WebDataset shards read sample by sample, by the webdataset format's own rules.
+
+A shard is a tar archive named ``.tar``, or compressed as ``.tar.gz`` / ``.tgz``, ``.tar.bz2`` or
+``.tar.xz`` (:data:`labeler.images.SHARD_SUFFIXES`; the webdataset library reads gzip shards too).
 
 Why not ``ray.data.read_webdataset``: it makes one column per member extension, so a sample
 whose image is ``left.png``, or a shard mixing ``.jpg`` and ``.png`` samples, cannot be read
@@ -18,6 +21,7 @@ cannot be opened an ``unreadable`` row, and damage (a truncated or corrupt shard
 
 from __future__ import annotations
 
+import lzma
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -26,7 +30,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from labeler.file_reader import blocks, relative_id
-from labeler.images import IMAGE_EXTENSIONS, read_failure
+from labeler.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, read_failure
+
+# what reading a damaged shard can raise (tarfile wraps most decompressor errors in ReadError, not all)
+DAMAGE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+
+
+def is_shard(path: str) -> bool:
+    """True for a WebDataset shard's name: :data:`labeler.images.SHARD_SUFFIXES`, any case."""
+    return path.lower().endswith(SHARD_SUFFIXES)
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -63,7 +75,7 @@ def shard_rows(fs: pafs.FileSystem, root: str, path: str) -> Iterator[tuple]:
     id = ``<shard relative to root>/<key>``; the damage row's id is ``<shard>#damaged``.
     """
     shard_id = relative_id(path, root)
-    key, members = None, []
+    key, members, ending = None, [], None
     try:
         stream = fs.open_input_stream(path, compression=None)  # tarfile detects compression itself
     except OSError as err:
@@ -80,14 +92,15 @@ def shard_rows(fs: pafs.FileSystem, root: str, path: str) -> Iterator[tuple]:
                     members = []
                 key = parts[0]
                 members.append((parts[1], tar.extractfile(info).read()))
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            ending = _bad_compressed_ending(tar)  # reads on to the end of the stream: before it is closed
+    except DAMAGE_ERRORS as err:
         # the sample being read when the damage was found is lost with the rest of the shard
         detail = f"{shard_id} after {key or 'its start'}: {type(err).__name__}: {err}"
         yield (f"{shard_id}#damaged", path, None, read_failure("damaged_shard", detail))
         return
     if key is not None:
         yield _sample_row(shard_id, path, key, members)
-    ending = _bad_ending(fs, path, tar)
+    ending = ending or _bad_ending(fs, path, tar)
     if ending:
         detail = f"{shard_id} after {key or 'its start'}: {ending}"
         yield (f"{shard_id}#damaged", path, None, read_failure("damaged_shard", detail))
@@ -100,7 +113,7 @@ def _bad_ending(fs: pafs.FileSystem, path: str, tar: tarfile.TarFile) -> str | N
     end of the archive; a real end is at least two 512-byte blocks of zeros.
     """
     if getattr(tar.fileobj, "comptype", "tar") != "tar":
-        return None  # compressed: a cut is found by the decompressor (an error above)
+        return None  # compressed: checked by _bad_compressed_ending
     size = fs.get_file_info(path).size
     rest = size - tar.offset
     if rest < 2 * tarfile.BLOCKSIZE:
@@ -110,6 +123,34 @@ def _bad_ending(fs: pafs.FileSystem, path: str, tar: tarfile.TarFile) -> str | N
         tail = f.read(min(rest, 1 << 20))
     if tail.strip(b"\0"):
         return f"unreadable header at byte {tar.offset} (corrupt, or the end of a cut-off member)"
+    return None
+
+
+def _bad_compressed_ending(tar: tarfile.TarFile) -> str | None:
+    """Why a compressed shard that tarfile read to its "end" is in fact cut off or corrupt, or None.
+
+    tarfile's stream mode stops quietly where the decompressed data stops, so a ``.tar.gz`` cut
+    between two members reads as a shorter archive (bz2 and xz streams mostly raise). The rest of
+    the stream is read here: the decompressor must reach its end-of-stream marker, and the archive
+    must end in two 512-byte blocks of zeros (tarfile has read the first block of the end already).
+    """
+    stream = tar.fileobj  # tarfile's _Stream: decompresses as it reads
+    comptype = getattr(stream, "comptype", "tar")
+    if comptype == "tar" or not hasattr(stream, "pos"):
+        return None  # uncompressed: checked by _bad_ending, which can seek
+    after, zeros = stream.pos - tar.offset, True
+    try:
+        while chunk := stream.read(1 << 16):
+            after += len(chunk)
+            zeros = zeros and not chunk.strip(b"\0")
+    except DAMAGE_ERRORS as err:
+        return f"corrupt {comptype} data after the last member: {type(err).__name__}: {err}"
+    if not getattr(getattr(stream, "cmp", None), "eof", True):
+        return f"cut off: the {comptype} stream ends before its end-of-stream marker"
+    if after < 2 * tarfile.BLOCKSIZE:
+        return f"cut off: {after} bytes after the last member, not the two zero blocks that end an archive"
+    if not zeros:
+        return f"unreadable data at byte {tar.offset} of the decompressed archive (corrupt, or a cut-off member)"
     return None
 
 

@@ -113,6 +113,18 @@ class UnitsDatasource(Datasource):
         ]
 
 
+def corpus_digest(fmt: str, units: list[Unit]) -> str:
+    """A digest of a corpus as its units read it (their keys, ranges, files and fingerprints), the same
+    wherever its listing is kept: what a stage that labels the corpus records of it."""
+    digest = hashlib.sha256(fmt.encode())
+    for u in units:
+        where = "" if fmt == "folder" else "|".join(u.paths)  # a folder unit's path is its listing's location
+        digest.update(
+            f"{u.key}:{u.start}-{u.stop}:{u.fingerprint}:{len(u.paths)}:{where}\n".encode("utf-8", "surrogateescape")
+        )
+    return digest.hexdigest()[:16]
+
+
 def unit_of(path: str) -> str | None:
     """The unit key of a predictions file (``.../unit=u0000042/part.parquet``), or None."""
     part = next((p for p in path.split("/") if p.startswith(UNIT_COLUMN + "=")), None)

@@ -38,12 +38,15 @@ class InputError(ValueError):
 @dataclass
 class CheckReport:
     """What the checks found (``found``), what deserves attention (``warnings``) and what stops a run
-    (``problems``), one line each; ``classes``: the labeled set's classes (None when unreadable)."""
+    (``problems``), one line each; ``classes``: the labeled set's classes (None when unreadable); ``corpus``:
+    the unlabeled corpus's ``plan_units`` result and ``corpus_digest`` its digest (None without rounds)."""
 
     found: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     classes: ClassSet | None = None
+    corpus: tuple | None = None
+    corpus_digest: str | None = None
 
     def text(self) -> str:
         """The report as a person reads it."""
@@ -179,34 +182,32 @@ def _check_teacher(report: CheckReport, cfg: DictConfig, labeled: ClassSet) -> N
         report.found.append("  its outputs are the labeled classes in another order: its head is reordered")
 
 
-def _check_corpus(report: CheckReport, cfg: DictConfig, unlabeled: str, list_folders: bool) -> None:
-    """The unlabeled corpus's format and files (a folder corpus is listed only with ``list_folders``)."""
-    from labeler.sources import detect_format, plan_units, scratch_listing, unit_rows
+def _check_corpus(report: CheckReport, cfg: DictConfig, unlabeled: str, listing: str | None) -> None:
+    """The unlabeled corpus's format and files: its plan (``labeler.sources.plan_units``; a folder is listed
+    into ``listing``, default a scratch file) and digest (``labeler.units.corpus_digest``) go to the report."""
+    from labeler.sources import plan_units, scratch_listing, unit_rows
+    from labeler.units import corpus_digest
 
     opts = cfg.label
     try:
-        fmt = opts.format if opts.format != "auto" else detect_format(unlabeled)
-        if fmt == "folder" and not list_folders:
-            report.found.append(f"data.unlabeled: {unlabeled} (an image folder; listed when labeling starts)")
-            return
-        listing = scratch_listing(unlabeled, opts.files_per_unit)
-        fmt, units, _ = plan_units(
-            unlabeled, opts.format, opts.image_column, opts.id_column, opts.files_per_unit, listing
-        )
+        listing = listing or scratch_listing(unlabeled, opts.files_per_unit)
+        plan = plan_units(unlabeled, opts.format, opts.image_column, opts.id_column, opts.files_per_unit, listing)
     except (FileNotFoundError, ValueError, PermissionError) as err:
         report.problems.append(f"data.unlabeled: {err}")
         return
+    fmt, units, _ = plan
+    report.corpus, report.corpus_digest = plan, corpus_digest(fmt, units)
     rows = unit_rows(fmt, units)
     count = f"{rows} images in " if rows is not None else ""
     report.found.append(f"data.unlabeled: {unlabeled} ({fmt}): {count}{len(units)} input units")
 
 
-def check_inputs(cfg: DictConfig, data: dict, list_folders: bool = False) -> CheckReport:
+def check_inputs(cfg: DictConfig, data: dict, listing: str | None = None) -> CheckReport:
     """Every check of the module docstring on a run's splits (``pipeline.loop.split_paths``'s ``data``).
 
-    ``list_folders``: list an image-folder corpus whole to count its images (slow for millions of loose
-    files; the loop leaves it to the labeler, which lists it anyway). Returns the report; call
-    :meth:`CheckReport.raise_for_problems` to stop on problems.
+    The unlabeled corpus is planned as the labeler reads it (a folder is listed into ``listing``, default a
+    scratch file); the plan and its digest are in the report (``corpus``, ``corpus_digest``) for the run to
+    label from. Returns the report; call :meth:`CheckReport.raise_for_problems` to stop on problems.
     """
     report = CheckReport()
     column = cfg.data.label_column
@@ -221,5 +222,5 @@ def check_inputs(cfg: DictConfig, data: dict, list_folders: bool = False) -> Che
             _check_split(report, f"eval.extra.{name}", root, labeled, column, subset=True)
         _check_teacher(report, cfg, labeled)
     if cfg.iterations > 0:
-        _check_corpus(report, cfg, data["unlabeled"], list_folders)
+        _check_corpus(report, cfg, data["unlabeled"], listing)
     return report

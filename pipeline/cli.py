@@ -34,7 +34,7 @@ def _check(args) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg.run_dir = absolute(cfg.run_dir)
     try:
-        _, report, _ = preflight(cfg, list_folders=True)
+        _, report, _ = preflight(cfg)
     except InputError as err:
         print(f"noisy-student check: {err}")
         return 2

@@ -309,7 +309,13 @@ def _model_name(model_dir: str) -> str:
 
 
 def _label_and_balance(
-    cfg: DictConfig, data: dict, teacher_dir: str, round_dir: str, num_classes: int, stages: dict[str, Stage]
+    cfg: DictConfig,
+    data: dict,
+    teacher_dir: str,
+    round_dir: str,
+    num_classes: int,
+    stages: dict[str, Stage],
+    corpus: tuple | None = None,
 ) -> dict:
     labels_dir, it = join(round_dir, "labels"), round_dir.rstrip("/").rsplit("_", 1)[-1]
     start_stage(stages[f"round_{it}/labels"])
@@ -323,7 +329,7 @@ def _label_and_balance(
     )
     # always: a finished job is reused only when the corpus's units are the same files (labeler.units);
     # an interrupted one resumes
-    run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts)
+    run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts, plan=corpus)
     stats_path = join(round_dir, "balance_stats.json")
     if exists(stats_path):
         return read_json(stats_path)
@@ -391,28 +397,33 @@ def model_specs(cfg: DictConfig, classes: list[str]) -> dict[str, ModelSpec]:
     return specs
 
 
-def preflight(cfg: DictConfig, overwrite: bool = False, list_folders: bool = False) -> tuple[dict, CheckReport, list]:
-    """Everything the loop checks before Ray starts: the inputs (``pipeline.checks``), the model sizes, and
-    which stages of ``run_dir`` are reused, resumed, run or redone (``pipeline.stages``). Returns the splits
-    (:func:`split_paths`), the report and the stages; logs the warnings.
+CORPUS_LISTING = "unlabeled_listing.parquet"  # in run_dir: a folder corpus's listing, shared by every round
+
+
+def preflight(cfg: DictConfig, overwrite: bool = False, listing: str | None = None) -> tuple[dict, CheckReport, list]:
+    """Everything the loop checks before Ray starts: the inputs (``pipeline.checks``; a folder corpus is
+    listed into ``listing``, default a scratch file), the model sizes, and which stages of ``run_dir`` are
+    reused, resumed, run or redone (``pipeline.stages``). Returns the splits (:func:`split_paths`), the
+    report and the stages; logs the warnings.
 
     Raises:
         InputError, ConfigError, OutputMismatch: as :func:`run_loop`.
     """
     paths = split_paths(cfg)
-    report = check_inputs(cfg, paths, list_folders)
+    report = check_inputs(cfg, paths, listing)
     for warning in report.warnings:
         logger.warning(f"WARNING: {warning}")
     report.raise_for_problems()
     classes = report.classes.classes
     check_model_sizes(cfg, len(classes))
-    stages = plan_stages(cfg, paths, classes, model_specs(cfg, classes))
+    stages = plan_stages(cfg, paths, classes, model_specs(cfg, classes), report.corpus_digest)
     report.found += check_stages(stages, overwrite)
     return paths, report, stages
 
 
 def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[dict]:
-    paths, report, planned = preflight(cfg, overwrite)  # before Ray starts and before the teacher trains
+    # before Ray starts and before the teacher trains
+    paths, report, planned = preflight(cfg, overwrite, join(run_dir, CORPUS_LISTING))
     for line in report.found:
         logger.debug(f"check: {line}")
     stages = {s.name: s for s in planned}
@@ -442,7 +453,7 @@ def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[di
     for it in range(1, cfg.iterations + 1):
         logger.info(f"== round {it} of {cfg.iterations} ==")
         round_dir = join(run_dir, f"round_{it}")
-        stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes), stages)
+        stats = _label_and_balance(cfg, data, teacher_dir, round_dir, len(classes), stages, report.corpus)
         arch = archs[it - 1]
         settings = train_settings(cfg.student, cfg.seed + it, arch)
         if cfg.student.as_long_as_teacher:

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from labeler.api import ROW_SETTINGS
 from labeler.fingerprint import OutputMismatch, differences, file_sha256, record_digest, tree_fingerprint
 from labeler.model import SPEC_FILE, WEIGHTS_FILE
-from labeler.storage import delete_file, delete_tree, exists, join, read_json, write_json
+from labeler.storage import absolute, delete_file, delete_tree, exists, join, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _eval_stage(cfg: DictConfig, test: str | None, name: str, folder: str, model
         "stage": "eval",
         "model": model.digest,
         "test": _fingerprint(test),
-        "extra": {k: _fingerprint(v) for k, v in cfg.eval.extra.items()},
+        "extra": {k: _fingerprint(absolute(v)) for k, v in cfg.eval.extra.items()},
         "label_column": cfg.data.label_column,
         "seed": cfg.seed,
     }
@@ -113,14 +113,14 @@ def _eval_stage(cfg: DictConfig, test: str | None, name: str, folder: str, model
     return Stage(f"{name} evaluation", record, join(folder, "eval_stage.json"), [eval_file], eval_file, [model.name])
 
 
-def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict) -> list[Stage]:
+def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, corpus: str | None = None) -> list[Stage]:
     """Every stage of the run ``cfg`` describes, in order, with the record it would have.
 
     ``data``: the splits before any carving (``pipeline.loop.split_paths``: ``classes_from`` the labeled
     set as given, ``val``, ``test``, ``unlabeled``, ``carve``: whether validation is carved); ``specs``:
     ``{"round_0/teacher": ModelSpec, "round_1/student": ...}``, each model's spec; ``classes``: the labeled
-    set's classes. Reads the data's listings (paths, sizes, modification times), and the supplied
-    teacher's bytes for its digest, nothing else.
+    set's classes; ``corpus``: the unlabeled corpus's digest (``labeler.units.corpus_digest``). Reads the
+    data's listings (paths, sizes, modification times), and the supplied teacher's bytes for its digest.
     """
     from pipeline.config import student_archs, train_settings
 
@@ -144,7 +144,7 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict) ->
     label_settings.update(keep_image_bytes=True, image_bytes_min_confidence=cfg.balance.threshold)  # as the loop sets
     for it, arch in enumerate(student_archs(cfg), start=1):
         round_dir = join(run_dir, f"round_{it}")
-        labels_record = {"stage": "labels", "teacher": model.digest, "unlabeled": data["unlabeled"]}
+        labels_record = {"stage": "labels", "teacher": model.digest, "unlabeled": data["unlabeled"], "corpus": corpus}
         labels_record["label"] = label_settings
         labels_dir = join(round_dir, "labels")
         labels = Stage(

@@ -88,7 +88,7 @@ def test_a_real_bug_keeps_its_traceback(monkeypatch):
     """Only errors a user can fix become one line; a KeyError in the code is a bug and must show where it is."""
     import pipeline.loop
 
-    def broken(cfg):
+    def broken(cfg, **options):
         return {}["soft"]
 
     monkeypatch.setattr(pipeline.loop, "run_loop", broken)
@@ -186,7 +186,8 @@ def test_train_is_the_shared_base_of_teacher_and_student():
     assert (cfg.teacher.epochs, cfg.student.epochs) == (5, 3)
     assert cfg.teacher.optimizer == cfg.student.optimizer == "rmsprop" and cfg.student.use_gpu
     assert train_settings(cfg.student, 7, "efficientnet_l2") == dataclasses.replace(
-        TrainSettings(**{k: v for k, v in OmegaConf.to_container(cfg.teacher).items() if k != "lr_per_256"}),
+        TrainSettings(**{k: v for k, v in OmegaConf.to_container(cfg.teacher).items()
+                         if k not in ("lr_per_256", "classes")}),
         epochs=3, arch="efficientnet_l2", seed=7, steps_per_epoch=625,
     )  # fmt: skip
     with pytest.raises(ConfigError, match="top-level seed"):

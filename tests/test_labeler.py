@@ -9,6 +9,7 @@ import ray
 import torch
 
 from labeler.api import LabelOptions, label_images, run_labeling
+from labeler.fingerprint import OutputMismatch
 from labeler.model import ModelSpec, create_model, load_checkpoint
 from tests.helpers import random_checkpoint, write_bad_and_good_folder
 
@@ -112,8 +113,9 @@ def test_parquet_input_end_to_end(ray_local, tmp_path):
 def test_interrupted_run_resumes_by_unit_without_relabeling_or_duplicates(ray_local, tmp_path):
     """A run (T=1) in units of 3 files, then the damage an interruption leaves: a unit whose rows
     were never written (its count file only), one whose count file was never written, one with a
-    file cut off mid-write. The resumed run (T=3) redoes exactly those units: exact counts, no
-    duplicate, and the finished units' rows untouched."""
+    file cut off mid-write. The resumed run redoes exactly those units: exact counts, no duplicate,
+    and the finished units' rows untouched. A resumption with other row settings (T=3) or another
+    unit size is refused, not mixed in; --overwrite then starts fresh."""
     import shutil
 
     expected = write_bad_and_good_folder(str(tmp_path / "corpus"))  # 13 files: units u0..u4
@@ -128,9 +130,11 @@ def test_interrupted_run_resumes_by_unit_without_relabeling_or_duplicates(ray_lo
     cut.write_bytes(cut.read_bytes()[:40])  # a file cut off mid-write
     (out / "manifest.json").unlink()
     kept = pq.read_table(unit_dir[0]).to_pandas().set_index("id")
-    manifest = run_labeling(
-        str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(temperature=3.0, files_per_unit=3)
-    )
+    with pytest.raises(OutputMismatch, match="temperature"):  # T=3 rows would be mixed with T=1 ones
+        run_labeling(
+            str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(temperature=3.0, files_per_unit=3)
+        )
+    manifest = run_labeling(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(files_per_unit=3))
     table = pq.read_table(out / "predictions").to_pandas()
     assert sorted(table["id"]) == sorted(expected) and manifest["rows"] == len(expected)  # each id exactly once
     assert manifest["resumed_from"] == 13 - 9 and manifest["units"] == 5  # units 1-3 redone
@@ -140,13 +144,16 @@ def test_interrupted_run_resumes_by_unit_without_relabeling_or_duplicates(ray_lo
         assert again.loc[i, "confidence"] == kept.loc[i, "confidence"] and again.loc[i, "unit"] == "u0000000"
     redone = again[again["unit"].isin(["u0000001", "u0000002", "u0000003"])].dropna(subset=["probs"])
     assert len(redone) >= 6
-    assert all(max(p) < c for p, c in zip(redone["probs"], redone["confidence"]))  # T=3 soft labels
+    assert all(abs(max(p) - c) < 1e-6 for p, c in zip(redone["probs"], redone["confidence"]))  # T=1 as before
     rejected = pq.read_table(out / "rejected.parquet").to_pydict()
     assert sorted(rejected["reject_reason"]) == ["empty", "not_an_image", "truncated"]
-    # resumed with units of another size: no old unit is the same input (u0000003 and u0000004 are not
-    # units any more), so all is redone, exactly once
+    # units of another size are other inputs: refused; with overwrite, all is redone, exactly once
     (out / "manifest.json").unlink()
-    again = run_labeling(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(files_per_unit=5))
+    with pytest.raises(OutputMismatch, match="files_per_unit"):
+        run_labeling(str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(files_per_unit=5))
+    again = run_labeling(
+        str(tmp_path / "corpus"), str(tmp_path / "ckpt"), str(out), LabelOptions(files_per_unit=5), overwrite=True
+    )
     ids = pq.read_table(out / "predictions").column("id").to_pylist()
     assert sorted(ids) == sorted(expected) and again["units"] == 3 and again["resumed_from"] == 0
 

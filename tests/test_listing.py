@@ -100,10 +100,12 @@ def test_s3_folder_listing_streams_keys_in_order(s3):
 
 
 @pytest.mark.timeout(600)
-def test_files_added_mid_corpus_redo_the_shifted_units(ray_local, tmp_path):
-    """Resume after files were added in the middle of the listing: the units before them are kept,
-    every unit whose range now holds other files is redone, and the counts stay exact."""
+def test_files_added_mid_corpus_are_refused_then_overwritten(ray_local, tmp_path):
+    """Resume after files were added in the middle of the listing: every unit whose range now holds other
+    files is named and the job stops before labeling; with overwrite the corpus is labeled afresh, counts
+    exact."""
     from labeler.api import LabelOptions, run_labeling
+    from labeler.fingerprint import OutputMismatch
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -118,8 +120,11 @@ def test_files_added_mid_corpus_redo_the_shifted_units(ray_local, tmp_path):
     (corpus / "07.png").write_bytes(png_bytes(seed=40))  # after u0 (00 02 04), inside u1 (06 08 10)
     (corpus / "09.png").write_bytes(b"not an image")
     (out / "manifest.json").unlink()
-    again = run_labeling(str(corpus), str(tmp_path / "ckpt"), str(out), opts)
-    assert again["units"] == 5 and again["resumed_from"] == 3  # only u0 kept; u1..u4 hold other files now
+    with pytest.raises(OutputMismatch, match="3 of its input units differ") as info:  # u1..u3 hold other files
+        run_labeling(str(corpus), str(tmp_path / "ckpt"), str(out), opts)
+    assert "u0000001" in str(info.value) and "u0000000" not in str(info.value)
+    again = run_labeling(str(corpus), str(tmp_path / "ckpt"), str(out), opts, overwrite=True)
+    assert again["units"] == 5 and again["resumed_from"] == 0
     table = pq.read_table(out / "predictions").to_pydict()
     ids = table["id"]
     assert len(ids) == len(set(ids)) == 14 and again["rows"] == 14  # rows in = predictions + rejections

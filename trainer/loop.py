@@ -336,7 +336,13 @@ def _setup(config: dict) -> _Worker:
     val = None
     if config.get("val") and rank == 0:
         val = LabeledBatches(
-            config["val"], spec.classes, spec.image_size, spec.in_chans, eval_batch, spec.crop_pct, spec.interpolation,
+            config["val"],
+            spec.classes,
+            spec.image_size,
+            spec.in_chans,
+            eval_batch,
+            spec.crop_pct,
+            spec.interpolation,
             config.get("label_column", LABEL_COLUMN),
         )
 
