@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 import time
 import warnings
@@ -17,15 +16,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from labeler.checkpoint_import import STATE_DICT_SUFFIXES
 from labeler.fingerprint import OutputMismatch, differences, file_sha256
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
-from labeler.model import WEIGHTS_FILE, ModelSpec, check_weights_file, load_spec
+from labeler.model import ModelSpec, check_weights_file, load_spec, weights_file
 from labeler.predict import Predictor, check_precision
 from labeler.progress import Progress, ProgressChannel
 from labeler.settings import check_choices, setting
 from labeler.sources import detect_format, plan_units, read_source, unit_rows
 from labeler.storage import (
+    canonical,
     delete_file,
     delete_tree,
     exists,
@@ -187,7 +186,7 @@ def label_images(
     opts = options or LabelOptions()
     check_precision(opts.precision)  # here too, not only in the actors: fail before any work
     spec = _resolve_spec(checkpoint, spec)
-    check_weights_file(checkpoint if checkpoint.endswith(STATE_DICT_SUFFIXES) else join(checkpoint, WEIGHTS_FILE))
+    check_weights_file(weights_file(checkpoint))
     ds = _decoded(read_source(source, opts, frozenset(skip_units), unit_log, plan), spec, opts)
     return _bounded(_predicted(ds, checkpoint, spec, opts, progress), opts)
 
@@ -274,12 +273,11 @@ def labeling_record(source: str, checkpoint: str, options: LabelOptions, spec: M
         FileNotFoundError: no checkpoint (or ``model.json``) there.
     """
     spec = _resolve_spec(checkpoint, spec)
-    weights = checkpoint if checkpoint.endswith(STATE_DICT_SUFFIXES) else join(checkpoint, WEIGHTS_FILE)
-    check_weights_file(weights)
+    check_weights_file(weights_file(checkpoint))
     model = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("model_id", "extra")}
     return {
-        "source": source if "://" in source else os.path.abspath(source),
-        "checkpoint_sha256": file_sha256(weights),
+        "source": canonical(source),
+        "checkpoint_sha256": file_sha256(weights_file(checkpoint)),
         "model": json.loads(json.dumps(model)),  # tuples as lists, as read back from the file
         "settings": {name: getattr(options, name) for name in ROW_SETTINGS},
     }
@@ -294,31 +292,38 @@ def prepare_output(out: str, record: dict, overwrite: bool = False) -> bool:
         OutputMismatch: ``out`` holds output of other inputs (the message lists what changed), or output
             with no record of its inputs; it says how to start fresh.
     """
-    written = [join(out, name) for name in ("predictions", UNIT_LOG, "manifest.json")]
-    found = exists(join(out, RECORD)) or any(map(exists, written))
-    if overwrite and found:
+    written = any(exists(join(out, name)) for name in ("predictions", UNIT_LOG, "manifest.json"))
+    if overwrite and (written or exists(join(out, RECORD))):
         for name in ("predictions", UNIT_LOG):
             delete_tree(join(out, name))
         for name in ("manifest.json", "rejected.parquet", LISTING, RECORD):
             delete_file(join(out, name))
         logger.info(f"labeler: --overwrite: deleted the earlier output under {out}")
-        found = False
-    fresh = "write to a new output, or pass --overwrite (labeler) / run with --overwrite (noisy-student) to delete it"
-    if found and not exists(join(out, RECORD)):
-        raise OutputMismatch(
-            f"{out} holds predictions with no record of what made them (an older version of the labeler, or an "
-            f"interrupted first run); to start fresh, {fresh}"
-        )
-    if found:
-        before = read_json(join(out, RECORD))
-        if before != record:
-            raise OutputMismatch(
-                f"{out} holds predictions made from other inputs; what changed: "
-                f"{'; '.join(differences(before, record))}. Nothing was relabeled. To start fresh, {fresh}"
-            )
+        written = False
+    if written:
+        _compare_record(out, record)
         return True
-    write_json(join(out, RECORD), record)
+    write_json(join(out, RECORD), record)  # a record alone (a job that failed before writing) is replaced
     return False
+
+
+FRESH = "write to a new output, or pass --overwrite (labeler) / run with --overwrite (noisy-student) to delete it"
+
+
+def _compare_record(out: str, record: dict) -> None:
+    """Raise :class:`OutputMismatch` unless ``out``'s record of its inputs is ``record``."""
+    try:
+        before = read_json(join(out, RECORD))
+    except (FileNotFoundError, ValueError):
+        raise OutputMismatch(
+            f"{out} holds predictions with no (readable) record of what made them ({RECORD}: an older version of "
+            f"the labeler); to start fresh, {FRESH}"
+        ) from None
+    if before != record:
+        raise OutputMismatch(
+            f"{out} holds predictions made from other inputs; what changed: "
+            f"{'; '.join(differences(before, record))}. Nothing was relabeled. To start fresh, {FRESH}"
+        )
 
 
 def check_labeling_inputs(
@@ -340,13 +345,9 @@ def check_labeling_inputs(
     opts = options or LabelOptions()
     record = labeling_record(source, checkpoint, opts, spec)
     out = out.rstrip("/")
-    if not overwrite and exists(join(out, RECORD)) and read_json(join(out, RECORD)) != record:
-        before = read_json(join(out, RECORD))
-        raise OutputMismatch(
-            f"{out} holds predictions made from other inputs; what changed: "
-            f"{'; '.join(differences(before, record))}. Nothing was relabeled. To start fresh, write to a new "
-            "output, or pass --overwrite to delete it"
-        )
+    written = any(exists(join(out, name)) for name in ("predictions", UNIT_LOG, "manifest.json"))
+    if written and not overwrite:
+        _compare_record(out, record)
     fmt = opts.format if opts.format != "auto" else detect_format(source)
     if fmt in ("parquet", "webdataset"):  # footers and names only; a folder is listed once, by the job
         plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from labeler.model import (
     SPEC_FILE,
+    STATE_DICT_SUFFIXES,
     WEIGHTS_FILE,
     ModelSpec,
     check_weights_file,
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ClassCountMismatch", "import_checkpoint", "read_state_dict", "classifier_keys"]
 
-STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 logger = logging.getLogger(__name__)
 
 
@@ -74,6 +74,20 @@ def classifier_keys(model: torch.nn.Module) -> list[str]:
     names = [names] if isinstance(names, str) else list(names)
     keys = set(model.state_dict())
     return [f"{n}.{p}" for n in names for p in ("weight", "bias") if f"{n}.{p}" in keys]
+
+
+def head_width(uri: str, arch: str, num_classes: int) -> int | None:
+    """The number of outputs of the classifier in the state dict at ``uri`` for timm architecture ``arch``
+    (its keys from a model built on the meta device: no memory), or None when the file has no such key.
+
+    Raises:
+        ValueError: as :func:`read_state_dict`, or an unknown architecture.
+    """
+    import torch
+
+    with torch.device("meta"):
+        model = create_model(ModelSpec(arch, [str(i) for i in range(num_classes)], 32))
+    return _checkpoint_classes(read_state_dict(uri), classifier_keys(model))
 
 
 def _checkpoint_classes(state: dict, keys: list[str]) -> int | None:

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ray.is_initialized():
             ray.init(address=args.address, **ray_init_kwargs(args.verbose))
         run_labeling(args.input, args.checkpoint, args.output, opts, spec, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, PermissionError, LabelingStalled) as err:
+    except (ValueError, OSError, LabelingStalled) as err:  # OSError: missing files, permissions, storage access
         # caused by the input (a bug keeps its traceback): one message; --verbose shows the traceback too
         if args.verbose:
             traceback.print_exc()

@@ -8,8 +8,9 @@ and how to start fresh, instead of keeping rows another model or another corpus 
 What a fingerprint covers, and what it does not:
 
 * a file tree (a labeled set, an evaluation set): every file's path, size and modification time
-  (on S3: size and ETag), not its bytes (reading a 100 TB corpus to hash it is no option);
-* a checkpoint: the SHA-256 of its bytes (the weights file, and ``model.json`` for a folder);
+  (on S3: its LastModified), not its bytes (reading a 100 TB corpus to hash it is no option);
+* a checkpoint: the SHA-256 of its weights file's bytes (a folder's ``model.json`` is compared by its
+  fields, or hashed too where the loop records a supplied teacher);
 * a corpus being labeled: per unit (``labeler.units``), the paths with sizes and modification times
   or ETags of its files; for a text manifest, the bytes of its lines; for a Parquet manifest, the file's
   size and modification time. The images a manifest names are not looked at: an image replaced in place

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported on use: drivers that only read specs star
     import torch
 
 WEIGHTS_FILE = "model.safetensors"
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # a bare state dict (labeler.checkpoint_import)
 SPEC_FILE = "model.json"
 FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -208,6 +209,12 @@ def save_checkpoint(model: torch.nn.Module, spec: ModelSpec, directory: str) -> 
     return spec
 
 
+def weights_file(checkpoint: str) -> str:
+    """The weights file of a checkpoint: the file itself for a bare state dict (``.safetensors``, ``.pth``,
+    ``.pt``, ``.bin``), else the folder's ``model.safetensors``."""
+    return checkpoint if checkpoint.endswith(STATE_DICT_SUFFIXES) else join(checkpoint, WEIGHTS_FILE)
+
+
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 SNIFF_BYTES = 1 << 16
 
@@ -283,7 +290,7 @@ def load_checkpoint(
     does: DDP prefixes and nested or EMA entries unwrapped) in which case ``spec`` must say the
     architecture, classes and preprocessing.
     """
-    from labeler.checkpoint_import import STATE_DICT_SUFFIXES, read_state_dict  # imports this module
+    from labeler.checkpoint_import import read_state_dict  # imports this module
 
     if path.endswith(STATE_DICT_SUFFIXES):
         if spec is None:

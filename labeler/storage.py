@@ -180,6 +180,12 @@ def absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(uri)
 
 
+def canonical(uri: str) -> str:
+    """One spelling of a location, for records that compare them: local paths absolute, no trailing ``/``
+    (``s3://b/c/`` and ``s3://b/c`` are the same prefix)."""
+    return absolute(uri).rstrip("/") or "/"
+
+
 def read_json(uri: str):
     """The JSON value in a local file or ``s3://`` object.
 

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from labeler.checkpoint_import import STATE_DICT_SUFFIXES, text_ordered_numbers
+from labeler.checkpoint_import import STATE_DICT_SUFFIXES, head_width, text_ordered_numbers
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, check_weights_file, load_spec
+from labeler.sources import plan_units, scratch_listing, unit_rows
 from labeler.storage import exists, join
+from labeler.units import corpus_digest
 from trainer.data import ClassSet, read_class_set
 
 __all__ = ["CheckReport", "InputError", "check_inputs"]
@@ -71,7 +73,7 @@ class CheckReport:
 def _read(report: CheckReport, key: str, root: str, label_column: str) -> ClassSet | None:
     try:
         return read_class_set(root, label_column)
-    except (FileNotFoundError, ValueError, PermissionError) as err:
+    except (OSError, ValueError) as err:  # OSError: missing, no permission, S3 access denied
         report.problems.append(f"{key}: {err}")
         return None
 
@@ -151,19 +153,37 @@ def _check_teacher(report: CheckReport, cfg: DictConfig, labeled: ClassSet) -> N
         if uri.endswith(STATE_DICT_SUFFIXES):
             check_weights_file(uri)
             source, what = names or None, "a bare state dict"
+            outputs = head_width(uri, cfg.teacher.arch, len(labeled.classes))
         elif exists(join(uri, SPEC_FILE)):
             check_weights_file(join(uri, WEIGHTS_FILE))
             source, what = load_spec(uri).classes, "a checkpoint folder"
+            outputs = len(source)
+            if names and names != list(source):
+                report.problems.append(
+                    f"teacher.classes {_names(names)} differs from the classes {uri}/{SPEC_FILE} records for its "
+                    "outputs; remove teacher.classes (the folder says its order)"
+                )
         else:
             report.problems.append(
                 f"teacher.checkpoint {uri} is neither a checkpoint folder (with {SPEC_FILE}) nor a state dict file "
                 f"({', '.join(STATE_DICT_SUFFIXES)})"
             )
             return
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         report.problems.append(f"teacher.checkpoint: {err}")
         return
-    report.found.append(f"teacher.checkpoint: {uri} ({what})")
+    report.found.append(f"teacher.checkpoint: {uri} ({what}, {outputs} outputs)")
+    if names and outputs is not None and len(names) != outputs:
+        report.problems.append(
+            f"teacher.classes names {len(names)} classes but {uri} has {outputs} outputs; name one class per output"
+        )
+    if outputs is not None and outputs != len(labeled.classes) and not cfg.teacher.reset_classifier:
+        report.problems.append(
+            f"teacher.checkpoint {uri} has a classifier for {outputs} classes, but the labeled set has "
+            f"{len(labeled.classes)}; supply a model of these classes, or set teacher.reset_classifier=true to "
+            "re-initialise its head and fine-tune it"
+        )
+        return
     if source is None:
         if text_ordered_numbers(labeled.classes):
             report.warnings.append(
@@ -185,14 +205,11 @@ def _check_teacher(report: CheckReport, cfg: DictConfig, labeled: ClassSet) -> N
 def _check_corpus(report: CheckReport, cfg: DictConfig, unlabeled: str, listing: str | None) -> None:
     """The unlabeled corpus's format and files: its plan (``labeler.sources.plan_units``; a folder is listed
     into ``listing``, default a scratch file) and digest (``labeler.units.corpus_digest``) go to the report."""
-    from labeler.sources import plan_units, scratch_listing, unit_rows
-    from labeler.units import corpus_digest
-
     opts = cfg.label
     try:
         listing = listing or scratch_listing(unlabeled, opts.files_per_unit)
         plan = plan_units(unlabeled, opts.format, opts.image_column, opts.id_column, opts.files_per_unit, listing)
-    except (FileNotFoundError, ValueError, PermissionError) as err:
+    except (OSError, ValueError) as err:
         report.problems.append(f"data.unlabeled: {err}")
         return
     fmt, units, _ = plan
@@ -202,14 +219,17 @@ def _check_corpus(report: CheckReport, cfg: DictConfig, unlabeled: str, listing:
     report.found.append(f"data.unlabeled: {unlabeled} ({fmt}): {count}{len(units)} input units")
 
 
-def check_inputs(cfg: DictConfig, data: dict, listing: str | None = None) -> CheckReport:
+def check_inputs(
+    cfg: DictConfig, data: dict, listing: str | None = None, report: CheckReport | None = None
+) -> CheckReport:
     """Every check of the module docstring on a run's splits (``pipeline.loop.split_paths``'s ``data``).
 
     The unlabeled corpus is planned as the labeler reads it (a folder is listed into ``listing``, default a
     scratch file); the plan and its digest are in the report (``corpus``, ``corpus_digest``) for the run to
-    label from. Returns the report; call :meth:`CheckReport.raise_for_problems` to stop on problems.
+    label from. Returns the report (``report``, filled in, when given); call
+    :meth:`CheckReport.raise_for_problems` to stop on problems.
     """
-    report = CheckReport()
+    report = report if report is not None else CheckReport()
     column = cfg.data.label_column
     labeled = _check_labeled(report, data["classes_from"], column)
     report.classes = labeled

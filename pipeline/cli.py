@@ -27,15 +27,18 @@ def _run(args) -> int:
 def _check(args) -> int:
     """Every check the loop makes before it starts, and nothing else: no Ray, no model built, nothing written
     (except the embedded digits corpus when the config uses it)."""
-    from pipeline.checks import InputError
+    from labeler.fingerprint import OutputMismatch
+    from pipeline.checks import CheckReport, InputError
     from pipeline.config import load_config
     from pipeline.loop import preflight
 
     cfg = load_config(args.config, args.overrides)
     cfg.run_dir = absolute(cfg.run_dir)
+    report = CheckReport()
     try:
-        _, report, _ = preflight(cfg)
-    except InputError as err:
+        _, report, _ = preflight(cfg, report=report)
+    except (InputError, OutputMismatch) as err:
+        print("\n".join(report.found))
         print(f"noisy-student check: {err}")
         return 2
     print("\n".join(report.found))
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_console(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as err:
+    except (ValueError, OSError) as err:  # OSError: missing files, permissions, storage refusing access
         # what a user can fix (config errors name their key path): one message, the traceback with --verbose;
         # anything else is a bug and keeps its traceback
         if args.verbose:

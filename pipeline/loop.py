@@ -37,7 +37,7 @@ from pipeline.model_eval import (
 )
 from pipeline.report import role_label, write_report
 from pipeline.split import carve_validation
-from pipeline.stages import Stage, check_stages, plan_stages, start_stage
+from pipeline.stages import Stage, check_stages, label_options, plan_stages, recorded_floor, start_stage
 from trainer.api import train_model
 from trainer.loop import steps_per_epoch
 from trainer.settings import TrainSettings
@@ -318,15 +318,12 @@ def _label_and_balance(
     corpus: tuple | None = None,
 ) -> dict:
     labels_dir, it = join(round_dir, "labels"), round_dir.rstrip("/").rsplit("_", 1)[-1]
-    start_stage(stages[f"round_{it}/labels"])
+    stage = stages[f"round_{it}/labels"]
+    start_stage(stage)
     if not exists(join(labels_dir, "manifest.json")):
         logger.info(f"labeling {data['unlabeled']} with {teacher_dir}")
-    opts = dataclasses.replace(
-        OmegaConf.to_object(cfg.label),
-        # the balanced set then carries the images: students read them from any corpus format
-        keep_image_bytes=True,
-        image_bytes_min_confidence=cfg.balance.threshold,
-    )
+    # image bytes from the floor the stage was started with (a raised balance.threshold keeps the labels)
+    opts = label_options(cfg, recorded_floor(stage))
     # always: a finished job is reused only when the corpus's units are the same files (labeler.units);
     # an interrupted one resumes
     run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts, plan=corpus)
@@ -400,17 +397,20 @@ def model_specs(cfg: DictConfig, classes: list[str]) -> dict[str, ModelSpec]:
 CORPUS_LISTING = "unlabeled_listing.parquet"  # in run_dir: a folder corpus's listing, shared by every round
 
 
-def preflight(cfg: DictConfig, overwrite: bool = False, listing: str | None = None) -> tuple[dict, CheckReport, list]:
+def preflight(
+    cfg: DictConfig, overwrite: bool = False, listing: str | None = None, report: CheckReport | None = None
+) -> tuple[dict, CheckReport, list]:
     """Everything the loop checks before Ray starts: the inputs (``pipeline.checks``; a folder corpus is
     listed into ``listing``, default a scratch file), the model sizes, and which stages of ``run_dir`` are
     reused, resumed, run or redone (``pipeline.stages``). Returns the splits (:func:`split_paths`), the
-    report and the stages; logs the warnings.
+    report and the stages; logs the warnings. ``report``: where to collect what is found (filled in place,
+    so a caller sees it when an error is raised).
 
     Raises:
         InputError, ConfigError, OutputMismatch: as :func:`run_loop`.
     """
     paths = split_paths(cfg)
-    report = check_inputs(cfg, paths, listing)
+    report = check_inputs(cfg, paths, listing, report)
     for warning in report.warnings:
         logger.warning(f"WARNING: {warning}")
     report.raise_for_problems()

@@ -30,11 +30,12 @@ from omegaconf import DictConfig, OmegaConf
 from labeler.api import ROW_SETTINGS
 from labeler.fingerprint import OutputMismatch, differences, file_sha256, record_digest, tree_fingerprint
 from labeler.model import SPEC_FILE, WEIGHTS_FILE
-from labeler.storage import absolute, delete_file, delete_tree, exists, join, read_json, write_json
+from labeler.storage import absolute, canonical, delete_file, delete_tree, exists, join, read_json, write_json
+from pipeline.config import student_archs, train_settings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Stage", "check_stages", "plan_stages", "start_stage"]
+__all__ = ["Stage", "check_stages", "label_options", "plan_stages", "recorded_floor", "start_stage"]
 
 
 @dataclass
@@ -43,7 +44,12 @@ class Stage:
 
     ``name``: how messages name it (``round_1/labels``); ``record``: its inputs; ``record_file``: where
     the record is kept; ``owns``: the folders and files it writes (deleted with ``overwrite``);
-    ``done_file``: present when it finished; ``upstream``: the names of the stages it reads.
+    ``done_file``: present when it finished; ``upstream``: the names of the stages it reads;
+    ``resumable``: an interrupted run is continued (labeling by unit, training from its checkpoints), so
+    it must have the same inputs; a stage that is not (balancing, evaluation) is redone from scratch
+    when unfinished, whatever its record said. ``floor``: a labels stage's image-bytes floor (the
+    balance threshold it keeps image bytes from); predictions made with a lower floor serve any higher
+    threshold, so the floor is recorded beside the record and only a higher recorded one is stale.
     """
 
     name: str
@@ -52,6 +58,8 @@ class Stage:
     owns: list[str]
     done_file: str
     upstream: list[str] = field(default_factory=list)
+    resumable: bool = True
+    floor: float | None = None
 
     def __post_init__(self) -> None:
         self.record = json.loads(json.dumps(self.record))  # as it reads back from its file (tuples as lists)
@@ -69,8 +77,45 @@ class Stage:
         return exists(self.done_file)
 
 
+# training settings that change how fast a model trains, not what it learns: a run may resume with others
+EXECUTION_SETTINGS = ("cpus_per_worker", "use_gpu")
+FLOOR_KEY = "image_bytes_floor"
+
+
 def _fingerprint(uri: str | None) -> dict | None:
-    return {"uri": uri, **tree_fingerprint(uri)} if uri else None
+    return {"uri": canonical(uri), **tree_fingerprint(uri)} if uri else None
+
+
+def _training(settings) -> dict:
+    """A model's ``TrainSettings`` as its record holds them (locations canonical, execution settings out)."""
+    values = {k: v for k, v in settings.to_dict().items() if k not in EXECUTION_SETTINGS}
+    for key in ("checkpoint", "pretrained"):
+        if values.get(key) and values[key] != "timm":
+            values[key] = canonical(values[key])
+    return values
+
+
+def label_options(cfg: DictConfig, floor: float | None = None):
+    """The ``LabelOptions`` the loop labels with: ``label:`` plus the image bytes of every prediction at or
+    above ``floor`` (default ``balance.threshold``), so the balanced set carries its images and students read
+    them from any corpus format."""
+    floor = cfg.balance.threshold if floor is None else floor
+    options = OmegaConf.to_object(cfg.label)
+    return dataclasses.replace(options, keep_image_bytes=True, image_bytes_min_confidence=floor)
+
+
+def recorded_floor(stage: Stage) -> float | None:
+    """The image-bytes floor a labels stage was started with (its record file), else its own."""
+    record = _read_record(stage)
+    return record.get(FLOOR_KEY, stage.floor) if record else stage.floor
+
+
+def _read_record(stage: Stage) -> dict | None:
+    """The stage's record file, or None when there is none or it is not JSON (cut off mid-write)."""
+    try:
+        return read_json(stage.record_file) if exists(stage.record_file) else None
+    except ValueError:
+        return None
 
 
 def _supplied(cfg: DictConfig) -> dict | None:
@@ -78,6 +123,7 @@ def _supplied(cfg: DictConfig) -> dict | None:
     uri = cfg.teacher.checkpoint
     if not uri:
         return None
+    uri = canonical(uri)
     if exists(join(uri, SPEC_FILE)):
         digest = {"weights": file_sha256(join(uri, WEIGHTS_FILE)), "spec": file_sha256(join(uri, SPEC_FILE))}
     else:
@@ -110,7 +156,8 @@ def _eval_stage(cfg: DictConfig, test: str | None, name: str, folder: str, model
         "seed": cfg.seed,
     }
     eval_file = join(folder, "eval.json")
-    return Stage(f"{name} evaluation", record, join(folder, "eval_stage.json"), [eval_file], eval_file, [model.name])
+    record_file = join(folder, "eval_stage.json")
+    return Stage(f"{name} evaluation", record, record_file, [eval_file], eval_file, [model.name], resumable=False)
 
 
 def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, corpus: str | None = None) -> list[Stage]:
@@ -122,8 +169,6 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
     set's classes; ``corpus``: the unlabeled corpus's digest (``labeler.units.corpus_digest``). Reads the
     data's listings (paths, sizes, modification times), and the supplied teacher's bytes for its digest.
     """
-    from pipeline.config import student_archs, train_settings
-
     run_dir = cfg.run_dir
     carve = data.get("carve")
     data_record = {
@@ -134,18 +179,20 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
         "classes": list(classes),
     }
     teacher = train_settings(cfg.teacher, cfg.seed)
-    record = {"stage": "teacher", **data_record, "settings": teacher.to_dict(), "supplied": _supplied(cfg)}
-    record["spec"] = dataclasses.asdict(specs["round_0/teacher"])
+    trained = not cfg.teacher.checkpoint or cfg.teacher.reset_classifier  # a supplied model is not trained
+    record = {"stage": "teacher", **data_record, "settings": _training(teacher) if trained else None}
+    record.update(supplied=_supplied(cfg), spec=dataclasses.asdict(specs["round_0/teacher"]))
     stages = _model_stages(cfg, data, "round_0/teacher", join(run_dir, "round_0", "teacher"), record, [])
+    stages[0].owns.append(join(run_dir, "splits"))  # a carved validation split is made with the first teacher
     if cfg.teacher.checkpoint:
         stages[0].owns.append(join(run_dir, "round_0", "supplied"))
     model = stages[0]
-    label_settings = {name: getattr(cfg.label, name) for name in ROW_SETTINGS}
-    label_settings.update(keep_image_bytes=True, image_bytes_min_confidence=cfg.balance.threshold)  # as the loop sets
+    options = label_options(cfg)
+    label_settings = {name: getattr(options, name) for name in ROW_SETTINGS if name != "image_bytes_min_confidence"}
     for it, arch in enumerate(student_archs(cfg), start=1):
         round_dir = join(run_dir, f"round_{it}")
-        labels_record = {"stage": "labels", "teacher": model.digest, "unlabeled": data["unlabeled"], "corpus": corpus}
-        labels_record["label"] = label_settings
+        labels_record = {"stage": "labels", "teacher": model.digest, "unlabeled": canonical(data["unlabeled"])}
+        labels_record.update(corpus=corpus, label=label_settings)
         labels_dir = join(round_dir, "labels")
         labels = Stage(
             f"round_{it}/labels",
@@ -154,6 +201,7 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
             [labels_dir],
             join(labels_dir, "manifest.json"),
             [model.name],
+            floor=cfg.balance.threshold,
         )
         balance_record = {"stage": "balanced", "labels": labels.digest, "num_classes": len(classes)}
         balance_record["balance"] = OmegaConf.to_container(cfg.balance)
@@ -165,10 +213,11 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
             owned,
             join(round_dir, "balance_stats.json"),
             [labels.name],
+            resumable=False,
         )
         settings = train_settings(cfg.student, cfg.seed + it, arch)
         student_record = {"stage": "student", **data_record, "teacher": model.digest, "balanced": balanced.digest}
-        student_record.update(settings=settings.to_dict(), hard=cfg.label.hard)
+        student_record.update(settings=_training(settings), hard=cfg.label.hard)
         student_record["spec"] = dataclasses.asdict(specs[f"round_{it}/student"])
         student_record["student"] = {
             k: cfg.student[k] for k in ("init_from_teacher", "as_long_as_teacher")
@@ -192,19 +241,26 @@ def check_stages(stages: list[Stage], overwrite: bool = False) -> list[str]:
     will_run: set[str] = set()
     lines, stale = [], []
     for st in stages:
+        if st.exists() and not st.resumable and not st.finished():  # redone from scratch anyway
+            _delete(st, quiet=True)
         if not st.exists():
             will_run.add(st.name)
             lines.append(f"{st.name}: run")
             continue
-        recorded = read_json(st.record_file) if exists(st.record_file) else None
+        recorded = _read_record(st)
+        floor = recorded.pop(FLOOR_KEY, None) if recorded else None
         rerun = [u for u in st.upstream if u in will_run]
-        if recorded != st.record or rerun:
+        low = st.floor is not None and floor is not None and floor > st.floor
+        if recorded != st.record or rerun or low:
             why = (
                 "no record of its inputs (written by an older version)"
                 if recorded is None
                 else "; ".join(differences(recorded, st.record))
                 if recorded != st.record
                 else f"it reads {', '.join(rerun)}, which will be made again"
+                if rerun
+                else f"balance.threshold {st.floor} is below {floor}, the confidence from which these predictions "
+                "kept their image bytes: the predictions in between carry none, so students could not read them"
             )
             stale.append(f"{st.name}: {why}")
             will_run.add(st.name)
@@ -227,14 +283,16 @@ def check_stages(stages: list[Stage], overwrite: bool = False) -> list[str]:
     return lines
 
 
-def _delete(stage: Stage) -> None:
+def _delete(stage: Stage, quiet: bool = False) -> None:
     for path in [*stage.owns, stage.record_file]:
         delete_tree(path)
         delete_file(path)
-    logger.info(f"--overwrite: deleted {stage.name}")
+    if not quiet:
+        logger.info(f"--overwrite: deleted {stage.name}")
 
 
 def start_stage(stage: Stage) -> None:
     """Record the stage's inputs as it starts (an interrupted stage resumes only with the same ones)."""
     if not exists(stage.record_file):
-        write_json(stage.record_file, stage.record)
+        floor = {FLOOR_KEY: stage.floor} if stage.floor is not None else {}
+        write_json(stage.record_file, {**stage.record, **floor})

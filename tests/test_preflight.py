@@ -274,3 +274,82 @@ def test_check_reports_every_split_and_what_would_be_reused(tmp_path, capsys):
     (tmp_path / "labeled" / "c" / "2.png").unlink()
     assert main(args) == 2
     assert "'c'" in capsys.readouterr().out
+
+
+# --- review: the kinds of fault around reuse and checks ----------------------------------------------
+
+
+def test_a_carved_split_belongs_to_the_teacher_and_is_made_again_with_it(tmp_path):
+    labeled = folders(tmp_path / "labeled", {c: 4 for c in "ab"})
+    base = {**config(tmp_path, labeled, val_fraction=0.5), "iterations": 0}
+    paths, _, stages = preflight(as_config(base))
+    start_stage(stages[0])
+    from pipeline.loop import prepare_data
+
+    prepare_data(as_config(base), paths)  # the carve
+    assert (tmp_path / "run" / "splits" / "split.json").exists()
+    (tmp_path / "labeled" / "a" / "9.png").write_bytes(png_bytes(seed=77))  # a labeled image added
+    assert "round_0/teacher: labeled" in refused(base, OutputMismatch)
+    preflight(as_config(base), overwrite=True)
+    assert not (tmp_path / "run" / "splits").exists()  # carved again from the set as it is now
+
+
+def test_a_higher_threshold_keeps_the_labels_and_a_lower_one_explains_why_not(tmp_path):
+    labeled = folders(tmp_path / "labeled", {c: 2 for c in "ab"})
+    base = config(tmp_path, labeled)
+    _, _, stages = preflight(as_config(base))
+    for stage in stages[:3]:
+        start_stage(stage)
+    (tmp_path / "run" / "round_0" / "teacher" / "final.json").write_text("{}")
+    (tmp_path / "run" / "round_1" / "labels" / "manifest.json").write_text("{}")
+    _, report, _ = preflight(as_config({**base, "balance": {"threshold": 0.5}}))
+    assert "round_1/labels: reuse (same inputs)" in report.found
+    message = refused({**base, "balance": {"threshold": 0.1}}, OutputMismatch)
+    assert "round_1/labels: balance.threshold 0.1 is below 0.3" in message and "image bytes" in message
+
+
+def test_a_parquet_evaluation_set_without_images_is_refused_before_training(tmp_path):
+    labeled = folders(tmp_path / "labeled", {c: 2 for c in DIGITS[:3]})
+    pd.DataFrame({"img": [png_bytes(seed=i) for i in range(3)], "label": [0, 1, 2]}).to_parquet(tmp_path / "t.parquet")
+    message = refused(config(tmp_path, labeled, str(tmp_path / "t.parquet")))
+    assert "data.test" in message and "neither an image column" in message and "img (" not in message
+
+
+def test_labels_that_are_ids_are_refused_quickly(tmp_path):
+    path = labeled_parquet(tmp_path / "ids.parquet", [10**9 + i for i in range(4)])
+    with pytest.raises(ValueError, match="is data.label_column the label column"):
+        read_class_set(path)
+    with pytest.raises(ValueError, match="not a class index"):
+        label_names(pa.array([1.0, float("inf")]), "x")
+
+
+def test_a_supplied_state_dict_with_another_class_count_is_refused_before_ray(tmp_path):
+    path = tmp_path / "teacher.pth"
+    torch.save(numeric_head_model().state_dict(), path)  # 12 outputs
+    labeled = folders(tmp_path / "labeled", {c: 1 for c in DIGITS})  # 10 classes
+    cfg = {**config(tmp_path, labeled), "teacher": {"arch": "test_resnet", "checkpoint": str(path)}}
+    message = refused(cfg)
+    assert "classifier for 12 classes" in message and "teacher.reset_classifier" in message
+
+
+def test_a_failed_first_labeling_job_does_not_block_the_corrected_one(tmp_path):
+    from labeler.api import prepare_output
+
+    out = str(tmp_path / "out")
+    assert prepare_output(out, {"settings": {"image_column": "image"}}) is False  # then the job failed
+    assert prepare_output(out, {"settings": {"image_column": "img"}}) is False  # nothing written: a fresh start
+    (tmp_path / "out" / "predictions").mkdir()
+    with pytest.raises(OutputMismatch, match="image_column: img -> image"):
+        prepare_output(out, {"settings": {"image_column": "image"}})
+
+
+def test_locations_are_recorded_in_one_spelling(tmp_path):
+    from labeler.api import LabelOptions, labeling_record
+    from tests.helpers import random_checkpoint
+
+    random_checkpoint(str(tmp_path / "ckpt"))
+    images = unlabeled(tmp_path / "images", 2)
+    options = LabelOptions()
+    assert labeling_record(images + "/", str(tmp_path / "ckpt"), options) == labeling_record(
+        images, str(tmp_path / "ckpt") + "/", options
+    )

@@ -7,6 +7,7 @@ At the scale of the embedded corpus every worker decodes its images once into me
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -158,7 +159,7 @@ def label_names(values: pa.Array | pa.ChunkedArray, where: str) -> list[str | No
         for v in numbers:
             if v is None or v != v:  # null or NaN: no label
                 named.append(None)
-            elif v != int(v) or v < 0:
+            elif not math.isfinite(v) or v != int(v) or v < 0:
                 raise ValueError(
                     f"{where}: label {v!r} is not a class index (a whole number >= 0); labels must be class names "
                     "(strings) or class indices 0..K-1"
@@ -234,12 +235,23 @@ def read_class_set(root: str, label_column: str = LABEL_COLUMN) -> ClassSet:
                 f"{uri_of(fs, path)} has no {label_column!r} column (its columns: {', '.join(names)}); name the "
                 "column that holds the labels with data.label_column"
             )
+        if not {"image", "path"} & set(names):
+            raise ValueError(
+                f"{uri_of(fs, path)} has neither an image column (image bytes, or a struct with bytes) nor a path "
+                f"column (image URIs); its columns: {', '.join(names)}. Name the image column 'image'"
+            )
         for table in iter_tables(fs, path, 64 * 1024, [label_column]):
             named = label_names(table.column(0), where)
             missing += sum(n is None for n in named)
             counts.update(n for n in named if n is not None)
     if counts and all(map(_is_index, counts)):
-        classes = [str(i) for i in range(max(int(n) for n in counts) + 1)]
+        top = max(int(n) for n in counts)
+        if top + 1 > 100 * len(counts) + 1000:  # an id column, not class indices: do not build a billion names
+            raise ValueError(
+                f"{root}: the labels in column {label_column!r} are numbers up to {top:,} but only {len(counts):,} "
+                "distinct values, so most class indices 0..K-1 would be empty; is data.label_column the label column?"
+            )
+        classes = [str(i) for i in range(top + 1)]
         return ClassSet(root, "parquet", classes, {c: counts.get(c, 0) for c in classes}, missing, 0, True)
     classes = sorted(counts)
     return ClassSet(root, "parquet", classes, dict(counts), missing, 0, bool(classes) and all(map(_is_index, classes)))
