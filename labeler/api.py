@@ -16,9 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from labeler.checkpoint_import import head_width
 from labeler.fingerprint import OutputMismatch, differences, file_sha256
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
-from labeler.model import ModelSpec, check_weights_file, load_spec, weights_file
+from labeler.model import STATE_DICT_SUFFIXES, ModelSpec, check_weights_file, load_spec, weights_file
 from labeler.predict import Predictor, check_precision
 from labeler.progress import Progress, ProgressChannel
 from labeler.settings import check_choices, setting
@@ -292,7 +293,7 @@ def prepare_output(out: str, record: dict, overwrite: bool = False) -> bool:
         OutputMismatch: ``out`` holds output of other inputs (the message lists what changed), or output
             with no record of its inputs; it says how to start fresh.
     """
-    written = any(exists(join(out, name)) for name in ("predictions", UNIT_LOG, "manifest.json"))
+    written = _written(out)
     if overwrite and (written or exists(join(out, RECORD))):
         for name in ("predictions", UNIT_LOG):
             delete_tree(join(out, name))
@@ -305,6 +306,11 @@ def prepare_output(out: str, record: dict, overwrite: bool = False) -> bool:
         return True
     write_json(join(out, RECORD), record)  # a record alone (a job that failed before writing) is replaced
     return False
+
+
+def _written(out: str) -> bool:
+    """Whether a labeling job has written anything under ``out`` besides its record."""
+    return any(exists(join(out, name)) for name in ("predictions", UNIT_LOG, "manifest.json"))
 
 
 FRESH = "write to a new output, or pass --overwrite (labeler) / run with --overwrite (noisy-student) to delete it"
@@ -345,9 +351,16 @@ def check_labeling_inputs(
     opts = options or LabelOptions()
     record = labeling_record(source, checkpoint, opts, spec)
     out = out.rstrip("/")
-    written = any(exists(join(out, name)) for name in ("predictions", UNIT_LOG, "manifest.json"))
+    written = _written(out)
     if written and not overwrite:
         _compare_record(out, record)
+    if spec is not None and checkpoint.endswith(STATE_DICT_SUFFIXES):  # a bare state dict: does its head fit?
+        outputs = head_width(checkpoint, spec.arch, spec.num_classes)
+        if outputs is not None and outputs != spec.num_classes:
+            raise ValueError(
+                f"{checkpoint} has a classifier for {outputs} classes, not {spec.num_classes}; set --num-classes "
+                f"{outputs} (and --arch to the architecture it was saved from)"
+            )
     fmt = opts.format if opts.format != "auto" else detect_format(source)
     if fmt in ("parquet", "webdataset"):  # footers and names only; a folder is listed once, by the job
         plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)

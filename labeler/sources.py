@@ -100,8 +100,18 @@ def is_parquet(path: str) -> bool:
     return path.lower().endswith(PARQUET_SUFFIX)
 
 
+# tar archives compressed in ways Python's tarfile cannot read (3.10-3.13): refused, never read as images
+UNREADABLE_SHARDS = (".tar.zst", ".tar.zstd", ".tar.lz4", ".tzst")
+
+
 def _format_of(source: str, names: list[str]) -> str:
     exts = {suffix_of(n) for n in names}
+    unreadable = next((n for n in names if n.lower().endswith(UNREADABLE_SHARDS)), None)
+    if unreadable:
+        raise ValueError(
+            f"input {source} holds tar shards compressed with zstd or lz4 (e.g. {unreadable}), which this labeler "
+            "cannot read; decompress them (zstd -d) or recompress with gzip (.tar.gz)"
+        )
     if PARQUET_SUFFIX in exts:
         return "parquet"
     if exts & set(SHARD_SUFFIXES):

@@ -208,7 +208,7 @@ def _check_student_size(student: ModelSpec, teacher_dir: str, allow_smaller: boo
 
 def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None, stage: Stage | None = None) -> dict:
     if (done := _finished(out_dir)) is not None:
-        logger.info(f"[{name}] already trained from the same inputs, reused")
+        logger.info(f"[{name}] already trained, skipping (made from the same inputs)")
         return done
     if stage is not None:
         start_stage(stage)

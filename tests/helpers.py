@@ -55,3 +55,20 @@ def random_checkpoint(
     torch.manual_seed(seed)
     spec = ModelSpec(arch, [str(i) for i in range(num_classes)], image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
     return save_checkpoint(create_model(spec), spec, directory)
+
+
+def plant_teacher(cfg, image_size: int = 32) -> ModelSpec:
+    """A random-weight first teacher in ``cfg.run_dir/round_0/teacher``, finished and evaluated, recorded as
+    made from ``cfg``'s inputs (as a run with ``cfg`` records its stages), so the loop starts from it."""
+    from labeler.storage import write_json
+    from pipeline.loop import preflight
+    from pipeline.stages import start_stage
+
+    _, _, stages = preflight(cfg)
+    for stage in stages[:2]:  # round_0/teacher and its evaluation
+        start_stage(stage)
+    teacher = os.path.join(cfg.run_dir, "round_0", "teacher")
+    spec = random_checkpoint(teacher, image_size=image_size)
+    for name in ("final.json", "eval.json"):  # skip training and evaluating it
+        write_json(os.path.join(teacher, name), {"test_top1": 0.1})
+    return spec

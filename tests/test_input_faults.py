@@ -347,3 +347,13 @@ def test_a_thin_strip_does_not_take_a_worker_down():
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["reasons"] == ["", "too_large", "too_large", ""]
     assert result["grown_mb"] < 100, result
+
+
+def test_zstd_shards_are_refused_not_read_as_images(tmp_path):
+    """A kind of shard Python's tarfile cannot open is named before the job, never one bad image per shard."""
+    from labeler.sources import plan_units
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "000.tar.zst").write_bytes(b"(\xb5/\xfd" + b"\0" * 20)
+    with pytest.raises(ValueError, match="zstd"):
+        plan_units(str(tmp_path / "c"))

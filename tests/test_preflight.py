@@ -353,3 +353,14 @@ def test_locations_are_recorded_in_one_spelling(tmp_path):
     assert labeling_record(images + "/", str(tmp_path / "ckpt"), options) == labeling_record(
         images, str(tmp_path / "ckpt") + "/", options
     )
+
+
+def test_the_labeler_checks_a_bare_state_dicts_head_before_ray(tmp_path, capsys):
+    from labeler.cli import main as labeler_main
+
+    path = tmp_path / "teacher.pth"
+    torch.save(numeric_head_model().state_dict(), path)  # 12 outputs
+    args = ["--input", unlabeled(tmp_path / "images", 2), "--checkpoint", str(path), "--output", str(tmp_path / "o")]
+    assert labeler_main([*args, "--arch", "test_resnet", "--num-classes", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "classifier for 12 classes, not 10" in err and "--num-classes 12" in err and "Traceback" not in err

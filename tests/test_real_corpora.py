@@ -275,12 +275,11 @@ def test_a_symbolic_link_loop_lists_each_file_once(tmp_path):
 
 def test_a_threshold_nothing_passes_stops_after_balancing(ray_local, tmp_path):
     """The loop stops right after balancing with what passed and what to change; no student starts."""
-    from labeler.storage import write_json
     from pipeline.balance import NothingPassed
     from pipeline.config import load_config
     from pipeline.digits import write_digits_corpus
-    from pipeline.loop import preflight, run_loop
-    from pipeline.stages import start_stage
+    from pipeline.loop import run_loop
+    from tests.helpers import plant_teacher
 
     paths = write_digits_corpus(str(tmp_path / "data"), labels_per_class=2, test_fraction=0.05, seed=0)
     run = tmp_path / "run"
@@ -289,13 +288,7 @@ def test_a_threshold_nothing_passes_stops_after_balancing(ray_local, tmp_path):
         [f"run_dir={run}", "runlocal=true", "balance.threshold=0.99", f"data.labeled={paths['labeled']}",
          f"data.unlabeled={paths['unlabeled']}", f"data.test={paths['test']}"],
     )  # fmt: skip
-    cfg.run_dir = str(run)
-    _, _, stages = preflight(cfg)
-    for stage in stages[:2]:  # the teacher and its evaluation, as a run with these inputs starts them
-        start_stage(stage)
-    spec = random_checkpoint(str(run / "round_0" / "teacher"), image_size=32)  # a weak (random) teacher
-    write_json(str(run / "round_0" / "teacher" / "final.json"), {"test_top1": 0.1})
-    write_json(str(run / "round_0" / "teacher" / "eval.json"), {"test_top1": 0.1})
+    spec = plant_teacher(cfg)  # a weak (random) teacher, as if trained
     assert spec.num_classes == 10
     with pytest.raises(NothingPassed, match=r"0 of 1,\d{3} pseudo labels reached the confidence threshold 0.99"):
         run_loop(cfg)

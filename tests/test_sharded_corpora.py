@@ -18,11 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from labeler.model import load_spec
-from labeler.storage import write_json
 from pipeline.config import load_config
 from pipeline.digits import write_digits_corpus
 from pipeline.loop import run_loop
-from tests.helpers import random_checkpoint
+from tests.helpers import plant_teacher, random_checkpoint
 from trainer.api import train_model
 from trainer.data_check import TrainingDataError
 from trainer.feed import augmented, pseudo_dataset
@@ -53,14 +52,13 @@ def digits(tmp_path_factory):
 
 def _loop(root, paths, unlabeled: str, name: str, extra=()) -> tuple:
     run = root / name
-    spec = random_checkpoint(str(run / "round_0" / "teacher"), image_size=32)
-    for f in ("final.json", "eval.json"):  # a supplied teacher: skip training and evaluating it
-        write_json(str(run / "round_0" / "teacher" / f), {"test_top1": 0.1})
     overrides = [
         f"run_dir={run}", "runlocal=true", "balance.threshold=0.0", "student.epochs=1",
         f"data.labeled={paths['labeled']}", f"data.unlabeled={unlabeled}", "data.test=null", *extra,
     ]  # fmt: skip
-    summary = run_loop(load_config("digits", overrides))
+    cfg = load_config("digits", overrides)
+    spec = plant_teacher(cfg)  # a random teacher, as if trained: the loop starts from it
+    summary = run_loop(cfg)
     return run, spec, summary
 
 
