@@ -141,11 +141,12 @@ def write_listing(root: str, paths: Iterable[str | tuple[str, str]], uri: str, f
     base = len(root.rstrip("/")) + 1
     schema = pa.schema([(PATH_COLUMN, pa.string())])
     units: list[Unit] = []
-    rows, digest = 0, hashlib.sha1()
+    rows, digest, span = 0, hashlib.sha1(), ["", ""]  # span: the unit's first and last file, for messages
 
     def close_unit() -> None:
         start = len(units) * files_per_unit
-        units.append(Unit(f"u{len(units):07d}", (uri,), start, rows, digest.hexdigest()[:16]))
+        label = f"files {span[0]} .. {span[1]}"
+        units.append(Unit(f"u{len(units):07d}", (uri,), start, rows, digest.hexdigest()[:16], label))
 
     temporary = f"{path}.{os.getpid()}.tmp"  # per process: two listings of one corpus do not collide
     with fs.open_output_stream(temporary) as out, pq.ParquetWriter(out, schema) as writer:
@@ -154,6 +155,7 @@ def write_listing(root: str, paths: Iterable[str | tuple[str, str]], uri: str, f
             relative = [p[base:] for p, _ in entries]
             for name, (_, mark) in zip(relative, entries):
                 digest.update(name.encode("utf-8", "surrogateescape") + (f"\0{mark}" if mark else "").encode() + b"\n")
+                span[0], span[1] = (name if rows % files_per_unit == 0 else span[0]), name
                 rows += 1
                 if rows % files_per_unit == 0:
                     close_unit()

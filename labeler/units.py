@@ -51,6 +51,7 @@ class Unit:
     start: int = 0
     stop: int | None = None
     fingerprint: str = ""
+    label: str = ""  # what it reads, for a person (a listing range's first and last file); not part of its identity
 
     @property
     def identity(self) -> str:
@@ -167,7 +168,9 @@ def finished_units(out: str, units: list[Unit]) -> tuple[set[str], int]:
         except ValueError:  # cut off mid-write: the unit is redone
             records[key] = {}
     changed = [
-        f"{key}: recorded {r['input']!r}, now {by_key[key].identity if key in by_key else 'no such unit'!r}"
+        f"{key} ({by_key[key].label or by_key[key].identity}): its files differ from when it was labeled"
+        if key in by_key
+        else f"{key}: no such unit of the corpus now"
         for key, r in sorted(records.items())
         if "input" in r and (key not in by_key or r["input"] != by_key[key].identity)
     ]

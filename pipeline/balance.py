@@ -433,8 +433,9 @@ def check_something_passed(stats: dict) -> None:
     raise NothingPassed(
         f"0 of {predictions:,} pseudo labels reached the confidence threshold {stats['threshold']} "
         f"(the most confident was {top:.3f}), so every class is empty and there is nothing to train a "
-        f"student on. Lower balance.threshold below {top:.3f} (`noisy-student balance --threshold`), or make "
-        "the teacher stronger "
+        f"student on. Lower balance.threshold below {top:.3f} (`noisy-student balance --threshold`; in a run, "
+        "with --overwrite: predictions below the old threshold kept no image bytes, so labeling is redone), or "
+        "make the teacher stronger "
         "(more labeled images or teacher.epochs)."
     )
 

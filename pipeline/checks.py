@@ -65,7 +65,7 @@ class CheckReport:
         """
         if self.problems:
             raise InputError(
-                f"{len(self.problems)} problem(s) with the run's inputs; nothing was started:\n  "
+                f"{len(self.problems)} problem(s) with the run's inputs; nothing was run:\n  "
                 + "\n  ".join(self.problems)
             )
 
@@ -79,7 +79,7 @@ def _read(report: CheckReport, key: str, root: str, label_column: str) -> ClassS
 
 
 def _describe(key: str, cs: ClassSet) -> str:
-    counts = [n for n in cs.counts.values() if n]
+    counts = list(cs.counts.values())  # an empty class shows as 0
     spread = f", {min(counts)}-{max(counts)} per class" if counts else ""
     kind = "class folders" if cs.kind == "folders" else "Parquet"
     return f"{key}: {cs.root} ({kind}): {cs.images} images in {len(cs.classes)} classes{spread}"
@@ -101,10 +101,13 @@ def _check_labeled(report: CheckReport, root: str, label_column: str) -> ClassSe
             "two (one folder per class, or two label values)"
         )
     if cs.empty:
-        where = "class folders without images" if cs.kind == "folders" else "class indices that no row uses"
+        where, fix = (
+            ("class folders without images", "remove the folders")
+            if cs.kind == "folders"
+            else ("class indices that no row uses", "renumber the classes 0..K-1 without gaps")
+        )
         report.problems.append(
-            f"data.labeled {root}: classes {_names(cs.empty)} hold no images ({where}); add their images, or "
-            "remove them (class indices must run 0..K-1 without gaps)"
+            f"data.labeled {root}: classes {_names(cs.empty)} hold no images ({where}); add their images, or {fix}"
         )
     _check_unlabeled_rows(report, "data.labeled", cs, label_column)
     return cs

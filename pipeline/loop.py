@@ -412,7 +412,7 @@ def preflight(
     paths = split_paths(cfg)
     report = check_inputs(cfg, paths, listing, report)
     for warning in report.warnings:
-        logger.warning(f"WARNING: {warning}")
+        logger.warning(warning)
     report.raise_for_problems()
     classes = report.classes.classes
     check_model_sizes(cfg, len(classes))

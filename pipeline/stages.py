@@ -255,7 +255,7 @@ def check_stages(stages: list[Stage], overwrite: bool = False) -> list[str]:
             why = (
                 "no record of its inputs (written by an older version)"
                 if recorded is None
-                else "; ".join(differences(recorded, st.record))
+                else "; ".join(map(_readable, differences(recorded, st.record)))
                 if recorded != st.record
                 else f"it reads {', '.join(rerun)}, which will be made again"
                 if rerun
@@ -281,6 +281,22 @@ def check_stages(stages: list[Stage], overwrite: bool = False) -> list[str]:
             "(and only them) and makes them again."
         )
     return lines
+
+
+# record keys whose values are digests, as a person reads a change in them
+_DIGESTS = {
+    "corpus": "the unlabeled corpus changed (files added, removed or rewritten since it was labeled)",
+    "teacher": "its teacher is another model (made from other inputs)",
+    "labels": "the labels it reads were made from other inputs",
+    "balanced": "the balanced set it trains on was made from other inputs",
+    "model": "the model it evaluates was made from other inputs",
+}
+
+
+def _readable(change: str) -> str:
+    """A ``differences`` line, with a digest's change said in words."""
+    key = change.split(":", 1)[0]
+    return _DIGESTS.get(key, change)
 
 
 def _delete(stage: Stage, quiet: bool = False) -> None:
