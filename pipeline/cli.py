@@ -36,7 +36,7 @@ def _check(args) -> int:
     cfg.run_dir = absolute(cfg.run_dir)
     report = CheckReport()
     try:
-        _, report, _ = preflight(cfg, report=report)
+        _, report, _ = preflight(cfg, report=report, dry_run=True)
     except (InputError, OutputMismatch) as err:
         print("\n".join(report.found))
         print(f"noisy-student check: {err}")

@@ -398,13 +398,17 @@ CORPUS_LISTING = "unlabeled_listing.parquet"  # in run_dir: a folder corpus's li
 
 
 def preflight(
-    cfg: DictConfig, overwrite: bool = False, listing: str | None = None, report: CheckReport | None = None
+    cfg: DictConfig,
+    overwrite: bool = False,
+    listing: str | None = None,
+    report: CheckReport | None = None,
+    dry_run: bool = False,
 ) -> tuple[dict, CheckReport, list]:
     """Everything the loop checks before Ray starts: the inputs (``pipeline.checks``; a folder corpus is
     listed into ``listing``, default a scratch file), the model sizes, and which stages of ``run_dir`` are
     reused, resumed, run or redone (``pipeline.stages``). Returns the splits (:func:`split_paths`), the
     report and the stages; logs the warnings. ``report``: where to collect what is found (filled in place,
-    so a caller sees it when an error is raised).
+    so a caller sees it when an error is raised); ``dry_run``: delete nothing (``noisy-student check``).
 
     Raises:
         InputError, ConfigError, OutputMismatch: as :func:`run_loop`.
@@ -417,7 +421,7 @@ def preflight(
     classes = report.classes.classes
     check_model_sizes(cfg, len(classes))
     stages = plan_stages(cfg, paths, classes, model_specs(cfg, classes), report.corpus_digest)
-    report.found += check_stages(stages, overwrite)
+    report.found += check_stages(stages, overwrite, dry_run)
     return paths, report, stages
 
 

@@ -231,9 +231,11 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
     return stages
 
 
-def check_stages(stages: list[Stage], overwrite: bool = False) -> list[str]:
+def check_stages(stages: list[Stage], overwrite: bool = False, dry_run: bool = False) -> list[str]:
     """Compare each stage's record with the run_dir (see the module docstring); returns one line per
-    stage saying what the run will do with it (``reuse``, ``resume``, ``run``, ``redo``).
+    stage saying what the run will do with it (``reuse``, ``resume``, ``run``, ``redo``). Deletes what a
+    run would delete first (stale stages with ``overwrite``, unfinished balancing or evaluation), unless
+    ``dry_run`` (``noisy-student check``: nothing is changed).
 
     Raises:
         OutputMismatch: stale stages and ``overwrite`` false: names each, what changed, how to start fresh.
@@ -242,7 +244,11 @@ def check_stages(stages: list[Stage], overwrite: bool = False) -> list[str]:
     lines, stale = [], []
     for st in stages:
         if st.exists() and not st.resumable and not st.finished():  # redone from scratch anyway
-            _delete(st, quiet=True)
+            if not dry_run:
+                _delete(st, quiet=True)
+            will_run.add(st.name)
+            lines.append(f"{st.name}: run (unfinished before)")
+            continue
         if not st.exists():
             will_run.add(st.name)
             lines.append(f"{st.name}: run")
@@ -265,7 +271,7 @@ def check_stages(stages: list[Stage], overwrite: bool = False) -> list[str]:
             stale.append(f"{st.name}: {why}")
             will_run.add(st.name)
             lines.append(f"{st.name}: redo ({why})")
-            if overwrite:
+            if overwrite and not dry_run:
                 _delete(st)
             continue
         if st.finished():

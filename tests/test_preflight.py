@@ -304,6 +304,14 @@ def test_a_higher_threshold_keeps_the_labels_and_a_lower_one_explains_why_not(tm
     (tmp_path / "run" / "round_1" / "labels" / "manifest.json").write_text("{}")
     _, report, _ = preflight(as_config({**base, "balance": {"threshold": 0.5}}))
     assert "round_1/labels: reuse (same inputs)" in report.found
+    start_stage(stages[3])  # round 1 balanced at 0.3, finished: a higher threshold remakes it, keeps the labels
+    (tmp_path / "run" / "round_1" / "balance_stats.json").write_text("{}")
+    higher = {**base, "balance": {"threshold": 0.5}}
+    message = refused(higher, OutputMismatch)
+    assert "round_1/balanced: balance.threshold: 0.3 -> 0.5" in message and "round_1/labels:" not in message
+    preflight(as_config(higher), overwrite=True)
+    assert (tmp_path / "run" / "round_1" / "labels" / "manifest.json").exists()
+    assert not (tmp_path / "run" / "round_1" / "balance_stats.json").exists()
     message = refused({**base, "balance": {"threshold": 0.1}}, OutputMismatch)
     assert "round_1/labels: balance.threshold 0.1 is below 0.3" in message and "image bytes" in message
 
