@@ -339,11 +339,12 @@ def check_labeling_inputs(
     options: LabelOptions | None = None,
     spec: ModelSpec | None = None,
     overwrite: bool = False,
-) -> dict:
+) -> tuple | None:
     """What :func:`run_labeling` checks before it starts, without Ray and without writing anything: the
     checkpoint (a real weights file, a readable spec), the corpus (exists, its format, every Parquet
-    file's columns) and whether ``out`` may be resumed (made from the same record). Returns the record
-    (:func:`labeling_record`).
+    file's columns) and whether ``out`` may be resumed (made from the same record). Returns the corpus's
+    plan (``labeler.sources.plan_units``) for Parquet and WebDataset corpora, to pass to
+    :func:`run_labeling` so the footers are not read twice; None for folders and manifests (listed by the job).
 
     Raises:
         OutputMismatch, ValueError, FileNotFoundError: as :func:`run_labeling`, before any compute.
@@ -351,8 +352,7 @@ def check_labeling_inputs(
     opts = options or LabelOptions()
     record = labeling_record(source, checkpoint, opts, spec)
     out = out.rstrip("/")
-    written = _written(out)
-    if written and not overwrite:
+    if _written(out) and not overwrite:
         _compare_record(out, record)
     if spec is not None and checkpoint.endswith(STATE_DICT_SUFFIXES):  # a bare state dict: does its head fit?
         outputs = head_width(checkpoint, spec.arch, spec.num_classes)
@@ -363,8 +363,8 @@ def check_labeling_inputs(
             )
     fmt = opts.format if opts.format != "auto" else detect_format(source)
     if fmt in ("parquet", "webdataset"):  # footers and names only; a folder is listed once, by the job
-        plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
-    return record
+        return plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)
+    return None
 
 
 def run_labeling(

@@ -104,6 +104,17 @@ def text_ordered_numbers(classes: list[str]) -> bool:
     return list(classes) != sorted(classes, key=int)
 
 
+def text_order_warning(uri: str, classes: list[str]) -> str:
+    """The loud note for a bare state dict whose classes are numbers taken in text order (see
+    :func:`text_ordered_numbers`): what is assumed and how to say otherwise."""
+    return (
+        f"{uri} is a bare state dict, so the class of each output is not known; its outputs are taken to be the "
+        f"classes in text order ({', '.join(classes[:6])}, ...), not numeric order (0, 1, 2, ...). If the model was "
+        f"trained with classes in numeric order (timm's folder reader does that), set teacher.classes="
+        f"[{', '.join(sorted(classes, key=int)[:4])}, ...] to its order"
+    )
+
+
 def reorder_head(state: dict, head: list[str], source: list[str], target: list[str]) -> dict:
     """``state`` with the classifier rows (``head`` keys, output dimension first) moved from the order of
     ``source`` (the supplied model's classes) to that of ``target`` (the same names, another order)."""
@@ -169,12 +180,7 @@ def import_checkpoint(
         )
         state, source_classes = reorder_head(state, head, list(source_classes), list(spec.classes)), spec.classes
     elif source_classes is None and found == spec.num_classes and text_ordered_numbers(spec.classes):
-        logger.warning(
-            f"WARNING: {uri} is a bare state dict, so the class of each output is not known; its outputs are "
-            f"taken to be the classes in text order ({', '.join(spec.classes[:6])}, ...), not numeric order "
-            f"(0, 1, 2, ...). If the model was trained with classes in numeric order (timm's folder reader does "
-            f"that), set teacher.classes=[{', '.join(sorted(spec.classes, key=int)[:4])}, ...] to its order."
-        )
+        logger.warning(text_order_warning(uri, list(spec.classes)))
     mismatch = (found is not None and found != spec.num_classes) or (
         source_classes is not None and list(source_classes) != list(spec.classes)
     )

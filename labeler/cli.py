@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options_from_args(args)
         # the inputs first, so a wrong one is reported before a Ray cluster is started
-        check_labeling_inputs(args.input, args.checkpoint, args.output, opts, spec, args.overwrite)
+        plan = check_labeling_inputs(args.input, args.checkpoint, args.output, opts, spec, args.overwrite)
         if not ray.is_initialized():
             ray.init(address=args.address, **ray_init_kwargs(args.verbose))
-        run_labeling(args.input, args.checkpoint, args.output, opts, spec, overwrite=args.overwrite)
+        run_labeling(args.input, args.checkpoint, args.output, opts, spec, overwrite=args.overwrite, plan=plan)
     except (ValueError, OSError, LabelingStalled) as err:  # OSError: missing files, permissions, storage access
         # caused by the input (a bug keeps its traceback): one message; --verbose shows the traceback too
         if args.verbose:

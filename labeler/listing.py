@@ -29,6 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from labeler.file_reader import read_files
+from labeler.fingerprint import stamp
 from labeler.manifest import parquet_column_range
 from labeler.storage import escape_name, filesystem_for, is_hidden, s3_endpoint_and_region
 from labeler.units import Unit
@@ -95,10 +96,9 @@ def _s3_client():
 
 def _stamp_of(entry: os.DirEntry) -> str:
     try:
-        info = entry.stat(follow_symlinks=True)
+        return stamp(entry.stat(follow_symlinks=True))
     except OSError:  # a dangling link, or gone since: listed all the same, read as unreadable
         return "missing"
-    return f"{info.st_size}:{info.st_mtime_ns}"
 
 
 def _iter_s3(root: str) -> Iterator[tuple[str, str]]:

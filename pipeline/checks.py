@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from labeler.checkpoint_import import STATE_DICT_SUFFIXES, head_width, text_ordered_numbers
+from labeler.checkpoint_import import STATE_DICT_SUFFIXES, head_width, text_order_warning, text_ordered_numbers
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, check_weights_file, load_spec
 from labeler.sources import plan_units, scratch_listing, unit_rows
 from labeler.storage import exists, join
@@ -189,11 +189,7 @@ def _check_teacher(report: CheckReport, cfg: DictConfig, labeled: ClassSet) -> N
         return
     if source is None:
         if text_ordered_numbers(labeled.classes):
-            report.warnings.append(
-                f"teacher.checkpoint {uri} is a bare state dict: its outputs are taken to be the classes in text "
-                f"order ({_names(labeled.classes[:6])}, ...), not numeric order; if the model was trained with "
-                "classes in numeric order (timm's folder reader sorts them so), set teacher.classes to its order"
-            )
+            report.warnings.append(f"teacher.checkpoint: {text_order_warning(uri, labeled.classes)}")
         return
     if sorted(source) != sorted(labeled.classes) and not cfg.teacher.reset_classifier:
         report.problems.append(

@@ -55,15 +55,22 @@ def list_class_folders(root: str) -> tuple[list[str], list[tuple[str, str]]]:
     fs, files = list_files(root)
     if not files and fs.get_file_info(base).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{root} does not exist")
-    pairs = []
-    for path in files:
-        rel = path[len(base.rstrip("/")) + 1 :]
-        if "/" in rel:  # files directly under root belong to no class; hidden ones are never listed
-            pairs.append((uri_of(fs, path), rel.split("/", 1)[0]))
+    pairs = _class_pairs(fs, base, files)
     classes = sorted({c for _, c in pairs})
     if not classes:
         raise ValueError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
     return classes, pairs
+
+
+def _class_pairs(fs: pafs.FileSystem, base: str, files: list[str]) -> list[tuple[str, str]]:
+    """[(file uri, class name)] of the listed ``files`` under ``base``; files directly under it belong to
+    no class (hidden ones are never listed)."""
+    pairs = []
+    for path in files:
+        rel = path[len(base.rstrip("/")) + 1 :]
+        if "/" in rel:
+            pairs.append((uri_of(fs, path), rel.split("/", 1)[0]))
+    return pairs
 
 
 def read_source_bytes(src: bytes | str) -> bytes:
@@ -216,16 +223,20 @@ def read_class_set(root: str, label_column: str = LABEL_COLUMN) -> ClassSet:
         ValueError: no class folder holds an image; a Parquet file without ``label_column`` (naming
             the columns it has); labels that are neither class names nor class indices (:func:`label_names`).
     """
-    files = parquet_files(root)
+    fs, listed = list_files(root)  # listed once: Parquet files, or the class folders' files
+    files = [f for f in listed if f.endswith(".parquet")]
     if not files:
-        classes, pairs = list_class_folders(root)
+        if not listed and fs.get_file_info(filesystem_for(root)[1]).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(f"{root} does not exist")
+        pairs = _class_pairs(fs, filesystem_for(root)[1], listed)
+        if not pairs:
+            raise ValueError(f"{root} has no class folders with images (expected {root}/<class>/<image>)")
         counts = Counter(c for _, c in pairs)
         folders = [d for d in list_dirs(root) if not d.startswith(".")]
-        names = sorted(set(classes) | set(folders))
-        loose = len(list_files(root)[1]) - len(pairs)
+        names = sorted(set(counts) | set(folders))
+        loose = len(listed) - len(pairs)
         numeric = all(map(_is_index, names))
         return ClassSet(root, "folders", names, {c: counts.get(c, 0) for c in names}, 0, loose, numeric)
-    fs, _ = filesystem_for(root)
     counts, missing = Counter(), 0
     for path in files:
         where = f"{uri_of(fs, path)}, column {label_column!r}"
