@@ -1,6 +1,6 @@
 """Confidence filtering and exact per-class balancing over a Ray Dataset of predictions.
 
-Semantics (DESIGN.md section 4), for each pseudo-label class c among rows with
+Semantics (the README's "Balancing" paragraph), for each pseudo-label class c among rows with
 ``confidence >= threshold``:
 
 * count >= N: keep exactly the N highest ranked rows (1 copy each);
@@ -220,8 +220,9 @@ def plan_balance(
     Ray task per file). ``threshold``: the
     confidence filter (Xie et al. 2020, section 3: 0.3 on ImageNet); ``per_class``: N, the rows
     every non-empty class gets (the paper's 130K on ImageNet); ``duplicate=False`` only trims
-    classes above N. The semantics are DESIGN.md section 4 (exact, unlike the reference code's
-    histogram approximation). Memory: classes x (256 + GATHER_LIMIT), never per row.
+    classes above N. The semantics are the module docstring's (exact and deterministic, unlike the
+    reference code's per-class confidence histograms and stochastic rounding of copies). Memory: classes x
+    (256 + GATHER_LIMIT), never per row.
 
     Raises:
         ValueError: ``per_class`` < 1, ``threshold`` outside [0, 1], or a label outside 0..num_classes-1.

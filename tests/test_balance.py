@@ -77,7 +77,7 @@ def _check_against_brute_force(df, plan, got, per_class, threshold):
         assert plan.stats["classes"][k]["final"] == expected
 
 
-# In process (no Ray), so it can try many tables: the exact semantics of DESIGN.md section 4
+# In process (no Ray), so it can try many tables: the exact semantics of pipeline/balance.py's docstring
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(
     data=tables,
