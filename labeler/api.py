@@ -59,6 +59,7 @@ ROW_SETTINGS = (
     "precision",
     "keep_image_bytes",
     "image_bytes_min_confidence",
+    "phash",
 )
 
 
@@ -142,6 +143,11 @@ class LabelOptions:
         False, help="write each labeled image's bytes into its prediction (column image): a self-contained training set"
     )
     image_bytes_min_confidence: float = setting(0.0, help="keep image bytes only at or above this confidence")
+    phash: bool = setting(
+        True,
+        help="write each labeled image's 64-bit perceptual hash (column phash), for near-duplicate detection "
+        "(labeler dedup; dedup.* in a noisy-student config)",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -175,7 +181,8 @@ def label_images(
     Rows (``labeler.predict.prediction_schema``): ``id``, ``path`` (a URI: ``s3://bucket/key`` for
     S3 corpora), ``label`` int64 (-1 when rejected), ``confidence`` float32 (top probability, 0..1),
     ``probs`` float32 (classes,) or top-k columns (``topk_classes``, fp16 ``topk_probs``,
-    ``rest_mass``), ``reject_reason``, ``unit``, and ``image`` bytes with ``keep_image_bytes``.
+    ``rest_mass``), ``reject_reason``, ``unit``, ``phash`` uint64 (a 64-bit perceptual hash,
+    :mod:`labeler.phash`; null when rejected) with ``phash``, and ``image`` bytes with ``keep_image_bytes``.
     Soft labels are ``softmax(logits / temperature)`` (google-research/noisystudent
     ``predict_label.py``: ``probs ** (1/T)`` renormalised, the same distribution); ``hard`` stores
     one-hot rows.
@@ -226,6 +233,7 @@ def _decoded(ds: ray.data.Dataset, spec: ModelSpec, opts: LabelOptions) -> ray.d
             "in_chans": spec.in_chans,
             "max_pixels": opts.max_pixels,
             "keep_bytes": opts.keep_image_bytes,
+            "phash": opts.phash,
         },
     )
 
@@ -253,6 +261,7 @@ def _predicted(
             "precision": opts.precision,
             "keep_image_bytes": opts.keep_image_bytes,
             "image_bytes_min_confidence": opts.image_bytes_min_confidence,
+            "phash": opts.phash,
             "progress": progress,
         },
         batch_size=opts.batch_size or (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE),

@@ -5,6 +5,7 @@ Examples::
     labeler --input s3://bucket/images/ --checkpoint s3://bucket/teacher/ --output s3://bucket/labels/
     labeler --input ./photos --checkpoint resnet50.safetensors --arch resnet50 \\
             --num-classes 1000 --image-size 224 --output ./labels
+    labeler dedup --input ./labels --eval test=./test --output ./dedup   # see `labeler dedup --help`
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dedup"]:  # `labeler dedup ...`: near-duplicates of evaluation images (labeler.dedup_cli)
+        from labeler.dedup_cli import main as dedup_main
+
+        return dedup_main(argv[1:])
     args = build_parser().parse_args(argv)
     import ray
 

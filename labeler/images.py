@@ -10,13 +10,20 @@ it (EXIF orientation applied; transparency flattened onto :data:`BACKGROUND`).
 
 from __future__ import annotations
 
+import base64
 import io
+import logging
 import math
 import warnings
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from labeler.phash import SIDE, hash_input, phash_many
+from labeler.storage import read_bytes
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64_000_000
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm")
@@ -197,10 +204,13 @@ def decode_into(
     crop_pct: float = 1.0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     interpolation: str = "bilinear",
+    hash_out: np.ndarray | None = None,
 ) -> str | None:
     """Decode ``read(src)`` into ``out`` (uint8 ``(image_size, image_size, in_chans)``) with the eval
     geometry (:func:`decode_image`, then :func:`resize_center_crop`); the one decode step of the
     labeler and of both training feeds, so an image is rejected for the same reasons everywhere.
+    ``hash_out``: float64 ``(32, 32)`` to fill with the decoded image's perceptual-hash input
+    (:func:`labeler.phash.hash_input`, from the whole image, not the crop).
 
     Returns the reject reason (``out`` then untouched), or None when it decoded. An image whose
     resize would exceed ``max_pixels`` is ``too_large`` before it is decoded, and running out of memory
@@ -210,6 +220,8 @@ def decode_into(
     try:
         img = decode_image(read(src), in_chans, max_pixels, scale_size=math.floor(image_size / crop_pct))
         out[...] = resize_center_crop(img, image_size, crop_pct, interpolation)
+        if hash_out is not None:
+            hash_out[...] = hash_input(img)
         return None
     except RejectedImage as err:
         return err.reason
@@ -225,15 +237,19 @@ def decode_batch(
     max_pixels: int,
     keep_bytes: bool = False,
     interpolation: str = "bilinear",
+    phash: bool = False,
 ) -> dict[str, np.ndarray]:
     """bytes -> fixed-size uint8 images; a bad image becomes a row with a reject reason.
 
     A row whose optional ``read_error`` is set (the reader could not produce its bytes) is
     rejected with the reason that ``read_error`` starts with (one of :data:`READ_REASONS`).
-    With ``keep_bytes`` the encoded bytes ride along as ``encoded`` (for ``LabelOptions.keep_image_bytes``).
+    With ``keep_bytes`` the encoded bytes ride along as ``encoded`` (for ``LabelOptions.keep_image_bytes``);
+    with ``phash``, ``phash`` holds each image's 64-bit perceptual hash (uint64; 0 where rejected:
+    :mod:`labeler.phash`).
     """
     n = len(batch["path"])
     images = np.zeros((n, image_size, image_size, in_chans), dtype=np.uint8)
+    hash_inputs = np.zeros((n, SIDE, SIDE), dtype=np.float64) if phash else None
     reasons = np.full(n, "", dtype=object)
     read_errors = batch.get("read_error")
     for i, data in enumerate(batch["bytes"]):
@@ -241,10 +257,33 @@ def decode_batch(
             reasons[i] = read_reason(read_errors[i])
             continue
         src = data if data is not None else b""
-        reasons[i] = decode_into(images[i], bytes, src, image_size, in_chans, crop_pct, max_pixels, interpolation) or ""
+        into = None if hash_inputs is None else hash_inputs[i]
+        reason = decode_into(images[i], bytes, src, image_size, in_chans, crop_pct, max_pixels, interpolation, into)
+        reasons[i] = reason or ""
     out = {"id": batch["id"], "path": batch["path"], "image": images, "reject_reason": reasons}
+    if hash_inputs is not None:
+        out["phash"] = np.where(reasons == "", phash_many(hash_inputs), np.uint64(0))
     if keep_bytes:
         out["encoded"] = batch["bytes"]
     if "unit" in batch:  # the input unit (labeler.units), for resumable writes
         out["unit"] = batch["unit"]
     return out
+
+
+def thumbnail(path: str, size: int = 48, data: bytes | None = None) -> str | None:
+    """A ``data:image/png;base64,...`` thumbnail (``size`` px on the long side) of the image
+    ``data`` (bytes the labeler kept), else of the image file at ``path``; None when neither can
+    be read as an image (e.g. a row from a Parquet or tar corpus labeled without its bytes)."""
+    if data is None and is_container(path):
+        return None  # a row of a shard or Parquet corpus without its bytes: never read the whole shard
+    try:
+        img = decode_image(data if data is not None else read_bytes(path))
+    except (OSError, RejectedImage) as err:
+        logger.debug(f"no thumbnail for {path}: {err}")
+        return None
+    scale = size / max(img.width, img.height)
+    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR  # small images (digits) stay crisp
+    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -1,6 +1,6 @@
 """Manifest inputs: a text file of image URIs (one per line) or a Parquet file with a ``uri``
-column, for corpora whose files are too many to list (listing 100M loose files is slow, Ray
-issue #40686, and a listing held in the driver grows with the corpus).
+(or, without one, ``path``) column, for corpora whose files are too many to list (listing 100M
+loose files is slow, Ray issue #40686, and a listing held in the driver grows with the corpus).
 
 The driver never holds the URIs: it reads the manifest once, streaming, to cut it into units of
 ``files_per_unit`` entries (text: the byte offset where each unit starts; Parquet: row ranges
@@ -26,6 +26,7 @@ from labeler.storage import escape_name, join
 from labeler.units import Unit
 
 URI_COLUMN = "uri"
+PATH_COLUMN = "path"  # read when there is no uri column
 READ_CHUNK = 1 << 20
 
 
@@ -105,8 +106,12 @@ def parquet_column_range(fs: pafs.FileSystem, path: str, column: str, start: int
 
 
 def _parquet_entries(fs: pafs.FileSystem, path: str, start: int, stop: int) -> list[str]:
-    """Rows [start, stop) of the ``uri`` column."""
-    return [str(u) for u in parquet_column_range(fs, path, URI_COLUMN, start, stop)]
+    """Rows [start, stop) of the ``uri`` column, else of the ``path`` column (a file list such as the loop's
+    carved validation split, ``pipeline.split``)."""
+    with fs.open_input_file(path) as f:
+        names = pq.read_schema(f).names
+    column = URI_COLUMN if URI_COLUMN in names or PATH_COLUMN not in names else PATH_COLUMN
+    return [str(u) for u in parquet_column_range(fs, path, column, start, stop)]
 
 
 def read_manifest_range(fs: pafs.FileSystem, manifest: str, start: int, stop: int) -> Iterator[pa.Table]:

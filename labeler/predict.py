@@ -47,13 +47,16 @@ TOPK_FIELDS = [
 
 
 IMAGE_FIELDS = [("image", pa.binary())]
+PHASH_FIELDS = [("phash", pa.uint64())]
 
 
-def prediction_schema(topk: int = 0, image_bytes: bool = False) -> pa.Schema:
+def prediction_schema(topk: int = 0, image_bytes: bool = False, phash: bool = False) -> pa.Schema:
     """Full soft labels (``probs``), or top-k classes + fp16 probabilities + the mass left over;
-    with ``image_bytes``, the image's encoded bytes as read (``image``, null where not kept)."""
+    with ``phash``, the image's 64-bit perceptual hash (``phash`` uint64, null where rejected:
+    :mod:`labeler.phash`); with ``image_bytes``, the image's encoded bytes as read (``image``, null where
+    not kept)."""
     fields = BASE_FIELDS + (TOPK_FIELDS if topk else FULL_FIELDS) + TAIL_FIELDS
-    return pa.schema(fields + (IMAGE_FIELDS if image_bytes else []))
+    return pa.schema(fields + (PHASH_FIELDS if phash else []) + (IMAGE_FIELDS if image_bytes else []))
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -90,7 +93,8 @@ class Predictor:
     ``confidence`` is the top probability at T=1 (what the threshold applies to); ``probs``
     holds the soft labels at the chosen temperature, or one-hot when ``hard``. With
     ``keep_image_bytes``, ``image`` holds the encoded bytes of every labeled image whose
-    confidence is at least ``image_bytes_min_confidence`` (null otherwise).
+    confidence is at least ``image_bytes_min_confidence`` (null otherwise). With ``phash``, the decode
+    stage's perceptual hash of each image passes through as ``phash`` (null for a rejected row).
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class Predictor:
         precision: str = "auto",
         keep_image_bytes: bool = False,
         image_bytes_min_confidence: float = 0.0,
+        phash: bool = False,
         progress=None,
     ):
         import torch
@@ -124,7 +129,8 @@ class Predictor:
         self.hard = hard
         self.topk = min(topk, self.spec.num_classes) if topk else 0
         self.keep_bytes, self.bytes_min_confidence = keep_image_bytes, image_bytes_min_confidence
-        self.schema = prediction_schema(self.topk, keep_image_bytes)
+        self.schema = prediction_schema(self.topk, keep_image_bytes, phash)
+        self.phash = phash
         import ray
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
@@ -169,6 +175,8 @@ class Predictor:
             "model_id": [self.spec.model_id] * n,
         }
         columns.update(self._soft_columns(probs) if self.topk else {"probs": probs})
+        if self.phash:
+            columns["phash"] = pa.array(batch["phash"].astype(np.uint64), pa.uint64(), mask=~ok)
         if self.keep_bytes:
             keep = ok & (conf >= self.bytes_min_confidence)
             columns["image"] = [bytes(b) if k else None for b, k in zip(batch["encoded"], keep)]

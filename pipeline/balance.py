@@ -148,47 +148,62 @@ def _as_numpy(out: dict | pa.Table) -> dict:
     return out if isinstance(out, dict) else {c: out[c].to_numpy(zero_copy_only=False) for c in out.column_names}
 
 
-def _stream_file(fs, path: str, fn, kwargs: dict, batch_rows: int) -> Iterator[dict]:
+def _stream_file(fs, path: str, fn, kwargs: dict, batch_rows: int, exclusions=None) -> Iterator[dict]:
     """``fn`` on each record batch of one predictions file's :data:`STAT_COLUMNS`
-    (:func:`labeler.storage.iter_tables`: one batch in memory; an empty file gives one empty output)."""
+    (:func:`labeler.storage.iter_tables`: one batch in memory; an empty file gives one empty output),
+    without the rows ``exclusions`` (a ``labeler.dedup.Exclusions``) names for the file."""
     from labeler.storage import iter_tables
 
+    excluded = exclusions.ids_for(path) if exclusions is not None else None
     for table in iter_tables(fs, path, batch_rows, STAT_COLUMNS):
+        if excluded is not None:
+            table = exclusions.drop(table, excluded)
         yield _as_numpy(fn(table, **kwargs))
 
 
-def parquet_runner(path: str, batch_rows: int = 1 << 18) -> Runner:
+def _exclusions(folder: str | None, predictions: str):
+    """The ``labeler.dedup.Exclusions`` of a dedup run at ``folder`` over ``predictions`` (None: none)."""
+    from labeler.dedup import Exclusions
+
+    return Exclusions(folder, predictions) if folder else None
+
+
+def parquet_runner(path: str, batch_rows: int = 1 << 18, exclusions: str | None = None) -> Runner:
     """Run each pass in this process, streaming Parquet files one record batch at a time (no Ray).
 
     Files are opened one after another without pre-buffering, so memory stays at about one
-    row group whatever the number of files.
+    row group whatever the number of files. ``exclusions``: a ``labeler.dedup`` output folder whose
+    excluded rows the passes skip.
     """
     from labeler.storage import list_files
 
     fs, files = list_files(path, suffix=".parquet")
+    excluded = _exclusions(exclusions, path)
 
     def run(fn, kwargs):
         for f in files:
-            yield from _stream_file(fs, f, fn, kwargs, batch_rows)
+            yield from _stream_file(fs, f, fn, kwargs, batch_rows, excluded)
 
     return run
 
 
-def _pass_on_files(batch: dict, fn, kwargs: dict, predictions: str, batch_rows: int) -> dict:
+def _pass_on_files(batch: dict, fn, kwargs: dict, predictions: str, batch_rows: int, exclusions=None) -> dict:
     """A :func:`files_runner` task: ``fn`` over each file in ``batch`` (one), its small outputs joined."""
     from labeler.storage import filesystem_for
 
     fs, _ = filesystem_for(predictions)
-    outs = [o for f in batch["file"] for o in _stream_file(fs, str(f), fn, kwargs, batch_rows)]
+    excluded = _exclusions(exclusions, predictions)
+    outs = [o for f in batch["file"] for o in _stream_file(fs, str(f), fn, kwargs, batch_rows, excluded)]
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
-def files_runner(predictions: str, batch_rows: int = APPLY_BATCH_ROWS) -> Runner:
+def files_runner(predictions: str, batch_rows: int = APPLY_BATCH_ROWS, exclusions: str | None = None) -> Runner:
     """Run each pass as a Ray Data job with one task per predictions file, each streaming its file a
     record batch at a time (as the apply pass, :func:`write_balanced`, does); the driver sums the small
     outputs. Ray Data's ``read_parquet`` packs many files into one read task, and the largest worker of
     the counting and refinement passes grew with the corpus: 165 MB at 100k images, 399 MB at 1M
-    (``benchmarks/scale_run.py``'s predictions, balancing alone in one Ray session)."""
+    (``benchmarks/scale_run.py``'s predictions, balancing alone in one Ray session). ``exclusions``: a
+    ``labeler.dedup`` output folder whose excluded rows the passes skip."""
     from labeler.storage import list_files
 
     _, files = list_files(predictions, suffix=".parquet")
@@ -202,7 +217,13 @@ def files_runner(predictions: str, batch_rows: int = APPLY_BATCH_ROWS) -> Runner
             _pass_on_files,
             batch_size=1,
             batch_format="numpy",
-            fn_kwargs={"fn": fn, "kwargs": kwargs, "predictions": predictions, "batch_rows": batch_rows},
+            fn_kwargs={
+                "fn": fn,
+                "kwargs": kwargs,
+                "predictions": predictions,
+                "batch_rows": batch_rows,
+                "exclusions": exclusions,
+            },
         )
         yield from out.iter_batches(batch_format="numpy", batch_size=None)
 
@@ -331,7 +352,9 @@ def apply_balance(ds: ray.data.Dataset, plan: BalancePlan) -> ray.data.Dataset:
     return ds.map_batches(apply_batch, batch_format="pyarrow", fn_kwargs={"plan": plan})
 
 
-def _apply_files(batch: dict, plan: BalancePlan, predictions: str, balanced: str, batch_rows: int) -> dict:
+def _apply_files(
+    batch: dict, plan: BalancePlan, predictions: str, balanced: str, batch_rows: int, exclusions: str | None = None
+) -> dict:
     """Apply-pass task: each predictions file in ``batch`` (usually one) is streamed a record batch at a
     time through :func:`apply_batch` into its own balanced file (``part-<index>.parquet``, one row group
     per batch); nothing of a file is held beyond one batch. Returns the rows written per file."""
@@ -342,12 +365,16 @@ def _apply_files(batch: dict, plan: BalancePlan, predictions: str, balanced: str
 
     fs, _ = filesystem_for(predictions)
     ofs, opath = filesystem_for(balanced)
+    excluded = _exclusions(exclusions, predictions)
     written = []
     for index, path in zip(batch["index"], batch["file"]):
         rows, writer, sink = 0, None, None
         unit = unit_of(str(path))
+        ids = excluded.ids_for(str(path)) if excluded is not None else None
         try:
             for table in iter_tables(fs, str(path), batch_rows):
+                if ids is not None:
+                    table = excluded.drop(table, ids)
                 if unit is not None and UNIT_COLUMN not in table.column_names:  # a hive partition column
                     table = table.append_column(UNIT_COLUMN, pa.array([unit] * table.num_rows, pa.string()))
                 out = apply_batch(table, plan)
@@ -366,13 +393,20 @@ def _apply_files(batch: dict, plan: BalancePlan, predictions: str, balanced: str
     return {"rows": np.array(written, np.int64)}
 
 
-def write_balanced(predictions: str, plan: BalancePlan, balanced: str, batch_rows: int = APPLY_BATCH_ROWS) -> int:
+def write_balanced(
+    predictions: str,
+    plan: BalancePlan,
+    balanced: str,
+    batch_rows: int = APPLY_BATCH_ROWS,
+    exclusions: str | None = None,
+) -> int:
     """The apply pass as a Ray Data job with one task per predictions file, each writing its own balanced
     file: a task holds one record batch, whatever the corpus size (predictions files are one per input
     unit, so bounded by the unit size). Ray Data's ``read_parquet(...).write_parquet`` instead packs
     many files into one fused read->write task whose writer first collects every block of the task
     (``ParquetDatasink.write``: ``list(blocks)``), so its memory grew with the corpus. Returns the rows
-    written (rows with copies > 0)."""
+    written (rows with copies > 0). ``exclusions``: a ``labeler.dedup`` output folder whose excluded rows
+    are left out."""
     from labeler.storage import filesystem_for, list_files
 
     _, files = list_files(predictions, suffix=".parquet")
@@ -384,7 +418,13 @@ def write_balanced(predictions: str, plan: BalancePlan, balanced: str, batch_row
         _apply_files,
         batch_size=1,
         batch_format="numpy",
-        fn_kwargs={"plan": plan, "predictions": predictions, "balanced": balanced, "batch_rows": batch_rows},
+        fn_kwargs={
+            "plan": plan,
+            "predictions": predictions,
+            "balanced": balanced,
+            "batch_rows": batch_rows,
+            "exclusions": exclusions,
+        },
     )
     return int(sum(b["rows"].sum() for b in out.iter_batches(batch_format="numpy", batch_size=None)))
 
@@ -442,21 +482,34 @@ def check_something_passed(stats: dict) -> None:
 
 
 def balance_predictions(
-    predictions: str, out: str, num_classes: int, per_class: int, threshold: float = 0.3, duplicate: bool = True
+    predictions: str,
+    out: str,
+    num_classes: int,
+    per_class: int,
+    threshold: float = 0.3,
+    duplicate: bool = True,
+    dedup: str | None = None,
 ) -> dict:
     """Read predictions Parquet, write the balanced set to ``out/balanced`` and ``out/balance_stats.json``.
+
+    ``dedup``: the folder of a ``labeler.dedup.find_duplicates`` run over ``predictions``: the rows it
+    excluded (near-duplicates of evaluation images; duplicates inside the corpus) are left out of every
+    pass, before the confidence filter, and its ``dedup_stats.json`` is copied into the stats as ``dedup``.
 
     Raises:
         NothingPassed: (a ValueError) no prediction reached ``threshold``; nothing is written, so a
             run with a lower threshold starts balancing afresh.
         FileNotFoundError: ``predictions`` holds no Parquet file.
     """
-    from labeler.storage import join, write_bytes
+    from labeler.storage import join, read_json, write_bytes
 
-    plan = plan_balance(files_runner(predictions), num_classes, per_class, threshold, duplicate)
+    runner = files_runner(predictions, exclusions=dedup)
+    plan = plan_balance(runner, num_classes, per_class, threshold, duplicate)
+    if dedup:
+        plan.stats["dedup"] = read_json(join(dedup, "dedup_stats.json"))
     check_something_passed(plan.stats)
     logger.info("balancing: writing the balanced set (apply pass)")
-    write_balanced(predictions, plan, join(out, "balanced"))
+    write_balanced(predictions, plan, join(out, "balanced"), exclusions=dedup)
     write_bytes(join(out, "balance_stats.json"), json.dumps(plan.stats, indent=2).encode())
     write_bytes(join(out, "class_counts.png"), plot_class_counts(plan.stats))
     return plan.stats

@@ -39,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from labeler.api import LabelOptions
+from labeler.dedup import DedupOptions
 from labeler.settings import field_default, setting
 from trainer.settings import TrainSettings
 
@@ -180,6 +181,7 @@ class RunConfig:
     ray: RayConfig = setting(default_factory=RayConfig, help="")
     label: LabelOptions = setting(default_factory=LabelOptions, help="")
     balance: BalanceConfig = setting(default_factory=BalanceConfig, help="")
+    dedup: DedupOptions = setting(default_factory=DedupOptions, help="")
     eval: EvalConfig = setting(default_factory=EvalConfig, help="")
     train: TrainSettings = setting(default_factory=TrainSettings, help="")
     teacher: TeacherSettings = setting(default_factory=TeacherSettings, help="")
@@ -191,6 +193,8 @@ SECTION_HELP = {
     "ray": "the Ray cluster",
     "label": "pseudo labeling (labeler.api.LabelOptions; the `labeler` command's options)",
     "balance": "confidence filter and per-class balancing",
+    "dedup": "near-duplicates of evaluation images in the unlabeled corpus (labeler.dedup.DedupOptions; "
+    "`labeler dedup`'s options)",
     "eval": "evaluation of every trained model (top-1/5, ECE, corruptions, flips)",
     "train": "training keys shared by teacher and student (trainer.settings.TrainSettings)",
     "teacher": "the first teacher: `train` plus these keys on top, and `classes`",
@@ -473,6 +477,13 @@ def check_rules(cfg: DictConfig) -> None:
         raise ConfigError(f"balance.threshold must be in [0, 1], not {cfg.balance.threshold}")
     if cfg.balance.per_class < 0:
         raise ConfigError(f"balance.per_class must be >= 0 (0: the mean per class), not {cfg.balance.per_class}")
+    if not 0 <= cfg.dedup.max_distance <= 32:
+        raise ConfigError(f"dedup.max_distance must be within 0..32 (bits of 64), not {cfg.dedup.max_distance}")
+    if cfg.dedup.enabled and not cfg.label.phash:
+        raise ConfigError(
+            "dedup.enabled needs the perceptual hashes the labeler writes with label.phash; set label.phash=true, "
+            "or dedup.enabled=false to train on the corpus without excluding near-duplicates of evaluation images"
+        )
     if cfg.eval.batch_size < 1:
         raise ConfigError(f"eval.batch_size must be >= 1, not {cfg.eval.batch_size}")
     if cfg.label.num_actors < 1:

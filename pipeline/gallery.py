@@ -12,8 +12,6 @@ ties broken by a stable hash of the id), so the same predictions give the same s
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 from collections import Counter
 
@@ -22,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from labeler.storage import list_files, read_bytes
+from labeler.storage import list_files
 from pipeline.balance_core import sort_keys
 
 logger = logging.getLogger(__name__)
@@ -132,26 +130,3 @@ def sample_rejections(predictions: str, per_reason: int = 5) -> dict[str, dict]:
             smallest = pc.take(ids, pc.array_sort_indices(ids)[:per_reason]).to_pylist()  # O(rows) per file
             examples[reason] = sorted(examples.get(reason, []) + smallest)[:per_reason]
     return {r: {"count": counts[r], "examples": examples[r]} for r in sorted(counts)}
-
-
-def thumbnail(path: str, size: int = 48, data: bytes | None = None) -> str | None:
-    """A ``data:image/png;base64,...`` thumbnail (``size`` px on the long side) of the image
-    ``data`` (bytes the labeler kept), else of the image file at ``path``; None when neither can
-    be read as an image (e.g. a row from a Parquet or tar corpus labeled without its bytes)."""
-    from PIL import Image
-
-    from labeler.images import RejectedImage, decode_image, is_container
-
-    if data is None and is_container(path):
-        return None  # a row of a shard or Parquet corpus without its bytes: never read the whole shard
-    try:
-        img = decode_image(data if data is not None else read_bytes(path))
-    except (OSError, RejectedImage) as err:
-        logger.debug(f"no thumbnail for {path}: {err}")
-        return None
-    scale = size / max(img.width, img.height)
-    resample = Image.NEAREST if scale >= 2 else Image.BILINEAR  # small images (digits) stay crisp
-    img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), resample)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

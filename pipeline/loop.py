@@ -26,6 +26,7 @@ from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_byt
 from pipeline.balance import balance_predictions
 from pipeline.checks import CheckReport, check_inputs
 from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
+from pipeline.dedup import dedup_folder, run_dedup
 from pipeline.digits import write_digits_corpus
 from pipeline.model_eval import (
     PER_CLASS_KEYS,
@@ -332,6 +333,10 @@ def _label_and_balance(
         return read_json(stats_path)
     start_stage(stages[f"round_{it}/balanced"])
     delete_tree(join(round_dir, "balanced"))
+    dedup = dedup_folder(round_dir) if cfg.dedup.enabled else None
+    if dedup:  # near-duplicates of evaluation images never reach balancing (pipeline.dedup)
+        delete_tree(dedup)
+        run_dedup(cfg, data, join(labels_dir, "predictions"), dedup)
     b = cfg.balance
     per_class, duplicate = b.per_class or _auto_per_class(labels_dir, num_classes, b.threshold), b.duplicate
     if not b.enabled:  # confidence filter only: a target no class reaches, and no duplicates
@@ -339,7 +344,7 @@ def _label_and_balance(
     start = time.time()
     logger.info(f"balancing: threshold {b.threshold}, {per_class} per class")
     stats = balance_predictions(
-        join(labels_dir, "predictions"), round_dir, num_classes, per_class, b.threshold, duplicate
+        join(labels_dir, "predictions"), round_dir, num_classes, per_class, b.threshold, duplicate, dedup
     )
     empty = stats["empty_classes"] or "none"
     logger.info(f"balanced in {time.time() - start:.0f} s: {stats['total_rows']} rows, "

@@ -20,9 +20,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from labeler.dedup_report import section_for
+from labeler.images import thumbnail
 from labeler.storage import absolute, exists, join, list_dirs, list_files, read_bytes, read_json, write_bytes
 from pipeline.balance import plot_class_counts
-from pipeline.gallery import GROUPS, sample_gallery, sample_rejections, thumbnail
+from pipeline.gallery import GROUPS, sample_gallery, sample_rejections
 from pipeline.model_eval import worse_than_teacher_warnings
 
 REPORT_FILE = "report.html"
@@ -360,6 +362,14 @@ def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
     return parts
 
 
+def _near_duplicates(run_dir: str) -> list[str]:
+    """Per round: the unlabeled images excluded as near-duplicates of evaluation images, and the closest pairs."""
+    return [
+        section_for(join(path, "dedup"), f"Near-duplicates of evaluation images, {name}", f"sec-dedup-{name}")
+        for name, path in _rounds(run_dir)
+    ]
+
+
 def _thumbs(rows: list[dict]) -> str:
     out = []
     for r in rows:
@@ -397,6 +407,7 @@ STYLE = (
     "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}img{max-width:100%}"
     "table.kv td,table.gallery td{text-align:left}figure{display:inline-block;margin:2px;text-align:center}"
+    ".pair{display:inline-block;border:1px solid #ccc;margin:3px;padding:2px}"
     "figcaption{font-size:11px}img.thumb{width:48px;height:auto;max-width:none;image-rendering:pixelated}pre{text-align:left}"
     ".warning{background:#fff3cd;border:2px solid #d39e00;padding:0 1em;color:#7a5600}"
 )
@@ -431,6 +442,7 @@ def render_report(run_dir: str) -> str:
     classes = evals[0][1]["classes"] if evals else []
     num_classes = len(classes) or _num_classes(run_dir)
     parts += _gallery(run_dir, num_classes, classes)
+    parts += _near_duplicates(run_dir)
     parts.append(_rejections(run_dir))
     parts.append("<h2 id='sec-numbers'>Every number</h2>" + _table(summary) + "</body></html>")
     return "\n".join(parts)

@@ -160,6 +160,19 @@ def _eval_stage(cfg: DictConfig, test: str | None, name: str, folder: str, model
     return Stage(f"{name} evaluation", record, record_file, [eval_file], eval_file, [model.name], resumable=False)
 
 
+def _dedup_record(cfg: DictConfig, data: dict) -> dict:
+    """What a round's near-duplicate step reads besides its predictions: its settings and the sets it compares
+    with (the validation split as given or as carved, the test split, ``eval.extra``, the labeled set)."""
+    carve = data.get("carve")
+    return {
+        **OmegaConf.to_container(cfg.dedup),
+        "val": {"fraction": cfg.data.val_fraction, "seed": cfg.seed} if carve else _fingerprint(data.get("val")),
+        "test": _fingerprint(data.get("test")),
+        "extra": {k: _fingerprint(absolute(v)) for k, v in cfg.eval.extra.items()},
+        "labeled": _fingerprint(data["classes_from"]),
+    }
+
+
 def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, corpus: str | None = None) -> list[Stage]:
     """Every stage of the run ``cfg`` describes, in order, with the record it would have.
 
@@ -205,7 +218,8 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
         )
         balance_record = {"stage": "balanced", "labels": labels.digest, "num_classes": len(classes)}
         balance_record["balance"] = OmegaConf.to_container(cfg.balance)
-        owned = [join(round_dir, n) for n in ("balanced", "balance_stats.json", "class_counts.png")]
+        balance_record["dedup"] = _dedup_record(cfg, data) if cfg.dedup.enabled else None
+        owned = [join(round_dir, n) for n in ("balanced", "balance_stats.json", "class_counts.png", "dedup")]
         balanced = Stage(
             f"round_{it}/balanced",
             balance_record,

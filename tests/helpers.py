@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from labeler.model import ModelSpec, create_model, save_checkpoint
 
@@ -72,3 +72,60 @@ def plant_teacher(cfg, image_size: int = 32) -> ModelSpec:
     for name in ("final.json", "eval.json"):  # skip training and evaluating it
         write_json(os.path.join(teacher, name), {"test_top1": 0.1})
     return spec
+
+
+def _encode(img: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
+
+
+def altered_copies(png: bytes) -> dict[str, bytes]:
+    """Encoded altered copies of one image, as a near-duplicate of it would arrive in a corpus:
+    ``jpeg_q30`` (JPEG, quality 30), ``resize_0.5`` and ``resize_2`` (bicubic, PNG), ``crop`` (2 px cut
+    from each border, 1 px when a side is under 24 px; PNG) and ``brighten`` (``ImageEnhance.Brightness``
+    1.2; PNG)."""
+    img = Image.open(io.BytesIO(png))
+    img.load()
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    w, h = img.size
+
+    def resized(factor: float) -> bytes:
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        return _encode(img.resize(size, Image.Resampling.BICUBIC))
+
+    m = 1 if min(w, h) < 24 else 2
+    return {
+        "jpeg_q30": _encode(img, "JPEG", quality=30),
+        "resize_0.5": resized(0.5),
+        "resize_2": resized(2.0),
+        "crop": _encode(img.crop((m, m, w - m, h - m))),
+        "brighten": _encode(ImageEnhance.Brightness(img).enhance(1.2)),
+    }
+
+
+def upscaled_digit_pngs(size: int = 32) -> list[tuple[int, bytes]]:
+    """scikit-learn's 1,797 8x8 digits (scaled to 0-255 as ``pipeline.digits`` writes them), each
+    resized to ``size`` x ``size`` (bicubic) and PNG-encoded, as ``(class, bytes)``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)
+    return [
+        (int(c), _encode(Image.fromarray(a, "L").resize((size, size), Image.Resampling.BICUBIC)))
+        for c, a in zip(digits.target, images)
+    ]
+
+
+def photo_tiles(tile: int) -> list[bytes]:
+    """Non-overlapping ``tile`` x ``tile`` tiles of scikit-learn's sample photos, as PNGs."""
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for photo in load_sample_images().images:
+        h, w = photo.shape[:2]
+        for y in range(0, h - tile + 1, tile):
+            for x in range(0, w - tile + 1, tile):
+                out.append(_encode(Image.fromarray(photo[y : y + tile, x : x + tile])))
+    return out

@@ -27,6 +27,8 @@ def tiny_run(ray_local, tmp_path_factory):
     unlabeled = tmp / "unlabeled"
     shutil.copytree(paths["unlabeled"], unlabeled)
     (unlabeled / "corrupt.png").write_bytes(b"\x89PNG not really")
+    test_image = sorted((tmp / "data" / "test" / "3").iterdir())[0]  # a test image leaked into the corpus
+    shutil.copy(test_image, unlabeled / "copy_of_test.png")
     config = "digits"  # a shipped config, by name
     args = [
         "run", config, "run_dir=run", "runlocal=true",  # relative paths, as users type them
@@ -209,6 +211,25 @@ def test_balanced_set_has_exactly_per_class_rows(tiny_run):
     assert sorted(per_label.index) == nonempty
     assert (per_label == stats["per_class"]).all()
     assert (table["confidence"] >= stats["threshold"]).all()
+
+
+def test_a_copy_of_a_test_image_never_reaches_the_student(tiny_run):
+    run_dir, _ = tiny_run
+    stats = json.loads((run_dir / "round_1" / "balance_stats.json").read_text())["dedup"]
+    excluded = {r["id"]: r for r in pq.read_table(run_dir / "round_1" / "dedup" / "excluded").to_pylist()}
+    leaked = sorted((run_dir.parent / "data" / "test" / "3").iterdir())[0].name
+    assert excluded["copy_of_test.png"]["eval_id"] == f"3/{leaked}" and excluded["copy_of_test.png"]["distance"] == 0
+    assert excluded["copy_of_test.png"]["eval_set"] == "test"  # the first set named (also in eval.extra)
+    assert stats["max_distance"] == 2 and stats["near_duplicates_of_eval"]["rows"] == len(excluded)
+    assert set(stats["eval_images"]) == {"val", "test", "extra/test_again"}  # the carved val split too
+    assert (
+        stats["eval_images"]["val"]["hashed"] > 0
+        and stats["hashed"] == len(os.listdir(run_dir.parent / "unlabeled")) - 1
+    )
+    balanced = set(pq.read_table(run_dir / "round_1" / "balanced", columns=["id"])["id"].to_pylist())
+    assert not balanced & set(excluded)
+    page = (run_dir / "report.html").read_text()
+    assert "Near-duplicates of evaluation images, round_1" in page and "copy_of_test.png" in page
 
 
 def test_rerun_skips_finished_stages(tiny_run):

@@ -1,0 +1,469 @@
+"""Near-duplicates of evaluation images in a corpus, and duplicates inside it, by perceptual hash.
+
+A web corpus holds copies of evaluation images: re-encoded, resized, cropped, brightened. Pseudo-labeled
+and trained on, they make the student's test accuracy a measure of memory. Every image gets a 64-bit
+pHash where it is decoded (:mod:`labeler.phash`; the labeler's ``phash`` column, or :func:`hash_dataset`
+for a set without predictions), and:
+
+* **evaluation sets**: every corpus row within ``max_distance`` bits of an evaluation image is excluded
+  (reason ``near_duplicate_eval``), one Ray task per predictions file against a :class:`HashIndex` of the
+  evaluation hashes (exact, no pairwise scan); a row in several sets' reach counts for the first set named;
+* **the labeled set**: rows whose hash equals a labeled image's are counted (training on them is harmless);
+* **inside the corpus**: of the rows left, those with the same hash form a group; groups and their rows are
+  counted, and with
+  ``keep_one_per_group`` all but one row of each group (the smallest id) are excluded (reason
+  ``duplicate_in_corpus``). Rows are grouped in hash buckets of at most :data:`BUCKET_ROWS` rows, one Ray
+  task each, so no process holds the corpus's hashes. Only equal hashes group (distance 0): grouping by
+  distance inside a 300M-image corpus is a self-join of another order of cost.
+
+What is excluded is written beside the predictions, per predictions file (``excluded/`` and
+``corpus_groups/``, see :class:`Exclusions`), and read back by the passes that use the predictions
+(balancing), so nothing per row is held in one process. ``dedup_stats.json`` holds the counts and
+``pairs.json`` the closest pairs (thumbnails inlined) for the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from labeler.hash_index import HashIndex
+from labeler.images import RejectedImage, decode_image, is_container
+from labeler.phash import hash_input, phash_many
+from labeler.settings import setting
+from labeler.storage import exists, filesystem_for, iter_tables, join, list_files, read_bytes, write_json
+
+logger = logging.getLogger(__name__)
+
+EVAL_REASON = "near_duplicate_eval"
+CORPUS_REASON = "duplicate_in_corpus"
+# chosen from benchmarks/dedup_distance.py (README, "Near-duplicates of evaluation images")
+DEFAULT_MAX_DISTANCE = 8
+BUCKET_ROWS = 4_000_000  # rows of the corpus one grouping task holds (about 0.3 GB with their ids)
+PAIRS_SHOWN = 16
+
+
+@dataclass
+class DedupOptions:
+    """Near-duplicate settings: the ``labeler dedup`` command's options and a noisy-student config's
+    ``dedup:`` section (same names)."""
+
+    enabled: bool = setting(
+        True,
+        help="before balancing, exclude unlabeled images within max_distance of a validation, test or eval.extra "
+        "image (noisy-student only; labeler dedup always compares)",
+    )
+    max_distance: int = setting(
+        DEFAULT_MAX_DISTANCE,
+        help="Hamming distance (bits of the 64-bit perceptual hash) up to which two images are near-duplicates",
+    )
+    keep_one_per_group: bool = setting(
+        False, help="of unlabeled images with equal hashes, keep one (the smallest id) and exclude the rest"
+    )
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_distance <= 32:
+            raise ValueError(f"max_distance must be within 0..32 (bits of 64), not {self.max_distance}")
+
+
+HASH_SCHEMA = pa.schema(
+    [("id", pa.string()), ("path", pa.string()), ("phash", pa.uint64()), ("reject_reason", pa.string())]
+)
+HASH_COLUMNS = HASH_SCHEMA.names
+EXCLUDED_SCHEMA = pa.schema(
+    [("id", pa.string()), ("path", pa.string()), ("reason", pa.string()), ("distance", pa.uint8()),
+     ("eval_set", pa.string()), ("eval_id", pa.string())]
+)  # fmt: skip
+
+
+# --- hashing a set that has no predictions ---------------------------------------------------------
+
+
+def hash_batch(batch: dict, max_pixels: int) -> dict:
+    """(id, path, bytes, read_error) rows -> (id, path, phash, reject_reason): decode, then the pHash."""
+    from labeler.images import read_reason
+
+    n = len(batch["id"])
+    inputs = np.zeros((n, 32, 32), np.float64)
+    reasons = np.full(n, None, dtype=object)
+    errors = batch.get("read_error")
+    for i, data in enumerate(batch["bytes"]):
+        if errors is not None and isinstance(errors[i], str):
+            reasons[i] = read_reason(errors[i])
+            continue
+        try:
+            inputs[i] = hash_input(decode_image(bytes(data) if data is not None else b"", 3, max_pixels))
+        except RejectedImage as err:
+            reasons[i] = err.reason
+    ok = np.array([r is None for r in reasons], bool)
+    hashes = pa.array(phash_many(inputs), pa.uint64(), mask=~ok)
+    return pa.table(
+        {"id": [str(v) for v in batch["id"]], "path": [str(v) for v in batch["path"]], "phash": hashes,
+         "reject_reason": pa.array(list(reasons), pa.string())}
+    )  # fmt: skip
+
+
+def hash_dataset(source: str, options=None) -> ray.data.Dataset:
+    """A lazy dataset of (id, path, phash, reject_reason) rows, one per image of ``source`` (any corpus
+    format the labeler reads: ``labeler.sources``; ``options``: its ``LabelOptions``). No model runs."""
+    from labeler.api import LabelOptions
+    from labeler.sources import read_source
+
+    opts = options or LabelOptions()
+    ds = read_source(source, opts)
+    return ds.map_batches(
+        hash_batch, batch_size=64, batch_format="numpy", num_cpus=opts.decode_cpus,
+        fn_kwargs={"max_pixels": opts.max_pixels},
+    )  # fmt: skip
+
+
+def collect_hashes(source: str, options=None) -> pa.Table:
+    """Every (id, path, phash, reject_reason) row of a small set (an evaluation set), in this process."""
+    batches = hash_dataset(source, options).iter_batches(batch_format="pyarrow", batch_size=None)
+    tables = [pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b for b in batches]
+    if not tables:
+        return HASH_SCHEMA.empty_table()
+    return pa.concat_tables(tables).select(HASH_COLUMNS).cast(HASH_SCHEMA)
+
+
+# --- where exclusions live ------------------------------------------------------------------------
+
+
+def file_key(root: str, path: str) -> str:
+    """A short stable name for the predictions file ``path`` under ``root`` (its relative path's digest)."""
+    rel = path[len(filesystem_for(root)[1].rstrip("/")) + 1 :]
+    return hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+@dataclass
+class Exclusions:
+    """The rows a dedup run at ``folder`` excluded from the predictions (or hashes) under ``root``:
+    ``folder/excluded/<file key>.parquet`` (near-duplicates of evaluation images, per file) and
+    ``folder/corpus_groups/bucket-*.parquet`` (all but one row of each duplicate group, with ``keep_one``;
+    rows of every file, sorted by file key so a file's rows are read by their row groups' statistics)."""
+
+    folder: str
+    root: str
+
+    def ids_for(self, path: str) -> pa.Array:
+        """The ids excluded from the predictions file ``path`` (a string array; empty when none)."""
+        key = file_key(self.root, path)
+        parts = [self.near_eval(path)]
+        fs, buckets = list_files(join(self.folder, "corpus_groups"), suffix=".parquet")
+        for bucket in buckets:
+            t = pq.read_table(bucket, filesystem=fs, columns=["id"], filters=[("file", "=", key)])
+            parts.append(t["id"])
+        chunks = [c for p in parts for c in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]
+        return pa.concat_arrays(chunks).cast(pa.string()) if chunks else pa.array([], pa.string())
+
+    def near_eval(self, path: str) -> pa.Array:
+        """The ids of the predictions file ``path`` excluded as near-duplicates of evaluation images."""
+        own = join(self.folder, "excluded", f"{file_key(self.root, path)}.parquet")
+        if not exists(own):
+            return pa.array([], pa.string())
+        fs, p = filesystem_for(own)
+        return pq.read_table(p, filesystem=fs, columns=["id"])["id"].combine_chunks().cast(pa.string())
+
+    def drop(self, table: pa.Table, ids: pa.Array) -> pa.Table:
+        """``table`` without the rows whose id is in ``ids``."""
+        if len(ids) == 0 or table.num_rows == 0:
+            return table
+        return table.filter(pc.invert(pc.is_in(table["id"].cast(pa.string()), value_set=ids)))
+
+
+# --- the evaluation pass: one task per file ---------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    """The hashes a corpus is compared with: evaluation sets (excluded within ``max_distance``) and the
+    labeled set (counted when equal). ``names[i]``/``ids[i]``/``paths[i]``: the set, id and path of
+    ``hashes[i]``."""
+
+    hashes: np.ndarray
+    names: list[str]
+    ids: list[str]
+    paths: list[str]
+    labeled: np.ndarray
+    max_distance: int
+
+    @classmethod
+    def build(cls, eval_sets: dict[str, pa.Table], labeled: pa.Table | None, max_distance: int) -> Reference:
+        hashes, names, ids, paths = [], [], [], []
+        for name, t in eval_sets.items():
+            t = t.filter(pc.is_valid(t["phash"]))
+            hashes.append(t["phash"].to_numpy())
+            names += [name] * t.num_rows
+            ids += t["id"].to_pylist()
+            paths += t["path"].to_pylist()
+        lab = np.zeros(0, np.uint64) if labeled is None else labeled.filter(pc.is_valid(labeled["phash"]))["phash"]
+        lab = np.unique(np.asarray(lab, dtype=np.uint64))
+        all_hashes = np.concatenate(hashes).astype(np.uint64) if hashes else np.zeros(0, np.uint64)
+        return cls(all_hashes, names, ids, paths, lab, max_distance)
+
+
+def _match_table(t: pa.Table, index: HashIndex, ref: Reference, order: list[str]) -> tuple[pa.Table, dict]:
+    """One batch: its rows within reach of an evaluation image (as :data:`EXCLUDED_SCHEMA`) and counts."""
+    t = t.filter(pc.is_valid(t["phash"]))
+    hashes = t["phash"].to_numpy()
+    q, r, d = index.query(hashes) if len(index) else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.uint8),)
+    names = [ref.names[i] for i in r]
+    rows = pa.table(
+        {"id": t["id"].take(q).cast(pa.string()), "path": t["path"].take(q).cast(pa.string()),
+         "reason": pa.array([EVAL_REASON] * len(q), pa.string()), "distance": pa.array(d, pa.uint8()),
+         "eval_set": pa.array(names, pa.string()), "eval_id": pa.array([ref.ids[i] for i in r], pa.string())}
+    )  # fmt: skip
+    labeled = int(np.isin(hashes, ref.labeled).sum()) if len(ref.labeled) else 0
+    per_set = {name: names.count(name) for name in order}
+    return rows, {"hashed": len(hashes), "labeled_duplicates": labeled, "per_set": per_set, "eval_hit": r}
+
+
+def _match_file(batch: dict, ref: Reference, root: str, folder: str, shown: int) -> dict:
+    """Task: one predictions file against the evaluation hashes; writes its exclusions, returns counts."""
+    fs, _ = filesystem_for(root)
+    path = str(batch["file"][0])
+    index = HashIndex(ref.hashes, ref.max_distance)
+    order = list(dict.fromkeys(ref.names))
+    found, hashed, labeled, per_set, hits = [], 0, 0, dict.fromkeys(order, 0), []
+    names = [c for c in HASH_COLUMNS if c != "reject_reason"]
+    for table in iter_tables(fs, path, 65536, names):
+        rows, counts = _match_table(table, index, ref, order)
+        hashed, labeled = hashed + counts["hashed"], labeled + counts["labeled_duplicates"]
+        per_set = {k: per_set[k] + counts["per_set"][k] for k in order}
+        hits.append(counts["eval_hit"])
+        if rows.num_rows:
+            found.append(rows)
+    excluded = pa.concat_tables(found) if found else EXCLUDED_SCHEMA.empty_table()
+    if excluded.num_rows:
+        ofs, out = filesystem_for(join(folder, "excluded", f"{file_key(root, path)}.parquet"))
+        ofs.create_dir(out.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(excluded, out, filesystem=ofs)
+    closest = excluded.take(pc.sort_indices(excluded, [("distance", "ascending"), ("id", "ascending")])[:shown])
+    pairs = [{**row, "file": path} for row in closest.to_pylist()]
+    return {
+        "hashed": np.array([hashed]), "labeled_duplicates": np.array([labeled]),
+        "per_set": np.array([per_set], dtype=object), "pairs": np.array([pairs], dtype=object),
+        "eval_hit": np.array([np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)], dtype=object),
+    }  # fmt: skip
+
+
+def _files(root: str) -> list[str]:
+    _, files = list_files(root, suffix=".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet files (predictions or hashes) under {root}")
+    return files
+
+
+def _per_file(fn, files: list[str], kwargs: dict) -> list[dict]:
+    """``fn`` as a Ray task per file (Ray Data, one block each); every task's small output, in file order."""
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+    out = ds.map_batches(fn, batch_size=1, batch_format="numpy", fn_kwargs=kwargs)
+    rows = [row for b in out.iter_batches(batch_format="numpy", batch_size=None) for row in _rows(b)]
+    return rows
+
+
+def _rows(batch: dict) -> list[dict]:
+    return [{k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()))))]
+
+
+# --- the corpus pass: one task per hash bucket ------------------------------------------------------
+
+
+def _group_bucket(batch: dict, root: str, files: list[str], buckets: int, folder: str, keep_one: bool) -> dict:
+    """Task: the rows of every file whose hash falls in this bucket (``phash % buckets``), less those excluded
+    as near-duplicates of evaluation images, grouped by hash; with ``keep_one``, writes all but the smallest id
+    of each group (with their file's key)."""
+    bucket = int(batch["bucket"][0])
+    fs, _ = filesystem_for(root)
+    exclusions = Exclusions(folder, root)
+    hashes, ids, keys = [], [], []
+    for path in files:
+        key = file_key(root, path)
+        near = exclusions.near_eval(path)  # gone already: not grouped, not counted twice
+        for t in iter_tables(fs, path, 65536, ["id", "phash"]):
+            t = exclusions.drop(t.filter(pc.is_valid(t["phash"])), near)
+            h = t["phash"].to_numpy()
+            mine = np.flatnonzero(h % np.uint64(buckets) == bucket)
+            hashes.append(h[mine])
+            ids += t["id"].take(mine).cast(pa.string()).to_pylist()
+            keys += [key] * len(mine)
+    h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    ids_arr = np.array(ids, dtype=object)
+    order = np.lexsort((ids_arr, h)) if len(h) else np.zeros(0, np.int64)
+    h, ids_arr, keys_arr = h[order], ids_arr[order], np.array(keys, dtype=object)[order]
+    new = np.ones(len(h), bool)
+    new[1:] = h[1:] != h[:-1]
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, len(h)))
+    grouped = np.repeat(sizes > 1, sizes)
+    extra = grouped & ~new  # every member of a group but its first (smallest id)
+    if keep_one and extra.any():
+        t = pa.table({"file": keys_arr[extra].tolist(), "id": ids_arr[extra].tolist()})
+        t = t.sort_by([("file", "ascending"), ("id", "ascending")])
+        ofs, out = filesystem_for(join(folder, "corpus_groups", f"bucket-{bucket:05d}.parquet"))
+        ofs.create_dir(out.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(t, out, filesystem=ofs, row_group_size=65536)
+    return {"groups": np.array([int((sizes > 1).sum())]), "rows": np.array([int(sizes[sizes > 1].sum())]),
+            "excluded": np.array([int(extra.sum()) if keep_one else 0])}  # fmt: skip
+
+
+def corpus_groups(root: str, files: list[str], hashed: int, folder: str, keep_one: bool) -> dict:
+    """Duplicate groups inside the corpus (rows with equal hashes): ``groups``, ``rows`` in them, and
+    ``excluded`` (all but one per group with ``keep_one``, else 0)."""
+    buckets = max(1, math.ceil(hashed / BUCKET_ROWS))
+    ds = ray.data.from_items([{"bucket": b} for b in range(buckets)], override_num_blocks=buckets)
+    out = ds.map_batches(
+        _group_bucket, batch_size=1, batch_format="numpy",
+        fn_kwargs={"root": root, "files": files, "buckets": buckets, "folder": folder, "keep_one": keep_one},
+    )  # fmt: skip
+    totals = {"groups": 0, "rows": 0, "excluded": 0}
+    for b in out.iter_batches(batch_format="numpy", batch_size=None):
+        for k in totals:
+            totals[k] += int(b[k].sum())
+    return totals
+
+
+# --- the whole run ----------------------------------------------------------------------------------
+
+
+def find_duplicates(
+    root: str,
+    eval_sets: dict[str, pa.Table],
+    folder: str,
+    labeled: pa.Table | None = None,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    keep_one_per_group: bool = False,
+) -> dict:
+    """Compare the rows under ``root`` (predictions with a ``phash`` column, or :func:`hash_dataset`'s
+    output written as Parquet) with ``eval_sets`` (name -> :func:`collect_hashes` table) and ``labeled``,
+    and with each other; write the exclusions (:class:`Exclusions`), ``folder/dedup_stats.json`` and
+    ``folder/pairs.json``. Returns the stats: ``max_distance``, ``hashed`` (corpus rows with a hash),
+    ``eval_images`` (per set: hashed, unreadable), ``near_duplicates_of_eval`` (rows excluded, per set,
+    and ``eval_images_matched``: evaluation images with at least one copy), ``labeled_duplicates``,
+    ``corpus_duplicates`` (``groups``, ``rows``, ``excluded``) and ``excluded`` (rows excluded in all).
+
+    Raises:
+        FileNotFoundError: no Parquet files under ``root``.
+        ValueError: they have no ``phash`` column (labeled with ``phash`` off), or ``max_distance``
+            outside 0..32.
+    """
+    files = _files(root)
+    fs, _ = filesystem_for(root)
+    if "phash" not in pq.read_schema(files[0], filesystem=fs).names:
+        raise ValueError(
+            f"{root} has no phash column: its images were labeled without perceptual hashes; label again with "
+            "phash on (the default: --phash / label.phash), or turn dedup off (dedup.enabled: false)"
+        )
+    ref = Reference.build(eval_sets, labeled, max_distance)
+    HashIndex(np.zeros(0, np.uint64), max_distance)  # checks max_distance before any task starts
+    outs = _per_file(_match_file, files, {"ref": ref, "root": root, "folder": folder, "shown": PAIRS_SHOWN})
+    hashed = sum(int(o["hashed"]) for o in outs)
+    groups = corpus_groups(root, files, hashed, folder, keep_one_per_group)
+    stats = _stats(ref, eval_sets, outs, hashed, groups, keep_one_per_group)
+    pairs = heapq.nsmallest(PAIRS_SHOWN, (p for o in outs for p in o["pairs"]), key=lambda p: (p["distance"], p["id"]))
+    write_json(join(folder, "pairs.json"), [_with_images(p, ref, fs) for p in pairs])
+    write_json(join(folder, "dedup_stats.json"), stats)
+    _warn_if_many(stats)
+    logger.info(
+        f"dedup: {stats['near_duplicates_of_eval']['rows']} of {hashed} rows within {max_distance} bits of an "
+        f"evaluation image (excluded); {groups['rows']} rows in {groups['groups']} duplicate groups in the corpus"
+        + (f" ({groups['excluded']} excluded)" if keep_one_per_group else "")
+    )
+    return stats
+
+
+MANY = 0.05  # a share of the corpus near evaluation images that deserves a second look
+
+
+def _warn_if_many(stats: dict) -> None:
+    """Warn when more than :data:`MANY` of the corpus is excluded as near evaluation images: a real leak, or
+    images too small or too alike for a 64-bit hash at this distance (8x8 digits at 8 bits: 29%)."""
+    near, hashed = stats["near_duplicates_of_eval"]["rows"], stats["hashed"]
+    if hashed and near / hashed > MANY:
+        logger.warning(
+            f"dedup: {near} of {hashed} corpus images ({near / hashed:.0%}) are within {stats['max_distance']} bits "
+            "of an evaluation image and are excluded. Either the corpus holds that many copies (see the report's "
+            "pairs), or its images are too small or too alike for a perceptual hash at this distance: then lower "
+            "dedup.max_distance (--max-distance for labeler dedup)"
+        )
+
+
+def _stats(ref: Reference, eval_sets: dict, outs: list[dict], hashed: int, groups: dict, keep_one: bool) -> dict:
+    per_set = {name: sum(int(o["per_set"][name]) for o in outs) for name in eval_sets}
+    hit = np.unique(np.concatenate([o["eval_hit"] for o in outs])) if outs else np.zeros(0, np.int64)
+    matched = {name: 0 for name in eval_sets}
+    for i in hit:
+        matched[ref.names[int(i)]] += 1
+    near = sum(per_set.values())
+    return {
+        "max_distance": ref.max_distance,
+        "hashed": hashed,
+        "eval_images": {
+            name: {
+                "hashed": int(pc.sum(pc.is_valid(t["phash"])).as_py() or 0),
+                "unreadable": int(pc.sum(pc.is_null(t["phash"])).as_py() or 0),
+            }
+            for name, t in eval_sets.items()
+        },  # fmt: skip
+        "near_duplicates_of_eval": {"rows": near, "per_set": per_set, "eval_images_matched": matched},
+        "labeled_duplicates": sum(int(o["labeled_duplicates"]) for o in outs),
+        "corpus_duplicates": {**groups, "keep_one_per_group": keep_one},
+        "excluded": near + groups["excluded"],
+        "reasons": {EVAL_REASON: near, CORPUS_REASON: groups["excluded"]},
+    }
+
+
+def _with_images(pair: dict, ref: Reference, fs) -> dict:
+    """A pair for the report: ids, distance and both images as inline thumbnails (None where unreadable);
+    ``fs``: the filesystem of the pair's predictions file."""
+    from labeler.images import thumbnail
+
+    i = ref.ids.index(pair["eval_id"])
+    eval_path = ref.paths[i]
+    corpus = _kept_bytes(fs, pair["file"], pair["id"]) or _file_image(pair["path"], pair["id"])
+    return {
+        "distance": int(pair["distance"]), "eval_set": pair["eval_set"], "eval_id": pair["eval_id"],
+        "id": pair["id"], "eval_image": thumbnail(eval_path, data=_file_image(eval_path, pair["eval_id"])),
+        "image": thumbnail(pair["path"], data=corpus) if corpus else None,
+    }  # fmt: skip
+
+
+def _kept_bytes(fs, path: str, row_id: str) -> bytes | None:
+    """The image bytes the labeler kept for ``row_id`` in the predictions file ``path`` (None without)."""
+    if "image" not in pq.read_schema(path, filesystem=fs).names:
+        return None
+    t = pq.read_table(path, filesystem=fs, columns=["id", "image"], filters=[("id", "=", row_id)])
+    return t["image"][0].as_py() if t.num_rows else None
+
+
+def _file_image(path: str, row_id: str) -> bytes | None:
+    """An image's bytes from its own file, or from a Parquet file's row (``<file>#<row>`` ids)."""
+    try:
+        if path.lower().endswith(".parquet") and "#" in row_id:
+            from labeler.sources import image_bytes
+
+            fs, p = filesystem_for(path)
+            row = int(row_id.rsplit("#", 1)[1])
+            pf = pq.ParquetFile(p, filesystem=fs)
+            column = [c for c in ("image", "path") if c in pf.schema_arrow.names][0]
+            start = 0
+            for group in range(pf.metadata.num_row_groups):  # only the row group that holds the row
+                n = pf.metadata.row_group(group).num_rows
+                if start <= row < start + n:
+                    value = image_bytes(pf.read_row_group(group, columns=[column])[column])[row - start].as_py()
+                    return read_bytes(value) if column == "path" else value
+                start += n
+            return None
+        return None if is_container(path) else read_bytes(path)
+    except (OSError, ValueError, IndexError) as err:
+        logger.debug(f"dedup: no image for {path} ({row_id}): {err}")
+        return None

@@ -1,0 +1,118 @@
+"""``labeler dedup``: which images of a corpus are near-duplicates of evaluation images, without a model.
+
+Examples::
+
+    labeler dedup --input s3://bucket/images/ --eval test=s3://bucket/imagenet/val/ --output s3://bucket/dedup/
+    labeler dedup --input ./labels --eval val=./val --eval test=./test --labeled ./train --output ./dedup
+
+``--input`` is a corpus (any format the labeler reads; its images are decoded and hashed into
+``OUTPUT/hashes/``) or the output folder of a ``labeler`` job (its predictions carry the hashes already).
+Writes ``OUTPUT/dedup_stats.json`` (the counts), ``OUTPUT/excluded/`` (the rows within
+``--max-distance`` of an evaluation image, with the evaluation image each is nearest to),
+``OUTPUT/pairs.json`` and ``OUTPUT/report.html`` (the closest pairs, side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from labeler.api import LabelOptions
+from labeler.dedup import DedupOptions, collect_hashes, find_duplicates, hash_dataset
+from labeler.dedup_report import write_dedup_report
+from labeler.settings import add_arguments, from_args
+from labeler.storage import delete_tree, exists, filesystem_for, join, list_files
+
+READ_OPTIONS = ("format", "image_column", "id_column", "files_per_unit", "decode_cpus", "max_pixels")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="labeler dedup", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--input", required=True, help="a corpus (local or s3://), or a labeler job's output folder")
+    p.add_argument(
+        "--eval",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an evaluation set (image folder tree, Parquet or manifest), repeatable",
+    )
+    p.add_argument("--labeled", help="the labeled set: rows equal to one of its images are counted")
+    p.add_argument("--output", required=True, help="output folder (local or s3://)")
+    p.add_argument("--overwrite", action="store_true", help="delete what an earlier run wrote under --output first")
+    p.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--verbose", action="store_true", help="show Ray's worker logs and Ray Data's progress too")
+    near = p.add_argument_group("near-duplicate options (dedup.* in a noisy-student config)")
+    add_arguments(near, DedupOptions, only=("max_distance", "keep_one_per_group"))
+    reading = p.add_argument_group("reading the corpus (labeler options)")
+    add_arguments(reading, LabelOptions, only=READ_OPTIONS)
+    return p
+
+
+def _eval_sets(specs: list[str]) -> dict[str, str]:
+    sets = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--eval takes NAME=PATH (e.g. --eval test=./test), not {spec!r}")
+        if name in sets:
+            raise ValueError(f"--eval names {name!r} twice; give each evaluation set its own name")
+        sets[name] = path
+    if not sets:
+        raise ValueError("give at least one evaluation set: --eval NAME=PATH")
+    return sets
+
+
+def _labeler_output(path: str) -> bool:
+    return exists(join(path, "inputs.json")) and exists(join(path, "predictions"))
+
+
+def _check_output(out: str, overwrite: bool) -> None:
+    if not list_files(out)[1]:
+        return
+    if not overwrite:
+        raise ValueError(f"{out} is not empty; choose a new --output, or pass --overwrite to delete what is there")
+    fs, path = filesystem_for(out)
+    delete_tree(out) if fs.get_file_info(path).type.name == "Directory" else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import ray
+
+    from labeler.progress import configure_console, ray_init_kwargs
+
+    configure_console(args.verbose)
+    try:
+        options = from_args(DedupOptions, args)
+        reading = LabelOptions(**{name: getattr(args, name) for name in READ_OPTIONS})
+        sets = _eval_sets(args.eval)
+        for name, path in {
+            **sets,
+            "--input": args.input,
+            **({"--labeled": args.labeled} if args.labeled else {}),
+        }.items():
+            if not exists(path):
+                raise FileNotFoundError(f"{name}: {path} does not exist")
+        _check_output(args.output, args.overwrite)
+        if not ray.is_initialized():
+            ray.init(address=args.address, **ray_init_kwargs(args.verbose))
+        root = join(args.input, "predictions") if _labeler_output(args.input) else join(args.output, "hashes")
+        if root.startswith(args.output.rstrip("/")):
+            fs, path = filesystem_for(root)
+            hash_dataset(args.input, reading).write_parquet(path, filesystem=fs)
+        hashed = {name: collect_hashes(path) for name, path in sets.items()}
+        labeled = collect_hashes(args.labeled) if args.labeled else None
+        stats = find_duplicates(root, hashed, args.output, labeled, options.max_distance, options.keep_one_per_group)
+        report = write_dedup_report(args.output, args.input)
+    except (ValueError, OSError) as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"labeler dedup: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: stats[k] for k in ("hashed", "near_duplicates_of_eval", "corpus_duplicates", "excluded")}))
+    print(f"report: {report}")
+    return 0
