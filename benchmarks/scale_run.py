@@ -3,6 +3,7 @@
     pip install -e ".[bench]"
     python benchmarks/scale_run.py                              # N = 100,000 and 1,000,000 (see README)
     python benchmarks/scale_run.py --images 20000 200000        # quicker
+    python benchmarks/scale_run.py --steps 0 --phash-baseline   # what near-duplicate detection costs
     python benchmarks/scale_run.py --images 100000 --kill-after 20   # SIGKILL labeling, resume, check counts
     python benchmarks/scale_run.py --steps 0 --object-store-mb 512  # labeling's read-ahead limited
     python benchmarks/scale_run.py --steps 50 --student-only runs/scale/n100000/run-* runs/scale/n1000000/run-*
@@ -11,9 +12,13 @@ Corpus: scikit-learn's 1,797 digits, each copy randomly shifted, scaled and nois
 16x16 grayscale PNGs in WebDataset shards of 10,000 (and the same images as Parquet files, for
 ``--format parquet``). Teacher: timm's ``test_resnet`` at 16 px, trained here in-process for a
 few hundred steps on all the digits (a teacher that predicts every class, so balancing trims and
-fills). Stages, each timed: labeling (``run_labeling``), balancing to ``--per-class`` rows per
-class at threshold 0.3, and a student (``feed: ray_data``) for a fixed ``--steps`` steps, which
-reads the balanced set (the images travel in it) across many of its files.
+fills). Stages, each timed: labeling (``run_labeling``, which hashes every image: ``label.phash``),
+the near-duplicate step (``labeler.dedup``: hashing an evaluation set of ``--eval-images`` other
+variants, as PNG files in a folder, then comparing every prediction with it at the default distance),
+balancing to ``--per-class`` rows per class at threshold 0.3 (without the excluded rows), and a student
+(``feed: ray_data``) for a fixed ``--steps`` steps, which reads the balanced set (the images travel in it)
+across many of its files. ``--phash-baseline`` also labels each corpus with ``phash`` off first, the
+baseline of what hashing adds to labeling, and prints the near-duplicate cost against it.
 
 Memory is sampled every 0.5 s from the processes themselves (psutil): the driver, and the largest
 of the Ray processes this run started (its descendants: workers, raylet, GCS), each as its own
@@ -248,8 +253,29 @@ class MemorySampler:
         self._thread.join()
 
 
+def write_eval_set(folder: str, n: int) -> str:
+    """``n`` more variants (another seed: none is a corpus image) as PNG files in one folder (kept when there)."""
+    if os.path.exists(folder) and len(os.listdir(folder)) == n:
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    for key, png in synthetic_digits(n, seed=1):
+        with open(os.path.join(folder, f"{key}.png"), "wb") as f:
+            f.write(png)
+    return folder
+
+
+def near_duplicates(predictions: str, eval_set: str, out: str) -> dict:
+    """The loop's near-duplicate step: hash the evaluation set, compare every prediction with it."""
+    from labeler.dedup import collect_hashes, find_duplicates
+
+    return find_duplicates(predictions, {"test": collect_hashes(eval_set)}, out)
+
+
 def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
-    """Label, balance and train a student on a corpus of ``n`` images; time and memory per stage."""
+    """Label, compare with the evaluation set, balance and train a student on a corpus of ``n`` images; time
+    and memory per stage."""
+    import dataclasses
+
     from labeler.api import LabelOptions, run_labeling
     from pipeline.balance import balance_predictions
 
@@ -276,11 +302,18 @@ def run_size(n: int, args, teacher: str, spec, labeled: str) -> dict:
         stages[name]["top"] = top
         return result
 
+    if args.phash_baseline:
+        off = dataclasses.replace(opts, phash=False)
+        stage("labeling, phash off", lambda: run_labeling(corpus, teacher, os.path.join(out, "labels_off"), off))
     manifest = stage("labeling", lambda: run_labeling(corpus, teacher, os.path.join(out, "labels"), opts))
     assert manifest["rows"] == n, manifest
+    predictions, dedup = os.path.join(out, "labels", "predictions"), os.path.join(out, "dedup")
+    eval_set = write_eval_set(os.path.join(args.workdir, f"eval{args.eval_images}"), args.eval_images)
+    found = stage("near-duplicates", lambda: near_duplicates(predictions, eval_set, dedup))
+    print(f"  N={n:,} near-duplicates: {found['near_duplicates_of_eval']}, corpus {found['corpus_duplicates']}")
     per_class = args.per_class or n // 20
     stats = stage("balancing", lambda: balance_predictions(
-        os.path.join(out, "labels", "predictions"), out, 10, per_class, args.threshold))  # fmt: skip
+        predictions, out, 10, per_class, args.threshold, dedup=dedup))  # fmt: skip
     if args.steps:
         stage("student", lambda: train_student(out, args.steps, spec, labeled))
     _file_layout(out, n)
@@ -377,6 +410,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="student steps (128 images each); 0: no student")
     parser.add_argument("--per-class", type=int, default=0, help="balancing target (0: N / 20)")
     parser.add_argument("--threshold", type=float, default=0.3)
+    parser.add_argument("--eval-images", type=int, default=10_000, help="evaluation set of the near-duplicate step")
+    parser.add_argument("--phash-baseline", action="store_true", help="also label with phash off first (the "
+                        "baseline of the near-duplicate cost)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=256, help="inference batch")
     parser.add_argument("--object-store-mb", type=float, default=0.0, help="labeling's object-store limit "
                         "(label.object_store_mb; 0: Ray Data's default)")  # fmt: skip
@@ -428,6 +464,12 @@ def main() -> None:
         print(f"  {name}: time {time_x:.2f}x, driver memory {driver_x:.2f}x, largest Ray process memory {ray_x:.2f}x"
               f" (RSS, counting shared object-store pages: {rss_x:.2f}x; USS less the object-store pages in "
               f"it: {heap_x:.2f}x)")  # fmt: skip
+    for r in results if args.phash_baseline else []:
+        st = r["stages"]
+        base, step = st["labeling, phash off"]["seconds"], st["near-duplicates"]["seconds"]
+        added = st["labeling"]["seconds"] - base
+        print(f"  N={r['n']:,}: hashing in labeling {added:+.1f} s, near-duplicate step {step} s; together "
+              f"{(added + step) / base:.1%} of labeling without hashes ({base} s)")  # fmt: skip
     print(json.dumps(results, indent=1))
 
 

@@ -13,6 +13,7 @@ from labeler.lazy import lazy_exports
 # defining module -> its public names
 _EXPORTS = {
     "labeler.api": ("LabelOptions", "LabelingStalled", "label_images", "run_labeling", "summarize_predictions"),
+    "labeler.dedup": ("DedupOptions", "collect_hashes", "find_duplicates", "hash_dataset"),
     "labeler.model": (
         "ModelSpec",
         "count_parameters",

@@ -38,7 +38,7 @@ import ray
 
 from labeler.hash_index import HashIndex
 from labeler.images import RejectedImage, decode_image, is_container
-from labeler.phash import hash_input, phash_many
+from labeler.phash import hash_input, phash_many, stored, unsigned
 from labeler.settings import setting
 from labeler.storage import exists, filesystem_for, iter_tables, join, list_files, read_bytes, write_json
 
@@ -48,7 +48,7 @@ EVAL_REASON = "near_duplicate_eval"
 CORPUS_REASON = "duplicate_in_corpus"
 # chosen from benchmarks/dedup_distance.py (README, "Near-duplicates of evaluation images")
 DEFAULT_MAX_DISTANCE = 8
-BUCKET_ROWS = 4_000_000  # rows of the corpus one grouping task holds (about 0.3 GB with their ids)
+BUCKET_ROWS = 2_000_000  # rows of the corpus one grouping task holds (about 0.1 GB: hash, file, Arrow id)
 PAIRS_SHOWN = 16
 
 
@@ -76,7 +76,7 @@ class DedupOptions:
 
 
 HASH_SCHEMA = pa.schema(
-    [("id", pa.string()), ("path", pa.string()), ("phash", pa.uint64()), ("reject_reason", pa.string())]
+    [("id", pa.string()), ("path", pa.string()), ("phash", pa.int64()), ("reject_reason", pa.string())]
 )
 HASH_COLUMNS = HASH_SCHEMA.names
 EXCLUDED_SCHEMA = pa.schema(
@@ -105,7 +105,7 @@ def hash_batch(batch: dict, max_pixels: int) -> dict:
         except RejectedImage as err:
             reasons[i] = err.reason
     ok = np.array([r is None for r in reasons], bool)
-    hashes = pa.array(phash_many(inputs), pa.uint64(), mask=~ok)
+    hashes = pa.array(stored(phash_many(inputs)), pa.int64(), mask=~ok)
     return pa.table(
         {"id": [str(v) for v in batch["id"]], "path": [str(v) for v in batch["path"]], "phash": hashes,
          "reject_reason": pa.array(list(reasons), pa.string())}
@@ -201,12 +201,12 @@ class Reference:
         hashes, names, ids, paths = [], [], [], []
         for name, t in eval_sets.items():
             t = t.filter(pc.is_valid(t["phash"]))
-            hashes.append(t["phash"].to_numpy())
+            hashes.append(unsigned(t["phash"]))
             names += [name] * t.num_rows
             ids += t["id"].to_pylist()
             paths += t["path"].to_pylist()
         lab = np.zeros(0, np.uint64) if labeled is None else labeled.filter(pc.is_valid(labeled["phash"]))["phash"]
-        lab = np.unique(np.asarray(lab, dtype=np.uint64))
+        lab = np.unique(unsigned(lab))
         all_hashes = np.concatenate(hashes).astype(np.uint64) if hashes else np.zeros(0, np.uint64)
         return cls(all_hashes, names, ids, paths, lab, max_distance)
 
@@ -214,7 +214,7 @@ class Reference:
 def _match_table(t: pa.Table, index: HashIndex, ref: Reference, order: list[str]) -> tuple[pa.Table, dict]:
     """One batch: its rows within reach of an evaluation image (as :data:`EXCLUDED_SCHEMA`) and counts."""
     t = t.filter(pc.is_valid(t["phash"]))
-    hashes = t["phash"].to_numpy()
+    hashes = unsigned(t["phash"])
     q, r, d = index.query(hashes) if len(index) else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.uint8),)
     names = [ref.names[i] for i in r]
     rows = pa.table(
@@ -281,39 +281,50 @@ def _rows(batch: dict) -> list[dict]:
 def _group_bucket(batch: dict, root: str, files: list[str], buckets: int, folder: str, keep_one: bool) -> dict:
     """Task: the rows of every file whose hash falls in this bucket (``phash % buckets``), less those excluded
     as near-duplicates of evaluation images, grouped by hash; with ``keep_one``, writes all but the smallest id
-    of each group (with their file's key)."""
+    of each group (with their file's key). Holds a hash, a file index and an Arrow id per row of the bucket;
+    only the rows in groups become Python objects."""
     bucket = int(batch["bucket"][0])
     fs, _ = filesystem_for(root)
     exclusions = Exclusions(folder, root)
-    hashes, ids, keys = [], [], []
-    for path in files:
-        key = file_key(root, path)
+    hashes, owners, ids = [], [], []
+    for f, path in enumerate(files):
         near = exclusions.near_eval(path)  # gone already: not grouped, not counted twice
         for t in iter_tables(fs, path, 65536, ["id", "phash"]):
             t = exclusions.drop(t.filter(pc.is_valid(t["phash"])), near)
-            h = t["phash"].to_numpy()
+            h = unsigned(t["phash"])
             mine = np.flatnonzero(h % np.uint64(buckets) == bucket)
             hashes.append(h[mine])
-            ids += t["id"].take(mine).cast(pa.string()).to_pylist()
-            keys += [key] * len(mine)
+            owners.append(np.full(len(mine), f, np.int32))
+            ids.append(t["id"].take(mine).cast(pa.string()))
     h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-    ids_arr = np.array(ids, dtype=object)
-    order = np.lexsort((ids_arr, h)) if len(h) else np.zeros(0, np.int64)
-    h, ids_arr, keys_arr = h[order], ids_arr[order], np.array(keys, dtype=object)[order]
+    order = np.argsort(h, kind="stable")
     new = np.ones(len(h), bool)
-    new[1:] = h[1:] != h[:-1]
-    starts = np.flatnonzero(new)
-    sizes = np.diff(np.append(starts, len(h)))
+    new[1:] = h[order][1:] != h[order][:-1]
+    sizes = np.diff(np.append(np.flatnonzero(new), len(h)))
     grouped = np.repeat(sizes > 1, sizes)
-    extra = grouped & ~new  # every member of a group but its first (smallest id)
-    if keep_one and extra.any():
-        t = pa.table({"file": keys_arr[extra].tolist(), "id": ids_arr[extra].tolist()})
+    rows, group = order[grouped], np.repeat(np.arange(len(sizes)), sizes)[grouped]
+    extra = _all_but_smallest(group, pa.chunked_array(ids, pa.string()).take(rows).to_pylist())
+    if keep_one and len(extra):
+        owner = np.concatenate(owners)[rows[extra]] if owners else np.zeros(0, np.int32)
+        keys = [file_key(root, files[k]) for k in owner]
+        t = pa.table({"file": keys, "id": pa.chunked_array(ids, pa.string()).take(rows[extra])})
         t = t.sort_by([("file", "ascending"), ("id", "ascending")])
         ofs, out = filesystem_for(join(folder, "corpus_groups", f"bucket-{bucket:05d}.parquet"))
         ofs.create_dir(out.rsplit("/", 1)[0], recursive=True)
         pq.write_table(t, out, filesystem=ofs, row_group_size=65536)
-    return {"groups": np.array([int((sizes > 1).sum())]), "rows": np.array([int(sizes[sizes > 1].sum())]),
-            "excluded": np.array([int(extra.sum()) if keep_one else 0])}  # fmt: skip
+    return {"groups": np.array([int((sizes > 1).sum())]), "rows": np.array([len(rows)]),
+            "excluded": np.array([len(extra) if keep_one else 0])}  # fmt: skip
+
+
+def _all_but_smallest(group: np.ndarray, ids: list[str]) -> np.ndarray:
+    """Positions of every row but the one with the smallest id of its group (``group[i]``: row i's group)."""
+    keeper: dict[int, int] = {}
+    for i, (g, row_id) in enumerate(zip(group.tolist(), ids)):
+        if g not in keeper or row_id < ids[keeper[g]]:
+            keeper[g] = i
+    kept = np.zeros(len(ids), bool)
+    kept[list(keeper.values())] = True
+    return np.flatnonzero(~kept)
 
 
 def corpus_groups(root: str, files: list[str], hashed: int, folder: str, keep_one: bool) -> dict:

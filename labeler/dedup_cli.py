@@ -75,8 +75,7 @@ def _check_output(out: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ValueError(f"{out} is not empty; choose a new --output, or pass --overwrite to delete what is there")
-    fs, path = filesystem_for(out)
-    delete_tree(out) if fs.get_file_info(path).type.name == "Directory" else None
+    delete_tree(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         _check_output(args.output, args.overwrite)
         if not ray.is_initialized():
             ray.init(address=args.address, **ray_init_kwargs(args.verbose))
-        root = join(args.input, "predictions") if _labeler_output(args.input) else join(args.output, "hashes")
-        if root.startswith(args.output.rstrip("/")):
+        labeled_already = _labeler_output(args.input)  # its predictions carry the hashes
+        root = join(args.input, "predictions") if labeled_already else join(args.output, "hashes")
+        if not labeled_already:
             fs, path = filesystem_for(root)
             hash_dataset(args.input, reading).write_parquet(path, filesystem=fs)
         hashed = {name: collect_hashes(path) for name, path in sets.items()}

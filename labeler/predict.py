@@ -12,6 +12,7 @@ import pyarrow as pa
 from labeler.images import normalize
 from labeler.inference import optimize_for_inference
 from labeler.model import ModelSpec, load_checkpoint
+from labeler.phash import stored
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ TOPK_FIELDS = [
 
 
 IMAGE_FIELDS = [("image", pa.binary())]
-PHASH_FIELDS = [("phash", pa.uint64())]
+PHASH_FIELDS = [("phash", pa.int64())]  # the 64 bits as int64: labeler.phash.stored
 
 
 def prediction_schema(topk: int = 0, image_bytes: bool = False, phash: bool = False) -> pa.Schema:
     """Full soft labels (``probs``), or top-k classes + fp16 probabilities + the mass left over;
-    with ``phash``, the image's 64-bit perceptual hash (``phash`` uint64, null where rejected:
+    with ``phash``, the image's 64-bit perceptual hash (``phash``, its 64 bits as int64, null where rejected:
     :mod:`labeler.phash`); with ``image_bytes``, the image's encoded bytes as read (``image``, null where
     not kept)."""
     fields = BASE_FIELDS + (TOPK_FIELDS if topk else FULL_FIELDS) + TAIL_FIELDS
@@ -176,7 +177,7 @@ class Predictor:
         }
         columns.update(self._soft_columns(probs) if self.topk else {"probs": probs})
         if self.phash:
-            columns["phash"] = pa.array(batch["phash"].astype(np.uint64), pa.uint64(), mask=~ok)
+            columns["phash"] = pa.array(stored(batch["phash"]), pa.int64(), mask=~ok)
         if self.keep_bytes:
             keep = ok & (conf >= self.bytes_min_confidence)
             columns["image"] = [bytes(b) if k else None for b, k in zip(batch["encoded"], keep)]

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from labeler.api import LabelOptions
 from labeler.dedup import collect_hashes, find_duplicates
-from labeler.storage import absolute, join, list_files
-from trainer.data import parquet_files, parquet_source_column
+from labeler.storage import absolute, join, list_files, uri_of
+from trainer.data import parquet_source_column
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,12 @@ def eval_sets(cfg: DictConfig, data: dict) -> dict[str, str]:
 def hash_labeled_set(root: str) -> pa.Table:
     """The (id, path, phash, reject_reason) rows of a labeled set: class folders, Parquet files with image
     bytes, or Parquet file lists (``path`` column, as the carved validation split is written)."""
-    files = parquet_files(root)
+    fs, files = list_files(root, suffix=".parquet")
     if not files:
         return collect_hashes(root, LabelOptions(format="folder"))
     if parquet_source_column(root) == "image":
         return collect_hashes(root, LabelOptions(format="parquet"))
-    tables = [collect_hashes(f, LabelOptions(format="manifest")) for f in files]
+    tables = [collect_hashes(uri_of(fs, f), LabelOptions(format="manifest")) for f in files]
     return pa.concat_tables(tables)
 
 
