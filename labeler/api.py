@@ -181,8 +181,8 @@ def label_images(
     Rows (``labeler.predict.prediction_schema``): ``id``, ``path`` (a URI: ``s3://bucket/key`` for
     S3 corpora), ``label`` int64 (-1 when rejected), ``confidence`` float32 (top probability, 0..1),
     ``probs`` float32 (classes,) or top-k columns (``topk_classes``, fp16 ``topk_probs``,
-    ``rest_mass``), ``reject_reason``, ``unit``, ``phash`` uint64 (a 64-bit perceptual hash,
-    :mod:`labeler.phash`; null when rejected) with ``phash``, and ``image`` bytes with ``keep_image_bytes``.
+    ``rest_mass``), ``reject_reason``, ``unit``, ``phash`` int64 (a 64-bit perceptual hash's
+    bits, :mod:`labeler.phash`; null when rejected) with ``phash``, and ``image`` bytes with ``keep_image_bytes``.
     Soft labels are ``softmax(logits / temperature)`` (google-research/noisystudent
     ``predict_label.py``: ``probs ** (1/T)`` renormalised, the same distribution); ``hard`` stores
     one-hot rows.

@@ -7,13 +7,14 @@ for a set without predictions), and:
 
 * **evaluation sets**: every corpus row within ``max_distance`` bits of an evaluation image is excluded
   (reason ``near_duplicate_eval``), one Ray task per predictions file against a :class:`HashIndex` of the
-  evaluation hashes (exact, no pairwise scan); a row in several sets' reach counts for the first set named;
+  evaluation hashes (exact, no pairwise scan); a row counts for the set of its nearest evaluation image
+  (an image in several sets: the first set named);
 * **the labeled set**: rows whose hash equals a labeled image's are counted (training on them is harmless);
 * **inside the corpus**: of the rows left, those with the same hash form a group; groups and their rows are
-  counted, and with
-  ``keep_one_per_group`` all but one row of each group (the smallest id) are excluded (reason
-  ``duplicate_in_corpus``). Rows are grouped in hash buckets of at most :data:`BUCKET_ROWS` rows, one Ray
-  task each, so no process holds the corpus's hashes. Only equal hashes group (distance 0): grouping by
+  counted, and with ``keep_one_per_group`` all but one row of each group (the smallest id) are excluded (reason
+  ``duplicate_in_corpus``). Rows are grouped in hash buckets (the hash modulo their number) of about
+  :data:`BUCKET_ROWS` rows, one Ray task each, so no process holds the corpus's hashes (a hash repeated
+  millions of times, such as a blank image's, stays in one bucket). Only equal hashes group (distance 0): grouping by
   distance inside a 300M-image corpus is a self-join of another order of cost.
 
 What is excluded is written beside the predictions, per predictions file (``excluded/`` and
@@ -40,7 +41,7 @@ from labeler.hash_index import HashIndex
 from labeler.images import RejectedImage, decode_image, is_container
 from labeler.phash import hash_input, phash_many, stored, unsigned
 from labeler.settings import setting
-from labeler.storage import exists, filesystem_for, iter_tables, join, list_files, read_bytes, write_json
+from labeler.storage import canonical, exists, filesystem_for, iter_tables, join, list_files, read_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ HASH_SCHEMA = pa.schema(
 HASH_COLUMNS = HASH_SCHEMA.names
 EXCLUDED_SCHEMA = pa.schema(
     [("id", pa.string()), ("path", pa.string()), ("reason", pa.string()), ("distance", pa.uint8()),
-     ("eval_set", pa.string()), ("eval_id", pa.string())]
+     ("eval_set", pa.string()), ("eval_id", pa.string()), ("eval_path", pa.string())]
 )  # fmt: skip
 
 
@@ -187,7 +188,7 @@ class Exclusions:
 class Reference:
     """The hashes a corpus is compared with: evaluation sets (excluded within ``max_distance``) and the
     labeled set (counted when equal). ``names[i]``/``ids[i]``/``paths[i]``: the set, id and path of
-    ``hashes[i]``."""
+    ``hashes[i]``; ``index``: their :class:`HashIndex`, built once here and shipped to every task."""
 
     hashes: np.ndarray
     names: list[str]
@@ -195,6 +196,11 @@ class Reference:
     paths: list[str]
     labeled: np.ndarray
     max_distance: int
+    index: HashIndex | None = None
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = HashIndex(self.hashes, self.max_distance)
 
     @classmethod
     def build(cls, eval_sets: dict[str, pa.Table], labeled: pa.Table | None, max_distance: int) -> Reference:
@@ -211,33 +217,40 @@ class Reference:
         return cls(all_hashes, names, ids, paths, lab, max_distance)
 
 
-def _match_table(t: pa.Table, index: HashIndex, ref: Reference, order: list[str]) -> tuple[pa.Table, dict]:
-    """One batch: its rows within reach of an evaluation image (as :data:`EXCLUDED_SCHEMA`) and counts."""
-    t = t.filter(pc.is_valid(t["phash"]))
+def _match_table(t: pa.Table, ref: Reference, order: list[str]) -> tuple[pa.Table, dict]:
+    """One batch: its rows within reach of an evaluation image (as :data:`EXCLUDED_SCHEMA`) and counts: rows
+    hashed, rows without a hash (rejected), rows equal to a labeled image (of those not excluded)."""
+    valid = pc.is_valid(t["phash"])
+    unhashed = t.num_rows - (pc.sum(valid).as_py() or 0)
+    t = t.filter(valid)
     hashes = unsigned(t["phash"])
-    q, r, d = index.query(hashes) if len(index) else (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.uint8),)
+    q, r, d = ref.index.query(hashes)
     names = [ref.names[i] for i in r]
     rows = pa.table(
         {"id": t["id"].take(q).cast(pa.string()), "path": t["path"].take(q).cast(pa.string()),
          "reason": pa.array([EVAL_REASON] * len(q), pa.string()), "distance": pa.array(d, pa.uint8()),
-         "eval_set": pa.array(names, pa.string()), "eval_id": pa.array([ref.ids[i] for i in r], pa.string())}
+         "eval_set": pa.array(names, pa.string()), "eval_id": pa.array([ref.ids[i] for i in r], pa.string()),
+         "eval_path": pa.array([ref.paths[i] for i in r], pa.string())}
     )  # fmt: skip
-    labeled = int(np.isin(hashes, ref.labeled).sum()) if len(ref.labeled) else 0
+    kept = np.ones(len(hashes), bool)
+    kept[q] = False
+    labeled = int(np.isin(hashes[kept], ref.labeled).sum()) if len(ref.labeled) else 0
     per_set = {name: names.count(name) for name in order}
-    return rows, {"hashed": len(hashes), "labeled_duplicates": labeled, "per_set": per_set, "eval_hit": r}
+    counts = {"hashed": len(hashes), "unhashed": unhashed, "labeled_duplicates": labeled, "per_set": per_set}
+    return rows, {**counts, "eval_hit": r}
 
 
 def _match_file(batch: dict, ref: Reference, root: str, folder: str, shown: int) -> dict:
     """Task: one predictions file against the evaluation hashes; writes its exclusions, returns counts."""
     fs, _ = filesystem_for(root)
     path = str(batch["file"][0])
-    index = HashIndex(ref.hashes, ref.max_distance)
     order = list(dict.fromkeys(ref.names))
-    found, hashed, labeled, per_set, hits = [], 0, 0, dict.fromkeys(order, 0), []
+    found, hashed, unhashed, labeled, per_set, hits = [], 0, 0, 0, dict.fromkeys(order, 0), []
     names = [c for c in HASH_COLUMNS if c != "reject_reason"]
     for table in iter_tables(fs, path, 65536, names):
-        rows, counts = _match_table(table, index, ref, order)
+        rows, counts = _match_table(table, ref, order)
         hashed, labeled = hashed + counts["hashed"], labeled + counts["labeled_duplicates"]
+        unhashed += counts["unhashed"]
         per_set = {k: per_set[k] + counts["per_set"][k] for k in order}
         hits.append(counts["eval_hit"])
         if rows.num_rows:
@@ -250,21 +263,31 @@ def _match_file(batch: dict, ref: Reference, root: str, folder: str, shown: int)
     closest = excluded.take(pc.sort_indices(excluded, [("distance", "ascending"), ("id", "ascending")])[:shown])
     pairs = [{**row, "file": path} for row in closest.to_pylist()]
     return {
-        "hashed": np.array([hashed]), "labeled_duplicates": np.array([labeled]),
+        "hashed": np.array([hashed]), "unhashed": np.array([unhashed]), "labeled_duplicates": np.array([labeled]),
         "per_set": np.array([per_set], dtype=object), "pairs": np.array([pairs], dtype=object),
         "eval_hit": np.array([np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)], dtype=object),
     }  # fmt: skip
 
 
-def _files(root: str) -> list[str]:
-    _, files = list_files(root, suffix=".parquet")
+def check_hashed(root: str) -> list[str]:
+    """The Parquet files under ``root`` (predictions or hashes), once the first is seen to carry ``phash``.
+
+    Raises:
+        FileNotFoundError: no Parquet file there. ValueError: no ``phash`` column (labeled with it off).
+    """
+    fs, files = list_files(root, suffix=".parquet")
     if not files:
         raise FileNotFoundError(f"no Parquet files (predictions or hashes) under {root}")
+    if "phash" not in pq.read_schema(files[0], filesystem=fs).names:
+        raise ValueError(
+            f"{root} has no phash column: its images were labeled without perceptual hashes; label again with "
+            "phash on (the default: --phash / label.phash), or turn dedup off (dedup.enabled: false)"
+        )
     return files
 
 
 def _per_file(fn, files: list[str], kwargs: dict) -> list[dict]:
-    """``fn`` as a Ray task per file (Ray Data, one block each); every task's small output, in file order."""
+    """``fn`` as a Ray task per file (Ray Data, one block each); every task's small output (in no set order)."""
     ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
     out = ds.map_batches(fn, batch_size=1, batch_format="numpy", fn_kwargs=kwargs)
     rows = [row for b in out.iter_batches(batch_format="numpy", batch_size=None) for row in _rows(b)]
@@ -303,7 +326,7 @@ def _group_bucket(batch: dict, root: str, files: list[str], buckets: int, folder
     sizes = np.diff(np.append(np.flatnonzero(new), len(h)))
     grouped = np.repeat(sizes > 1, sizes)
     rows, group = order[grouped], np.repeat(np.arange(len(sizes)), sizes)[grouped]
-    extra = _all_but_smallest(group, pa.chunked_array(ids, pa.string()).take(rows).to_pylist())
+    extra = _all_but_smallest(group, pa.chunked_array(ids, pa.string()).take(rows))
     if keep_one and len(extra):
         owner = np.concatenate(owners)[rows[extra]] if owners else np.zeros(0, np.int32)
         keys = [file_key(root, files[k]) for k in owner]
@@ -316,29 +339,33 @@ def _group_bucket(batch: dict, root: str, files: list[str], buckets: int, folder
             "excluded": np.array([len(extra) if keep_one else 0])}  # fmt: skip
 
 
-def _all_but_smallest(group: np.ndarray, ids: list[str]) -> np.ndarray:
-    """Positions of every row but the one with the smallest id of its group (``group[i]``: row i's group)."""
-    keeper: dict[int, int] = {}
-    for i, (g, row_id) in enumerate(zip(group.tolist(), ids)):
-        if g not in keeper or row_id < ids[keeper[g]]:
-            keeper[g] = i
-    kept = np.zeros(len(ids), bool)
-    kept[list(keeper.values())] = True
-    return np.flatnonzero(~kept)
+def _all_but_smallest(group: np.ndarray, ids: pa.ChunkedArray) -> np.ndarray:
+    """Positions of every row but the one with the smallest id of its group (``group[i]``: row i's group),
+    sorted by Arrow (no Python object per row)."""
+    if not len(group):
+        return np.zeros(0, np.int64)
+    order = pc.sort_indices(pa.table({"g": group, "id": ids}), [("g", "ascending"), ("id", "ascending")]).to_numpy()
+    first = np.ones(len(order), bool)
+    first[1:] = group[order][1:] != group[order][:-1]
+    return np.sort(order[~first])
 
 
-def corpus_groups(root: str, files: list[str], hashed: int, folder: str, keep_one: bool) -> dict:
-    """Duplicate groups inside the corpus (rows with equal hashes): ``groups``, ``rows`` in them, and
-    ``excluded`` (all but one per group with ``keep_one``, else 0)."""
-    buckets = max(1, math.ceil(hashed / BUCKET_ROWS))
+def corpus_groups(
+    root: str, files: list[str], hashed: int, folder: str, keep_one: bool, bucket_rows: int = BUCKET_ROWS
+) -> dict:
+    """Duplicate groups inside the corpus (rows with equal hashes, less those excluded as near evaluation
+    images): ``groups``, ``rows`` in them, and ``excluded`` (all but one per group with ``keep_one``, else 0).
+    One task per bucket of about ``bucket_rows`` rows; each reads the hash column of every file, so the
+    corpus's hashes are read once per bucket (1 bucket up to 2M rows; 150 at 300M)."""
+    buckets = max(1, math.ceil(hashed / bucket_rows))
     ds = ray.data.from_items([{"bucket": b} for b in range(buckets)], override_num_blocks=buckets)
     out = ds.map_batches(
         _group_bucket, batch_size=1, batch_format="numpy",
         fn_kwargs={"root": root, "files": files, "buckets": buckets, "folder": folder, "keep_one": keep_one},
     )  # fmt: skip
-    totals = {"groups": 0, "rows": 0, "excluded": 0}
+    totals = {"groups": 0, "rows": 0, "excluded": 0, "buckets": buckets}
     for b in out.iter_batches(batch_format="numpy", batch_size=None):
-        for k in totals:
+        for k in ("groups", "rows", "excluded"):
             totals[k] += int(b[k].sum())
     return totals
 
@@ -353,33 +380,37 @@ def find_duplicates(
     labeled: pa.Table | None = None,
     max_distance: int = DEFAULT_MAX_DISTANCE,
     keep_one_per_group: bool = False,
+    bucket_rows: int = BUCKET_ROWS,
 ) -> dict:
     """Compare the rows under ``root`` (predictions with a ``phash`` column, or :func:`hash_dataset`'s
     output written as Parquet) with ``eval_sets`` (name -> :func:`collect_hashes` table) and ``labeled``,
     and with each other; write the exclusions (:class:`Exclusions`), ``folder/dedup_stats.json`` and
-    ``folder/pairs.json``. Returns the stats: ``max_distance``, ``hashed`` (corpus rows with a hash),
-    ``eval_images`` (per set: hashed, unreadable), ``near_duplicates_of_eval`` (rows excluded, per set,
-    and ``eval_images_matched``: evaluation images with at least one copy), ``labeled_duplicates``,
-    ``corpus_duplicates`` (``groups``, ``rows``, ``excluded``) and ``excluded`` (rows excluded in all).
+    ``folder/pairs.json``. Returns the stats: ``predictions`` (``root``) and ``max_distance``; ``hashed``
+    (corpus rows with a hash) and ``unhashed`` (rows without: rejected images); ``eval_images`` (per set:
+    hashed, unreadable); ``near_duplicates_of_eval`` (rows excluded, per set, and ``eval_images_matched``:
+    evaluation images with at least one copy); ``labeled_duplicates`` (rows left that equal a labeled image);
+    ``corpus_duplicates`` (``groups``, ``rows``, ``excluded``: :func:`corpus_groups`, ``bucket_rows`` a
+    bucket); ``excluded`` (rows excluded in all) and ``reasons`` (the same by reason).
 
     Raises:
         FileNotFoundError: no Parquet files under ``root``.
-        ValueError: they have no ``phash`` column (labeled with ``phash`` off), or ``max_distance``
-            outside 0..32.
+        ValueError: they have no ``phash`` column (labeled with ``phash`` off); an evaluation set without one
+            readable image; ``max_distance`` outside 0..32.
     """
-    files = _files(root)
+    files = check_hashed(root)
     fs, _ = filesystem_for(root)
-    if "phash" not in pq.read_schema(files[0], filesystem=fs).names:
-        raise ValueError(
-            f"{root} has no phash column: its images were labeled without perceptual hashes; label again with "
-            "phash on (the default: --phash / label.phash), or turn dedup off (dedup.enabled: false)"
-        )
+    for name, t in eval_sets.items():
+        if not t.num_rows or pc.all(pc.is_null(t["phash"])).as_py():
+            raise ValueError(
+                f"evaluation set {name!r} has no readable image ({t.num_rows} rows, none decoded), so nothing can "
+                "be compared with it; check its location and format, or leave it out"
+            )
     ref = Reference.build(eval_sets, labeled, max_distance)
-    HashIndex(np.zeros(0, np.uint64), max_distance)  # checks max_distance before any task starts
     outs = _per_file(_match_file, files, {"ref": ref, "root": root, "folder": folder, "shown": PAIRS_SHOWN})
     hashed = sum(int(o["hashed"]) for o in outs)
-    groups = corpus_groups(root, files, hashed, folder, keep_one_per_group)
-    stats = _stats(ref, eval_sets, outs, hashed, groups, keep_one_per_group)
+    groups = corpus_groups(root, files, hashed, folder, keep_one_per_group, bucket_rows)
+    stats = {"predictions": canonical(root), **_stats(ref, eval_sets, outs, hashed, groups, keep_one_per_group)}
+    stats["unhashed"] = sum(int(o["unhashed"]) for o in outs)
     pairs = heapq.nsmallest(PAIRS_SHOWN, (p for o in outs for p in o["pairs"]), key=lambda p: (p["distance"], p["id"]))
     write_json(join(folder, "pairs.json"), [_with_images(p, ref, fs) for p in pairs])
     write_json(join(folder, "dedup_stats.json"), stats)
@@ -438,8 +469,7 @@ def _with_images(pair: dict, ref: Reference, fs) -> dict:
     ``fs``: the filesystem of the pair's predictions file."""
     from labeler.images import thumbnail
 
-    i = ref.ids.index(pair["eval_id"])
-    eval_path = ref.paths[i]
+    eval_path = pair["eval_path"]
     corpus = _kept_bytes(fs, pair["file"], pair["id"]) or _file_image(pair["path"], pair["id"])
     return {
         "distance": int(pair["distance"]), "eval_set": pair["eval_set"], "eval_id": pair["eval_id"],

@@ -20,10 +20,10 @@ import sys
 import traceback
 
 from labeler.api import LabelOptions
-from labeler.dedup import DedupOptions, collect_hashes, find_duplicates, hash_dataset
+from labeler.dedup import DedupOptions, check_hashed, collect_hashes, find_duplicates, hash_dataset
 from labeler.dedup_report import write_dedup_report
 from labeler.settings import add_arguments, from_args
-from labeler.storage import delete_tree, exists, filesystem_for, join, list_files
+from labeler.storage import absolute, delete_tree, exists, filesystem_for, join, list_files
 
 READ_OPTIONS = ("format", "image_column", "id_column", "files_per_unit", "decode_cpus", "max_pixels")
 
@@ -88,31 +88,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = from_args(DedupOptions, args)
         reading = LabelOptions(**{name: getattr(args, name) for name in READ_OPTIONS})
-        sets = _eval_sets(args.eval)
-        for name, path in {
-            **sets,
-            "--input": args.input,
-            **({"--labeled": args.labeled} if args.labeled else {}),
-        }.items():
-            if not exists(path):
+        # absolute: Ray's workers run in their own working directory
+        sets = {name: absolute(path) for name, path in _eval_sets(args.eval).items()}
+        source, out = absolute(args.input), absolute(args.output)
+        labeled_set = absolute(args.labeled) if args.labeled else None
+        for name, path in {**sets, "--input": source, "--labeled": labeled_set}.items():
+            if path and not exists(path):
                 raise FileNotFoundError(f"{name}: {path} does not exist")
-        _check_output(args.output, args.overwrite)
+        labeled_already = _labeler_output(source)  # its predictions carry the hashes
+        root = join(source, "predictions") if labeled_already else join(out, "hashes")
+        if labeled_already:
+            check_hashed(root)
+        _check_output(out, args.overwrite)
         if not ray.is_initialized():
             ray.init(address=args.address, **ray_init_kwargs(args.verbose))
-        labeled_already = _labeler_output(args.input)  # its predictions carry the hashes
-        root = join(args.input, "predictions") if labeled_already else join(args.output, "hashes")
         if not labeled_already:
             fs, path = filesystem_for(root)
-            hash_dataset(args.input, reading).write_parquet(path, filesystem=fs)
+            hash_dataset(source, reading).write_parquet(path, filesystem=fs)
         hashed = {name: collect_hashes(path) for name, path in sets.items()}
-        labeled = collect_hashes(args.labeled) if args.labeled else None
-        stats = find_duplicates(root, hashed, args.output, labeled, options.max_distance, options.keep_one_per_group)
-        report = write_dedup_report(args.output, args.input)
+        labeled = collect_hashes(labeled_set).select(["phash"]) if labeled_set else None
+        stats = find_duplicates(root, hashed, out, labeled, options.max_distance, options.keep_one_per_group)
+        report = write_dedup_report(out, source)
     except (ValueError, OSError) as err:
         if args.verbose:
             traceback.print_exc()
         print(f"labeler dedup: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: stats[k] for k in ("hashed", "near_duplicates_of_eval", "corpus_duplicates", "excluded")}))
+    shown = ("hashed", "unhashed", "near_duplicates_of_eval", "corpus_duplicates", "excluded")
+    print(json.dumps({k: stats[k] for k in shown}))
     print(f"report: {report}")
     return 0

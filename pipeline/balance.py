@@ -466,6 +466,13 @@ def check_something_passed(stats: dict) -> None:
         return
     predictions = sum(c["predictions"] for c in stats["classes"])
     if predictions == 0:
+        excluded = stats.get("dedup", {}).get("excluded", 0)
+        if excluded:
+            raise NothingPassed(
+                f"balancing found no labeled prediction left: near-duplicate detection excluded {excluded:,} (see "
+                "dedup/dedup_stats.json and the report's pairs); if they are not copies of evaluation images, lower "
+                "dedup.max_distance, or set dedup.keep_one_per_group=false"
+            )
         raise NothingPassed(
             "balancing found no labeled prediction at all (every image was rejected; see the labeling "
             "manifest's reject_reasons and rejected.parquet), so there is nothing to train a student on"
@@ -500,19 +507,39 @@ def balance_predictions(
         NothingPassed: (a ValueError) no prediction reached ``threshold``; nothing is written, so a
             run with a lower threshold starts balancing afresh.
         FileNotFoundError: ``predictions`` holds no Parquet file.
+        ValueError: ``dedup`` was made over other predictions.
     """
-    from labeler.storage import join, read_json, write_bytes
+    from labeler.storage import join, write_bytes
 
+    found = _dedup_stats(dedup, predictions) if dedup else None
     runner = files_runner(predictions, exclusions=dedup)
     plan = plan_balance(runner, num_classes, per_class, threshold, duplicate)
-    if dedup:
-        plan.stats["dedup"] = read_json(join(dedup, "dedup_stats.json"))
+    if found:
+        plan.stats["dedup"] = found
     check_something_passed(plan.stats)
     logger.info("balancing: writing the balanced set (apply pass)")
     write_balanced(predictions, plan, join(out, "balanced"), exclusions=dedup)
     write_bytes(join(out, "balance_stats.json"), json.dumps(plan.stats, indent=2).encode())
     write_bytes(join(out, "class_counts.png"), plot_class_counts(plan.stats))
     return plan.stats
+
+
+def _dedup_stats(dedup: str, predictions: str) -> dict:
+    """A near-duplicate run's stats, once it is seen to have been made over ``predictions``.
+
+    Raises:
+        FileNotFoundError: ``dedup`` holds no ``dedup_stats.json``. ValueError: it was made over other rows.
+    """
+    from labeler.storage import canonical, join, read_json
+
+    stats = read_json(join(dedup, "dedup_stats.json"))
+    if stats.get("predictions") != canonical(predictions):
+        raise ValueError(
+            f"{dedup} holds the near-duplicates of {stats.get('predictions')}, not of {canonical(predictions)}: its "
+            "exclusions name rows of other files. Run labeler dedup with --input set to the labeler output that "
+            "holds these predictions"
+        )
+    return stats
 
 
 def plot_class_counts(stats: dict) -> bytes:

@@ -69,7 +69,7 @@ def _balance(args) -> int:
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(args.verbose))
     stats = balance_predictions(
-        args.predictions, args.out, args.num_classes, args.per_class, args.threshold, args.duplicate
+        args.predictions, args.out, args.num_classes, args.per_class, args.threshold, args.duplicate, args.dedup
     )
     logger.info(f"balanced: {stats['total_rows']} rows, empty classes {stats['empty_classes']}, "
           f"{stats['refinement_passes']} refinement passes")  # fmt: skip
@@ -118,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     bal.add_argument("--num-classes", type=int, required=True)
     bal.add_argument("--per-class", type=int, required=True, help="target rows per class")
     add_arguments(bal, BalanceConfig, only=("threshold", "duplicate"))  # the names of the config's balance: section
+    bal.add_argument(
+        "--dedup",
+        help="a labeler dedup --output over these predictions: the rows it excluded (near-duplicates of evaluation "
+        "images) are left out before balancing",
+    )
     bal.set_defaults(func=_balance)
     args = parser.parse_args(argv)
     from labeler.progress import configure_console

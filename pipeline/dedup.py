@@ -50,7 +50,7 @@ def run_dedup(cfg: DictConfig, data: dict, predictions: str, folder: str) -> dic
     sets = eval_sets(cfg, data)
     logger.info(f"dedup: hashing the evaluation sets ({', '.join(sets) or 'none'}) and the labeled set")
     hashed = {name: hash_labeled_set(uri) for name, uri in sets.items()}
-    labeled = hash_labeled_set(data["classes_from"])
+    labeled = hash_labeled_set(data["labeled"]).select(["phash"])  # what models train on (less a carved split)
     _, files = list_files(predictions, suffix=".parquet")
     logger.info(f"dedup: comparing {len(files)} predictions files with {sum(t.num_rows for t in hashed.values())} "
                 f"evaluation images (max distance {cfg.dedup.max_distance} bits)")  # fmt: skip

@@ -36,20 +36,29 @@ def _threshold_key(threshold: float) -> np.uint64:
 
 
 def sample_gallery(
-    predictions: str, threshold: float, num_classes: int, per_group: int = 4, max_classes: int = MAX_CLASSES
+    predictions: str,
+    threshold: float,
+    num_classes: int,
+    per_group: int = 4,
+    max_classes: int = MAX_CLASSES,
+    dedup: str | None = None,
 ) -> dict[int, dict[str, list[dict]]]:
     """{class: {group: [{id, path, confidence}, ...]}} for classes ``0 .. min(num_classes, max_classes) - 1``.
 
     Groups (see ``GROUPS``): the ``per_group`` highest ranked rows of the class; the lowest ranked
-    with confidence >= ``threshold``; the highest ranked below it. Rejected rows are skipped.
+    with confidence >= ``threshold``; the highest ranked below it. Rejected rows are skipped, and so are the
+    rows a near-duplicate run at ``dedup`` excluded (``labeler.dedup.Exclusions``): balancing never saw them.
     Each list is ordered from the highest confidence down.
     """
+    from labeler.dedup import Exclusions
+
     shown = min(num_classes, max_classes)
     cut = _threshold_key(threshold)
     kept: dict[int, dict[str, list[tuple]]] = {c: {g: [] for g in GROUPS} for c in range(shown)}
     fs, files = list_files(predictions, suffix=".parquet")
+    exclusions = Exclusions(dedup, predictions) if dedup else None
     for path in files:
-        _keep_from_file(kept, fs, path, shown, cut, per_group)
+        _keep_from_file(kept, fs, path, shown, cut, per_group, exclusions)
     images = _kept_images(fs, [r for groups in kept.values() for rows in groups.values() for r in rows])
     return {
         c: {
@@ -63,11 +72,13 @@ def sample_gallery(
     }
 
 
-def _keep_from_file(kept: dict, fs, path: str, shown: int, cut: int, per_group: int) -> None:
+def _keep_from_file(kept: dict, fs, path: str, shown: int, cut: int, per_group: int, exclusions=None) -> None:
     """Merge one predictions file's candidates into ``kept`` (class -> group -> rows
     ``(key, id, path, confidence, file, row)``), keeping ``per_group`` rows per group."""
     t = pq.read_table(path, filesystem=fs, columns=["id", "path", "label", "confidence"])
     t = t.append_column("row", pa.array(np.arange(t.num_rows, dtype=np.int64)))  # to fetch kept images later
+    if exclusions is not None:
+        t = exclusions.drop(t, exclusions.ids_for(path))
     t = t.filter(pc.and_(pc.greater_equal(t["label"], 0), pc.less(t["label"], shown)))
     if t.num_rows == 0:
         return

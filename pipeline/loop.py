@@ -334,11 +334,12 @@ def _label_and_balance(
     start_stage(stages[f"round_{it}/balanced"])
     delete_tree(join(round_dir, "balanced"))
     dedup = dedup_folder(round_dir) if cfg.dedup.enabled else None
+    excluded = 0
     if dedup:  # near-duplicates of evaluation images never reach balancing (pipeline.dedup)
         delete_tree(dedup)
-        run_dedup(cfg, data, join(labels_dir, "predictions"), dedup)
+        excluded = run_dedup(cfg, data, join(labels_dir, "predictions"), dedup)["excluded"]
     b = cfg.balance
-    per_class, duplicate = b.per_class or _auto_per_class(labels_dir, num_classes, b.threshold), b.duplicate
+    per_class, duplicate = b.per_class or _auto_per_class(labels_dir, num_classes, excluded), b.duplicate
     if not b.enabled:  # confidence filter only: a target no class reaches, and no duplicates
         per_class, duplicate = max(1, _manifest(labels_dir)["labeled"]), False
     start = time.time()
@@ -356,9 +357,10 @@ def _manifest(labels_dir: str) -> dict:
     return read_json(join(labels_dir, "manifest.json"))
 
 
-def _auto_per_class(labels_dir: str, num_classes: int, threshold: float) -> int:
-    """per_class=0: the mean number of predictions per class (what the corpus supports on average)."""
-    return max(1, _manifest(labels_dir)["labeled"] // num_classes)
+def _auto_per_class(labels_dir: str, num_classes: int, excluded: int = 0) -> int:
+    """per_class=0: the mean number of predictions per class (what the corpus supports on average), less the
+    ``excluded`` rows (near-duplicates)."""
+    return max(1, (_manifest(labels_dir)["labeled"] - excluded) // num_classes)
 
 
 def run_loop(cfg: DictConfig | RunConfig | dict, overwrite: bool = False) -> list[dict]:

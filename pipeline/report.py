@@ -346,7 +346,8 @@ def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
         if not (exists(predictions) and exists(stats_path)):
             continue
         threshold = read_json(stats_path)["threshold"]
-        sample = sample_gallery(predictions, threshold, num_classes)
+        dedup = join(path, "dedup")
+        sample = sample_gallery(predictions, threshold, num_classes, dedup=dedup if exists(dedup) else None)
         head = "".join(f"<th>{html.escape(g)}</th>" for g in GROUPS)
         rows = []
         for c, groups in sample.items():
