@@ -39,9 +39,11 @@ _WEIGHTS = (np.uint64(1) << np.arange(BITS - 1, -1, -1, dtype=np.uint64)).astype
 
 
 def hash_input(img: Image.Image) -> np.ndarray:
-    """What the hash is computed from: ``img`` in grayscale, resized to 32 x 32 (Lanczos), as float64
-    ``(32, 32)``. This is the per-image step (about 6 us for a small image, 0.3-0.8 ms for a photo)."""
-    return np.asarray(img.convert("L").resize((SIDE, SIDE), Image.Resampling.LANCZOS), dtype=np.float64)
+    """What the hash is computed from: ``img`` in grayscale, resized to 32 x 32 (Lanczos), as uint8
+    ``(32, 32)``. This is the per-image step: about 25 us for a 16 x 16 image here (most of it PIL's resize),
+    0.3-1 ms for a photo."""
+    small = img.convert("L").resize((SIDE, SIDE), Image.Resampling.LANCZOS)
+    return np.frombuffer(small.tobytes(), np.uint8).reshape(SIDE, SIDE)  # faster than np.asarray of the image
 
 
 def phash_many(inputs: np.ndarray) -> np.ndarray:
