@@ -209,7 +209,7 @@ def decode_into(
     """Decode ``read(src)`` into ``out`` (uint8 ``(image_size, image_size, in_chans)``) with the eval
     geometry (:func:`decode_image`, then :func:`resize_center_crop`); the one decode step of the
     labeler and of both training feeds, so an image is rejected for the same reasons everywhere.
-    ``hash_out``: float64 ``(32, 32)`` to fill with the decoded image's perceptual-hash input
+    ``hash_out``: uint8 ``(32, 32)`` to fill with the decoded image's perceptual-hash input
     (:func:`labeler.phash.hash_input`, from the whole image, not the crop).
 
     Returns the reject reason (``out`` then untouched), or None when it decoded. An image whose
@@ -249,7 +249,7 @@ def decode_batch(
     """
     n = len(batch["path"])
     images = np.zeros((n, image_size, image_size, in_chans), dtype=np.uint8)
-    hash_inputs = np.zeros((n, SIDE, SIDE), dtype=np.float64) if phash else None
+    hash_inputs = np.zeros((n, SIDE, SIDE), dtype=np.uint8) if phash else None
     reasons = np.full(n, "", dtype=object)
     read_errors = batch.get("read_error")
     for i, data in enumerate(batch["bytes"]):

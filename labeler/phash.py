@@ -47,7 +47,7 @@ def hash_input(img: Image.Image) -> np.ndarray:
 
 
 def phash_many(inputs: np.ndarray) -> np.ndarray:
-    """pHashes of ``inputs`` (float ``(n, 32, 32)``, from :func:`hash_input`) as uint64 ``(n,)``."""
+    """pHashes of ``inputs`` (uint8 or float ``(n, 32, 32)``, from :func:`hash_input`) as uint64 ``(n,)``."""
     inputs = np.asarray(inputs, dtype=np.float64).reshape(-1, SIDE, SIDE)
     coef = np.round(_DCT @ inputs @ _DCT.T, 6).reshape(len(inputs), BITS)  # (n, 64): the low 8 x 8
     bits = coef > np.median(coef, axis=1, keepdims=True)

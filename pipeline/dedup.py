@@ -2,9 +2,10 @@
 
 The evaluation sets are the validation split (``data.val``, or the one carved from the labeled set), the
 test split (``data.test``) and every ``eval.extra`` set; the labeled set is compared too, for the count
-of exact duplicates. Each is hashed with a Ray Data job (:func:`labeler.dedup.collect_hashes`: an
-evaluation set is small next to the corpus), then :func:`labeler.dedup.find_duplicates` compares every
-prediction with them and writes ``round_<i>/dedup/``, whose exclusions balancing applies.
+of exact duplicates. Each is hashed with a Ray Data job (:func:`labeler.dedup.collect_hashes`) once per run
+and kept in ``run_dir/hashes/`` under its fingerprint (:func:`cached_hashes`); then
+:func:`labeler.dedup.find_duplicates` compares every prediction with them and writes ``round_<i>/dedup/``,
+whose exclusions balancing applies.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from labeler.api import LabelOptions
 from labeler.dedup import collect_hashes, find_duplicates
-from labeler.storage import absolute, join, list_files, uri_of
+from labeler.fingerprint import record_digest, tree_fingerprint
+from labeler.storage import absolute, canonical, exists, filesystem_for, join, list_files, uri_of
 from trainer.data import parquet_source_column
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["eval_sets", "hash_labeled_set", "run_dedup"]
+__all__ = ["cached_hashes", "eval_sets", "hash_labeled_set", "run_dedup"]
 
 
 def eval_sets(cfg: DictConfig, data: dict) -> dict[str, str]:
@@ -44,13 +47,33 @@ def hash_labeled_set(root: str) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+HASHES = "hashes"  # in run_dir: each compared set's hashes, named by its fingerprint, shared by every round
+
+
+def cached_hashes(root: str, run_dir: str) -> pa.Table:
+    """:func:`hash_labeled_set` of ``root``, read from ``run_dir/hashes/`` when a set with the same files (paths,
+    sizes, modification times: ``labeler.fingerprint.tree_fingerprint``) was hashed before, else hashed and
+    kept there: an ImageNet-sized labeled set is decoded once per run, not once per round."""
+    key = {"uri": canonical(root), "hash": "phash-64", **tree_fingerprint(root)}
+    path = join(run_dir, HASHES, f"{record_digest(key)}.parquet")
+    if exists(path):
+        fs, p = filesystem_for(path)
+        return pq.read_table(p, filesystem=fs)
+    table = hash_labeled_set(root)
+    fs, p = filesystem_for(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(table, p, filesystem=fs)
+    return table
+
+
 def run_dedup(cfg: DictConfig, data: dict, predictions: str, folder: str) -> dict:
-    """Compare ``predictions`` with the evaluation sets and the labeled set; write ``folder`` (the exclusions,
-    ``dedup_stats.json``, ``pairs.json``) and return the stats (``labeler.dedup.find_duplicates``)."""
+    """Compare ``predictions`` with the evaluation sets and the labeled set (hashed once per run:
+    :func:`cached_hashes`); write ``folder`` (the exclusions, ``dedup_stats.json``, ``pairs.json``) and return
+    the stats (``labeler.dedup.find_duplicates``)."""
     sets = eval_sets(cfg, data)
     logger.info(f"dedup: hashing the evaluation sets ({', '.join(sets) or 'none'}) and the labeled set")
-    hashed = {name: hash_labeled_set(uri) for name, uri in sets.items()}
-    labeled = hash_labeled_set(data["labeled"]).select(["phash"])  # what models train on (less a carved split)
+    hashed = {name: cached_hashes(uri, cfg.run_dir) for name, uri in sets.items()}
+    labeled = cached_hashes(data["labeled"], cfg.run_dir).select(["phash"])  # what models train on
     _, files = list_files(predictions, suffix=".parquet")
     logger.info(f"dedup: comparing {len(files)} predictions files with {sum(t.num_rows for t in hashed.values())} "
                 f"evaluation images (max distance {cfg.dedup.max_distance} bits)")  # fmt: skip

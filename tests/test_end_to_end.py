@@ -228,6 +228,9 @@ def test_a_copy_of_a_test_image_never_reaches_the_student(tiny_run):
     )
     balanced = set(pq.read_table(run_dir / "round_1" / "balanced", columns=["id"])["id"].to_pylist())
     assert not balanced & set(excluded)
+    # each compared set hashed once, under its fingerprint: val, test (eval.extra's test_again is the same
+    # folder, so the same file) and the training part of the labeled set
+    assert len(list((run_dir / "hashes").glob("*.parquet"))) == 3
     page = (run_dir / "report.html").read_text()
     assert "Near-duplicates of evaluation images, round_1" in page and "copy_of_test.png" in page
 
