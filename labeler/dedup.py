@@ -20,7 +20,7 @@ for a set without predictions), and:
 What is excluded is written beside the predictions, per predictions file (``excluded/`` and
 ``corpus_groups/``, see :class:`Exclusions`), and read back by the passes that use the predictions
 (balancing), so nothing per row is held in one process. ``dedup_stats.json`` holds the counts and
-``pairs.json`` the closest pairs (thumbnails inlined) for the report.
+``pairs.json`` the closest pairs and the farthest still within reach (thumbnails inlined) for the report.
 """
 
 from __future__ import annotations
@@ -282,8 +282,10 @@ def _match_file(path: str, ref: Reference, root: str, folder: str, shown: int) -
         ofs, out = filesystem_for(join(folder, "excluded", f"{file_key(root, path)}.parquet"))
         ofs.create_dir(out.rsplit("/", 1)[0], recursive=True)
         pq.write_table(excluded, out, filesystem=ofs)
-    closest = excluded.take(pc.sort_indices(excluded, [("distance", "ascending"), ("id", "ascending")])[:shown])
-    pairs = [{**row, "file": path} for row in closest.to_pylist()]
+    ends = []  # this file's closest pairs and those farthest still within reach (for the report)
+    for order in ("ascending", "descending"):
+        ends += excluded.take(pc.sort_indices(excluded, [("distance", order), ("id", "ascending")])[:shown]).to_pylist()
+    pairs = [{**row, "file": path} for row in {r["id"]: r for r in ends}.values()]
     hit = np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
     return {"hashed": hashed, "unhashed": unhashed, "labeled_duplicates": labeled, "per_set": per_set,
             "pairs": pairs, "eval_hit": hit}  # fmt: skip
@@ -433,7 +435,7 @@ def find_duplicates(
     groups = corpus_groups(root, files, hashed, folder, keep_one_per_group, bucket_rows)
     stats = {"predictions": canonical(root), **_stats(ref, eval_sets, outs, hashed, groups, keep_one_per_group)}
     stats["unhashed"] = sum(int(o["unhashed"]) for o in outs)
-    pairs = heapq.nsmallest(PAIRS_SHOWN, (p for o in outs for p in o["pairs"]), key=lambda p: (p["distance"], p["id"]))
+    pairs = _shown_pairs([p for o in outs for p in o["pairs"]])
     write_json(join(folder, "pairs.json"), [_with_images(p, ref, fs) for p in pairs])
     write_json(join(folder, "dedup_stats.json"), stats)
     _warn_if_many(stats)
@@ -443,6 +445,16 @@ def find_duplicates(
         + (f" ({groups['excluded']} excluded)" if keep_one_per_group else "")
     )
     return stats
+
+
+def _shown_pairs(pairs: list[dict]) -> list[dict]:
+    """The report's pairs: half the closest, half the farthest still within reach (how near the threshold
+    looks), ordered by distance; each corpus row once."""
+    half = PAIRS_SHOWN // 2
+    close = heapq.nsmallest(half, pairs, key=lambda p: (p["distance"], p["id"]))
+    taken = {p["id"] for p in close}
+    far = heapq.nsmallest(half, (p for p in pairs if p["id"] not in taken), key=lambda p: (-p["distance"], p["id"]))
+    return sorted(close + far, key=lambda p: (p["distance"], p["id"]))
 
 
 MANY = 0.05  # a share of the corpus near evaluation images that deserves a second look

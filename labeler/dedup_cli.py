@@ -9,7 +9,9 @@ Examples::
 ``OUTPUT/hashes/``) or the output folder of a ``labeler`` job (its predictions carry the hashes already).
 Writes ``OUTPUT/dedup_stats.json`` (the counts), ``OUTPUT/excluded/`` (the rows within
 ``--max-distance`` of an evaluation image, with the evaluation image each is nearest to),
-``OUTPUT/pairs.json`` and ``OUTPUT/report.html`` (the closest pairs, side by side).
+``OUTPUT/pairs.json`` and ``OUTPUT/report.html`` (the closest pairs and the farthest still within reach, side
+by side). With ``--keep-one-per-group``, the rows excluded as duplicates inside the corpus are in
+``OUTPUT/corpus_groups/``.
 """
 
 from __future__ import annotations
@@ -78,6 +80,21 @@ def _check_output(out: str, overwrite: bool) -> None:
     delete_tree(out)
 
 
+def _hashes(option: str, path: str):
+    """``collect_hashes`` of a set given by ``option``, whose errors name the option.
+
+    Raises:
+        ValueError: the set holds no file the labeler reads, or no image that decodes.
+    """
+    try:
+        table = collect_hashes(path)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"{option}: {err}") from err
+    if table.num_rows == 0 or table["phash"].null_count == table.num_rows:
+        raise ValueError(f"{option}: {path} holds no image that decodes ({table.num_rows} files read)")
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
@@ -92,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         sets = {name: absolute(path) for name, path in _eval_sets(args.eval).items()}
         source, out = absolute(args.input), absolute(args.output)
         labeled_set = absolute(args.labeled) if args.labeled else None
-        for name, path in {**sets, "--input": source, "--labeled": labeled_set}.items():
+        named = {**{f"--eval {name}": path for name, path in sets.items()}, "--input": source, "--labeled": labeled_set}
+        for name, path in named.items():
             if path and not exists(path):
                 raise FileNotFoundError(f"{name}: {path} does not exist")
         labeled_already = _labeler_output(source)  # its predictions carry the hashes
@@ -102,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_output(out, args.overwrite)
         if not ray.is_initialized():
             ray.init(address=args.address, **ray_init_kwargs(args.verbose))
+        # the evaluation and labeled sets first (small): a problem with one shows before the corpus is hashed
+        hashed = {name: _hashes(f"--eval {name}", path) for name, path in sets.items()}
+        labeled = _hashes("--labeled", labeled_set).select(["phash"]) if labeled_set else None
         if not labeled_already:
             fs, path = filesystem_for(root)
             hash_dataset(source, reading).write_parquet(path, filesystem=fs)
-        hashed = {name: collect_hashes(path) for name, path in sets.items()}
-        labeled = collect_hashes(labeled_set).select(["phash"]) if labeled_set else None
         stats = find_duplicates(root, hashed, out, labeled, options.max_distance, options.keep_one_per_group)
         report = write_dedup_report(out, source)
     except (ValueError, OSError) as err:

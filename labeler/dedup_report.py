@@ -1,5 +1,6 @@
 """The near-duplicate section of a report (HTML), from a dedup folder's ``dedup_stats.json`` and ``pairs.json``:
-the counts, and the closest pairs, each evaluation image beside its nearest corpus image with their distance.
+the counts, and pairs (the closest, and the farthest still within reach), each evaluation image beside its
+nearest corpus image with their distance.
 
 The noisy-student report shows it per round; ``labeler dedup`` writes it alone as ``report.html``.
 """
@@ -42,7 +43,7 @@ def _counts(stats: dict) -> str:
 
 
 def render_dedup_section(stats: dict, pairs: list[dict], title: str, anchor: str) -> str:
-    """One section: ``<h2 id=anchor>``, the counts and the gallery of the closest pairs."""
+    """One section: ``<h2 id=anchor>``, the counts and the gallery of pairs."""
     figures = "".join(
         "<div class='pair'>"
         + _figure(p["eval_image"], f"{p['eval_set']}", p["eval_id"])
@@ -51,8 +52,9 @@ def render_dedup_section(stats: dict, pairs: list[dict], title: str, anchor: str
         for p in pairs
     )
     gallery = (
-        f"<p>The closest pairs (at most {len(pairs)}): each evaluation image, then the corpus image "
-        f"excluded as its copy, with their Hamming distance d.</p><div class='pairs'>{figures}</div>"
+        f"<p>{len(pairs)} pairs: the closest, and the farthest still within {stats['max_distance']} bits (what the "
+        "threshold lets through). Each shows the evaluation image, then the corpus image excluded as near it, with "
+        f"their Hamming distance d.</p><div class='pairs'>{figures}</div>"
         if pairs
         else "<p>No corpus image is within reach of an evaluation image.</p>"
     )

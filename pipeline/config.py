@@ -478,7 +478,10 @@ def check_rules(cfg: DictConfig) -> None:
     if cfg.balance.per_class < 0:
         raise ConfigError(f"balance.per_class must be >= 0 (0: the mean per class), not {cfg.balance.per_class}")
     if not 0 <= cfg.dedup.max_distance <= 32:
-        raise ConfigError(f"dedup.max_distance must be within 0..32 (bits of 64), not {cfg.dedup.max_distance}")
+        raise ConfigError(
+            f"dedup.max_distance must be within 0..32 (bits of 64), not {cfg.dedup.max_distance}: 8 (the default) "
+            "suits photos, 2 images of about 8 px (README, near-duplicates of evaluation images)"
+        )
     if cfg.dedup.enabled and not cfg.label.phash:
         raise ConfigError(
             "dedup.enabled needs the perceptual hashes the labeler writes with label.phash; set label.phash=true, "

@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from labeler.api import LabelOptions
-from labeler.dedup import collect_hashes, find_duplicates
+from labeler.dedup import DedupOptions, collect_hashes, find_duplicates
 from labeler.fingerprint import record_digest, tree_fingerprint
 from labeler.storage import absolute, canonical, exists, filesystem_for, join, list_files, uri_of
 from trainer.data import parquet_source_column
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cached_hashes", "eval_sets", "hash_labeled_set", "run_dedup"]
+__all__ = ["cached_hashes", "dedup_folder", "dedup_line", "eval_sets", "hash_labeled_set", "run_dedup"]
 
 
 def eval_sets(cfg: DictConfig, data: dict) -> dict[str, str]:
@@ -79,6 +79,15 @@ def run_dedup(cfg: DictConfig, data: dict, predictions: str, folder: str) -> dic
                 f"evaluation images (max distance {cfg.dedup.max_distance} bits)")  # fmt: skip
     stats = find_duplicates(predictions, hashed, folder, labeled, cfg.dedup.max_distance, cfg.dedup.keep_one_per_group)
     return stats
+
+
+def dedup_line(cfg: DictConfig) -> str:
+    """What ``noisy-student check`` and the run's log say of the near-duplicate step's settings."""
+    if not cfg.dedup.enabled:
+        return "dedup: off (dedup.enabled=false): near-duplicates of evaluation images are not excluded"
+    default = DedupOptions().max_distance
+    note = "the default" if cfg.dedup.max_distance == default else f"the default is {default}, for photos"
+    return f"dedup: unlabeled images within {cfg.dedup.max_distance} bits of an evaluation image are excluded ({note})"
 
 
 def dedup_folder(round_dir: str) -> str:

@@ -26,7 +26,7 @@ from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_byt
 from pipeline.balance import balance_predictions
 from pipeline.checks import CheckReport, check_inputs
 from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
-from pipeline.dedup import dedup_folder, run_dedup
+from pipeline.dedup import dedup_folder, dedup_line, run_dedup
 from pipeline.digits import write_digits_corpus
 from pipeline.model_eval import (
     PER_CLASS_KEYS,
@@ -428,6 +428,7 @@ def preflight(
     classes = report.classes.classes
     check_model_sizes(cfg, len(classes))
     stages = plan_stages(cfg, paths, classes, model_specs(cfg, classes), report.corpus_digest)
+    report.found.append(dedup_line(cfg))
     report.found += check_stages(stages, overwrite, dry_run)
     return paths, report, stages
 

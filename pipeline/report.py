@@ -364,7 +364,7 @@ def _gallery(run_dir: str, num_classes: int, classes: list[str]) -> list[str]:
 
 
 def _near_duplicates(run_dir: str) -> list[str]:
-    """Per round: the unlabeled images excluded as near-duplicates of evaluation images, and the closest pairs."""
+    """Per round: the unlabeled images excluded as near-duplicates of evaluation images, and pairs of them."""
     return [
         section_for(join(path, "dedup"), f"Near-duplicates of evaluation images, {name}", f"sec-dedup-{name}")
         for name, path in _rounds(run_dir)

@@ -104,7 +104,8 @@ def test_changed_dedup_settings_or_test_split_remake_the_balanced_set_only(tmp_p
     labeled = folders(tmp_path / "labeled", {c: 2 for c in "ab"})
     test = folders(tmp_path / "test", {c: 1 for c in "ab"}, seed=50)
     base = config(tmp_path, labeled, test)
-    _, _, stages = preflight(as_config(base))
+    _, report, stages = preflight(as_config(base))
+    assert "dedup: unlabeled images within 8 bits of an evaluation image are excluded (the default)" in report.found
     for stage in stages[:4]:  # teacher, its evaluation, labels, balanced: finished before
         start_stage(stage)
     for name in ("round_0/teacher/final.json", "round_0/teacher/eval.json", "round_1/labels/manifest.json"):
@@ -229,6 +230,9 @@ def test_the_labeler_alone_writes_the_same_comparison_and_a_report(planted, tmp_
         for src in (p["eval_image"], p["image"]):
             assert Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).size[0] > 0
     assert main(args) == 2  # an output that is there is not overwritten silently
+    (tmp_path / "empty").mkdir()  # an evaluation set with nothing in it is named before the corpus is hashed
+    bad = ["dedup", "--input", str(root / "unlabeled"), "--eval", f"blank={tmp_path / 'empty'}", "--output"]
+    assert main([*bad, str(tmp_path / "d2")]) == 2 and not (tmp_path / "d2" / "hashes").exists()
     assert main([*args, "--overwrite", "--input", str(root / "labels")]) == 0  # a labeler output: its hashes
     assert not (out / "hashes").exists()
     again = json.loads((out / "dedup_stats.json").read_text())
