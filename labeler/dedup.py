@@ -25,6 +25,7 @@ What is excluded is written beside the predictions, per predictions file (``excl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import logging
@@ -164,11 +165,16 @@ class Exclusions:
     folder: str
     root: str
 
+    @functools.cached_property
+    def _buckets(self) -> tuple:
+        """(filesystem, the ``corpus_groups/`` files): listed once, not once per predictions file."""
+        return list_files(join(self.folder, "corpus_groups"), suffix=".parquet")
+
     def ids_for(self, path: str) -> pa.Array:
         """The ids excluded from the predictions file ``path`` (a string array; empty when none)."""
         key = file_key(self.root, path)
         parts = [self.near_eval(path)]
-        fs, buckets = list_files(join(self.folder, "corpus_groups"), suffix=".parquet")
+        fs, buckets = self._buckets
         for bucket in buckets:
             t = pq.read_table(bucket, filesystem=fs, columns=["id"], filters=[("file", "=", key)])
             parts.append(t["id"])
@@ -289,6 +295,19 @@ def _match_file(path: str, ref: Reference, root: str, folder: str, shown: int) -
     hit = np.unique(np.concatenate(hits)) if hits else np.zeros(0, np.int64)
     return {"hashed": hashed, "unhashed": unhashed, "labeled_duplicates": labeled, "per_set": per_set,
             "pairs": pairs, "eval_hit": hit}  # fmt: skip
+
+
+def check_readable(table: pa.Table, what: str) -> None:
+    """Refuse a set to compare with (``what`` names it) whose :func:`collect_hashes` rows hold no hash.
+
+    Raises:
+        ValueError: no row, or none decoded.
+    """
+    if table.num_rows == 0 or table["phash"].null_count == table.num_rows:
+        raise ValueError(
+            f"{what} has no readable image ({table.num_rows} rows, none decoded), so nothing can be compared "
+            "with it; check its location and format, or leave it out"
+        )
 
 
 def check_hashed(root: str) -> list[str]:
@@ -424,11 +443,7 @@ def find_duplicates(
     files = check_hashed(root)
     fs, _ = filesystem_for(root)
     for name, t in eval_sets.items():
-        if not t.num_rows or pc.all(pc.is_null(t["phash"])).as_py():
-            raise ValueError(
-                f"evaluation set {name!r} has no readable image ({t.num_rows} rows, none decoded), so nothing can "
-                "be compared with it; check its location and format, or leave it out"
-            )
+        check_readable(t, f"evaluation set {name!r}")
     ref = Reference.build(eval_sets, labeled, max_distance)
     outs = _per_file(_match_files, files, {"ref": ref, "root": root, "folder": folder, "shown": PAIRS_SHOWN})
     hashed = sum(int(o["hashed"]) for o in outs)
@@ -524,20 +539,15 @@ def _file_image(path: str, row_id: str) -> bytes | None:
     """An image's bytes from its own file, or from a Parquet file's row (``<file>#<row>`` ids)."""
     try:
         if path.lower().endswith(".parquet") and "#" in row_id:
-            from labeler.sources import image_bytes
+            from labeler.manifest import parquet_column_range
 
             fs, p = filesystem_for(path)
             row = int(row_id.rsplit("#", 1)[1])
-            pf = pq.ParquetFile(p, filesystem=fs)
-            column = [c for c in ("image", "path") if c in pf.schema_arrow.names][0]
-            start = 0
-            for group in range(pf.metadata.num_row_groups):  # only the row group that holds the row
-                n = pf.metadata.row_group(group).num_rows
-                if start <= row < start + n:
-                    value = image_bytes(pf.read_row_group(group, columns=[column])[column])[row - start].as_py()
-                    return read_bytes(value) if column == "path" else value
-                start += n
-            return None
+            column = [c for c in ("image", "path") if c in pq.read_schema(p, filesystem=fs).names][0]
+            value = parquet_column_range(fs, p, column, row, row + 1)[0]  # reads only the row group holding it
+            if column == "path":
+                return read_bytes(value)
+            return value["bytes"] if isinstance(value, dict) else value  # a Hugging Face struct, or the bytes
         return None if is_container(path) else read_bytes(path)
     except (OSError, ValueError, IndexError) as err:
         logger.debug(f"dedup: no image for {path} ({row_id}): {err}")

@@ -22,7 +22,7 @@ import sys
 import traceback
 
 from labeler.api import LabelOptions
-from labeler.dedup import DedupOptions, check_hashed, collect_hashes, find_duplicates, hash_dataset
+from labeler.dedup import DedupOptions, check_hashed, check_readable, collect_hashes, find_duplicates, hash_dataset
 from labeler.dedup_report import write_dedup_report
 from labeler.settings import add_arguments, from_args
 from labeler.storage import absolute, delete_tree, exists, filesystem_for, join, list_files
@@ -90,8 +90,7 @@ def _hashes(option: str, path: str):
         table = collect_hashes(path)
     except (ValueError, FileNotFoundError) as err:
         raise ValueError(f"{option}: {err}") from err
-    if table.num_rows == 0 or table["phash"].null_count == table.num_rows:
-        raise ValueError(f"{option}: {path} holds no image that decodes ({table.num_rows} files read)")
+    check_readable(table, f"{option} {path}")
     return table
 
 

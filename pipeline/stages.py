@@ -131,8 +131,19 @@ def _supplied(cfg: DictConfig) -> dict | None:
     return {"uri": uri, **digest, "classes": list(cfg.teacher.classes), "reset": cfg.teacher.reset_classifier}
 
 
-def _model_stages(cfg: DictConfig, data: dict, name: str, folder: str, record: dict, upstream: list[str]) -> list:
-    """A trained (or supplied) model's stage and its evaluation's."""
+def _set_prints(cfg: DictConfig, data: dict) -> dict:
+    """The fingerprints of the labeled set, the validation split (None when carved), the test split and each
+    ``eval.extra`` set: each set listed once per plan, whatever the number of records that hold it."""
+    return {
+        "labeled": _fingerprint(data["classes_from"]),
+        "val": None if data.get("carve") else _fingerprint(data.get("val")),
+        "test": _fingerprint(data.get("test")),
+        "extra": {k: _fingerprint(absolute(v)) for k, v in cfg.eval.extra.items()},
+    }
+
+
+def _model_stages(cfg: DictConfig, sets: dict, name: str, folder: str, record: dict, upstream: list[str]) -> list:
+    """A trained (or supplied) model's stage and its evaluation's (``sets``: :func:`_set_prints`)."""
     run_dir = cfg.run_dir
     train_name = name.replace("/", "_")
     model = Stage(
@@ -143,15 +154,15 @@ def _model_stages(cfg: DictConfig, data: dict, name: str, folder: str, record: d
         join(folder, "final.json"),
         upstream,
     )
-    return [model, _eval_stage(cfg, data.get("test"), name, folder, model)]
+    return [model, _eval_stage(cfg, sets, name, folder, model)]
 
 
-def _eval_stage(cfg: DictConfig, test: str | None, name: str, folder: str, model: Stage) -> Stage:
+def _eval_stage(cfg: DictConfig, sets: dict, name: str, folder: str, model: Stage) -> Stage:
     record = {
         "stage": "eval",
         "model": model.digest,
-        "test": _fingerprint(test),
-        "extra": {k: _fingerprint(absolute(v)) for k, v in cfg.eval.extra.items()},
+        "test": sets["test"],
+        "extra": sets["extra"],
         "label_column": cfg.data.label_column,
         "seed": cfg.seed,
     }
@@ -160,16 +171,17 @@ def _eval_stage(cfg: DictConfig, test: str | None, name: str, folder: str, model
     return Stage(f"{name} evaluation", record, record_file, [eval_file], eval_file, [model.name], resumable=False)
 
 
-def _dedup_record(cfg: DictConfig, data: dict) -> dict:
+def _dedup_record(cfg: DictConfig, data: dict, sets: dict) -> dict:
     """What a round's near-duplicate step reads besides its predictions: its settings and the sets it compares
-    with (the validation split as given or as carved, the test split, ``eval.extra``, the labeled set)."""
-    carve = data.get("carve")
+    with (the validation split as given or as carved, the test split, ``eval.extra``, the labeled set;
+    ``sets``: :func:`_set_prints`)."""
+    carved = {"fraction": cfg.data.val_fraction, "seed": cfg.seed} if data.get("carve") else None
     return {
         **OmegaConf.to_container(cfg.dedup),
-        "val": {"fraction": cfg.data.val_fraction, "seed": cfg.seed} if carve else _fingerprint(data.get("val")),
-        "test": _fingerprint(data.get("test")),
-        "extra": {k: _fingerprint(absolute(v)) for k, v in cfg.eval.extra.items()},
-        "labeled": _fingerprint(data["classes_from"]),
+        "val": carved or sets["val"],
+        "test": sets["test"],
+        "extra": sets["extra"],
+        "labeled": sets["labeled"],
     }
 
 
@@ -184,9 +196,10 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
     """
     run_dir = cfg.run_dir
     carve = data.get("carve")
+    sets = _set_prints(cfg, data)
     data_record = {
-        "labeled": _fingerprint(data["classes_from"]),
-        "val": None if carve else _fingerprint(data.get("val")),
+        "labeled": sets["labeled"],
+        "val": sets["val"],
         "carved_val": {"fraction": cfg.data.val_fraction, "seed": cfg.seed} if carve else None,
         "label_column": cfg.data.label_column,
         "classes": list(classes),
@@ -195,7 +208,7 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
     trained = not cfg.teacher.checkpoint or cfg.teacher.reset_classifier  # a supplied model is not trained
     record = {"stage": "teacher", **data_record, "settings": _training(teacher) if trained else None}
     record.update(supplied=_supplied(cfg), spec=dataclasses.asdict(specs["round_0/teacher"]))
-    stages = _model_stages(cfg, data, "round_0/teacher", join(run_dir, "round_0", "teacher"), record, [])
+    stages = _model_stages(cfg, sets, "round_0/teacher", join(run_dir, "round_0", "teacher"), record, [])
     stages[0].owns.append(join(run_dir, "splits"))  # a carved validation split is made with the first teacher
     if cfg.teacher.checkpoint:
         stages[0].owns.append(join(run_dir, "round_0", "supplied"))
@@ -218,7 +231,7 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
         )
         balance_record = {"stage": "balanced", "labels": labels.digest, "num_classes": len(classes)}
         balance_record["balance"] = OmegaConf.to_container(cfg.balance)
-        balance_record["dedup"] = _dedup_record(cfg, data) if cfg.dedup.enabled else None
+        balance_record["dedup"] = _dedup_record(cfg, data, sets) if cfg.dedup.enabled else None
         owned = [join(round_dir, n) for n in ("balanced", "balance_stats.json", "class_counts.png", "dedup")]
         balanced = Stage(
             f"round_{it}/balanced",
@@ -238,7 +251,7 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
         }  # the student-only keys that change training
         name = f"round_{it}/student"
         student = _model_stages(
-            cfg, data, name, join(round_dir, "student"), student_record, [model.name, balanced.name]
+            cfg, sets, name, join(round_dir, "student"), student_record, [model.name, balanced.name]
         )
         stages += [labels, balanced, *student]
         model = student[0]
