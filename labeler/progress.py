@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -157,10 +158,14 @@ class ProgressChannel:
 
     @classmethod
     def create(cls, min_interval_s: float = 1.0) -> ProgressChannel:
-        """A new channel; needs ``ray.init()`` first. Its queue actor takes no CPU."""
+        """A new channel; needs ``ray.init()`` first. Its queue actor takes no CPU and lives on the driver's
+        node, which lasts as long as the driver: on any other node, losing that node would lose the display."""
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return cls(Queue(actor_options={"num_cpus": 0}), min_interval_s)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        return cls(Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here}), min_interval_s)
 
     def send(self, event: dict, force: bool = False) -> None:
         """Queue ``event`` (a small dict); events of the same ``kind`` in between are merged by ``merge``."""
@@ -294,8 +299,39 @@ WORKER_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2"}
 
 def worker_runtime_env() -> dict:
     """The job-level ``runtime_env`` of our ``ray.init`` calls: :data:`WORKER_ENV`, without overriding a
-    value the environment already sets (a task's or actor's own ``env_vars`` still win over both)."""
-    return {"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}}
+    value the environment already sets (a task's or actor's own ``env_vars`` still win over both), and
+    a setup hook run in every worker process as it starts (:func:`_ray_address_pin`)."""
+    return {
+        "env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()},
+        "worker_process_setup_hook": _ray_address_pin(),
+    }
+
+
+def _ray_address_pin() -> Callable[[], None]:
+    """A worker setup hook: ``RAY_ADDRESS`` in the worker is the address of the cluster it belongs to.
+
+    Without it, a worker that asks Ray's State API about its own cluster without naming it finds
+    "the" cluster the way the ``ray`` command does: ``RAY_ADDRESS``, else the newest cluster started on
+    the machine (Ray's ``/tmp/ray/ray_current_cluster``). Ray Train's ``PlacementGroupCleaner`` (a
+    detached actor on the head) asks every second whether the run's controller is alive that way. When
+    another Ray cluster was started on the same machine (a ``labeler`` run in another shell), it asked
+    that cluster, did not find the controller there, judged it dead and removed the training workers'
+    placement group: the workers were killed and training began again from the last checkpoint.
+
+    The hook is a closure so that Ray pickles it by value: the hook runs before a worker has the
+    driver's ``sys.path``, where this package may not be importable yet (a hook that fails to load
+    stops the worker). It swallows its own errors for the same reason.
+    """
+
+    def pin_ray_address() -> None:
+        try:
+            import ray
+
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - never stop a worker from starting; unpinned is Ray's default
+            pass
+
+    return pin_ray_address
 
 
 def ray_init_kwargs(verbose: bool = False) -> dict:

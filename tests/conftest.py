@@ -6,6 +6,7 @@ import pytest
 import ray
 import torch
 
+from labeler.progress import worker_runtime_env
 from tests.s3_server import start_for_session
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -58,7 +59,8 @@ def ray_local(s3):
 
     Started after the S3 server so Ray's workers inherit its endpoint and test credentials.
     """
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    env = worker_runtime_env()  # as the project's own clusters: workers pinned to this cluster's address
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield

@@ -2,6 +2,7 @@
 interrupted and run again. Both runs must finish every epoch from their last checkpoint."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -104,8 +105,9 @@ def _check_finished(final: dict, out: str) -> None:
     assert exported["val_top1"] == final["val_top1"] == best and final["epoch"] == final["exported_epoch"]
 
 
-def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, tmp_path):
+def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, tmp_path, caplog):
     storage, out, killed = str(tmp_path / "storage"), str(tmp_path / "model"), []
+    caplog.set_level(logging.WARNING, logger="trainer.api")
 
     def kill_a_worker():
         _wait_for_checkpoint(storage)
@@ -122,6 +124,11 @@ def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, 
     _check_finished(final, out)
     resumed = _history(out)[-1]["resumed_from"]
     assert len(resumed) == 1 and 1 <= resumed[0] < EPOCHS
+    # the driver says so once, with the worker's failure and the epoch it resumed from
+    notices = [r.getMessage() for r in caplog.records if "restarted the training workers" in r.getMessage()]
+    assert len(notices) == 1, notices
+    assert f"resumes from epoch {resumed[0]} of {EPOCHS}" in notices[0], notices
+    assert any(kind in notices[0] for kind in ("WorkerHealthCheckFailedError", "ActorDiedError")), notices
 
 
 def test_second_invocation_resumes_the_interrupted_run(ray_local, digits, tmp_path):

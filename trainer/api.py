@@ -106,22 +106,28 @@ def train_model(
         datasets, config["stream_steps"] = streaming_datasets(settings, spec, labeled, pseudo, hard, label_column)
     if not val:
         logger.info(f"[{label}] no validation split: the last epoch's checkpoint is exported")
-    channel = config["progress"] = ProgressChannel.create() if progress else None
-    trainer = _torch_trainer(settings, config, datasets, storage_path, name, max_failures)
-    watcher = _ProgressWatcher(channel, label, settings.epochs) if channel else None
+    channel = config["progress"] = ProgressChannel.create()
+    trainer = _torch_trainer(settings, config, datasets, storage_path, name, max_failures, channel)
+    watcher = _ProgressWatcher(channel, label, settings.epochs, show=progress)
     try:
         result = trainer.fit()
     finally:
-        if watcher:
-            watcher.stop()
+        watcher.stop()
     raise_recorded_error(error_file)  # the workers stopped on a data error
     return _export(result, out_dir, name, settings, label, val is not None)
 
 
 def _torch_trainer(
-    settings: TrainSettings, config: dict, datasets: dict, storage_path: str, name: str, max_failures: int
+    settings: TrainSettings,
+    config: dict,
+    datasets: dict,
+    storage_path: str,
+    name: str,
+    max_failures: int,
+    channel: ProgressChannel,
 ) -> TorchTrainer:
-    """The TorchTrainer of one run: workers, backend, datasets split over the workers, storage, retries."""
+    """The TorchTrainer of one run: workers, backend, datasets split over the workers, storage, retries;
+    worker failures are reported to ``channel`` (:class:`_FailureReporter`)."""
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -138,6 +144,7 @@ def _torch_trainer(
             **ray_storage(storage_path),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=checkpoint_config(settings, config["val"] is not None),
+            callbacks=[_FailureReporter(channel)],
         ),
     )
 
@@ -217,13 +224,35 @@ def checkpoint_config(settings: TrainSettings, has_val: bool) -> ray.train.Check
     return ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT)
 
 
-class _ProgressWatcher:
-    """A driver thread: the rank-0 worker's progress events shown as one ``Progress`` display."""
+class _FailureReporter(ray.train.UserCallback):
+    """Runs in Ray Train's controller: every worker failure, with its reason, to the driver's channel.
 
-    def __init__(self, channel: ProgressChannel, label: str, epochs: int, poll_s: float = 1.0):
-        self.channel, self.poll_s = channel, poll_s
-        self.display = Progress(label, total=epochs, unit="epoch")
-        self.started = False
+    Ray Train restarts the worker group after a failure (up to ``max_failures``) without telling the
+    driver; :class:`_ProgressWatcher` pairs this reason with the restarted workers' first event.
+    """
+
+    def __init__(self, channel: ProgressChannel):
+        self.channel = channel
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        reasons = [f"worker {rank}: {_first_line(err)}" for rank, err in sorted(worker_exceptions.items())]
+        self.channel.send({"kind": "failure", "reason": "; ".join(reasons)}, force=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+
+
+class _ProgressWatcher:
+    """A driver thread: the rank-0 worker's events. Progress is shown as one ``Progress`` display (when
+    ``show``); a restart of the worker group (any start after the first) is logged once, with the reason
+    :class:`_FailureReporter` sent and the epoch training resumes from."""
+
+    def __init__(self, channel: ProgressChannel, label: str, epochs: int, poll_s: float = 1.0, show: bool = True):
+        self.channel, self.poll_s, self.label, self.epochs = channel, poll_s, label, epochs
+        self.display = Progress(label, total=epochs, unit="epoch") if show else None
+        self.started, self.starts, self.reason = False, 0, None
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"progress-{label}", daemon=True)
         self.thread.start()
@@ -235,18 +264,38 @@ class _ProgressWatcher:
 
     def _show(self, events: list[dict]) -> None:
         for e in events:
-            if not self.started:  # the rate and ETA count from the first step, not from worker start-up
-                self.started = True
-                self.display.restart_clock(max(0, math.ceil(e["done"]) - 1))
-            fields = {"loss": e.get("loss"), "images/s": round(e.get("images_per_s") or 0)}
-            if e.get("val_top1") is not None:
-                fields["val_top1"] = round(e["val_top1"], 4)
-            self.display.update(round(e["done"], 2), **fields)
+            kind = e.get("kind")
+            if kind == "failure":
+                self.reason = e["reason"]
+            elif kind == "start":
+                self._started(e["epoch"])
+            elif self.display is not None:
+                self._progress(e)
+
+    def _started(self, epoch: int) -> None:
+        self.starts += 1
+        if self.starts > 1:
+            reason = self.reason or "no worker error was reported; Ray's session logs have the controller's"
+            logger.warning(
+                f"[{self.label}] Ray Train restarted the training workers ({reason}); training resumes from "
+                f"epoch {epoch} of {self.epochs}" + (" (the last checkpoint)" if epoch else " (no checkpoint yet)")
+            )
+            self.reason, self.started = None, False
+
+    def _progress(self, e: dict) -> None:
+        if not self.started:  # the rate and ETA count from the first step, not from worker start-up
+            self.started = True
+            self.display.restart_clock(max(0, math.ceil(e["done"]) - 1))
+        fields = {"loss": e.get("loss"), "images/s": round(e.get("images_per_s") or 0)}
+        if e.get("val_top1") is not None:
+            fields["val_top1"] = round(e["val_top1"], 4)
+        self.display.update(round(e["done"], 2), **fields)
 
     def stop(self) -> None:
         self.done.set()
         self.thread.join(timeout=10)
-        self.display.close()
+        if self.display is not None:
+            self.display.close()
         self.channel.shutdown()
 
 

@@ -367,13 +367,15 @@ def _setup(config: dict) -> _Worker:
             ema.load_state_dict(state["ema"])
         history, resumed_from = state["history"], state.get("resumed_from", []) + [start_epoch]
         logger.info(f"{tag} resumed from the checkpoint of epoch {start_epoch}")
+    channel = config.get("progress") if rank == 0 else None
+    if channel is not None:  # the driver counts starts: a second one is a restart of the worker group
+        channel.send({"kind": "start", "epoch": start_epoch}, force=True)
     board = Board(config["tensorboard"]) if rank == 0 and config.get("tensorboard") else None
     if board is not None and start_epoch == 0:
         board.hparams({**s.to_dict(), "model": spec.arch, "image_size": spec.image_size})
     return _Worker(
         s, spec, rank, world, device, tag, feed, model, bare, ema, opt, sched, _Step(model, opt, sched, ema, s, device),
-        start_epoch, history, resumed_from, bool(config.get("val")), val, eval_batch, board,
-        config.get("progress") if rank == 0 else None,
+        start_epoch, history, resumed_from, bool(config.get("val")), val, eval_batch, board, channel,
     )  # fmt: skip
 
 
