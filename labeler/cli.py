@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
 
-    from labeler.progress import configure_console, ray_init_kwargs
+    from labeler.progress import configure_console, start_or_join_ray
 
     configure_console(args.verbose)
     spec = None
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         # the inputs first, so a wrong one is reported before a Ray cluster is started
         plan = check_labeling_inputs(args.input, args.checkpoint, args.output, opts, spec, args.overwrite)
         if not ray.is_initialized():
-            ray.init(address=args.address, **ray_init_kwargs(args.verbose))
+            start_or_join_ray(args.address, args.verbose)
         run_labeling(args.input, args.checkpoint, args.output, opts, spec, overwrite=args.overwrite, plan=plan)
     except (ValueError, OSError, LabelingStalled) as err:  # OSError: missing files, permissions, storage access
         # caused by the input (a bug keeps its traceback): one message; --verbose shows the traceback too

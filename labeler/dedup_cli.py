@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
 
-    from labeler.progress import configure_console, ray_init_kwargs
+    from labeler.progress import configure_console, start_or_join_ray
 
     configure_console(args.verbose)
     try:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             check_hashed(root)
         _check_output(out, args.overwrite)
         if not ray.is_initialized():
-            ray.init(address=args.address, **ray_init_kwargs(args.verbose))
+            start_or_join_ray(args.address, args.verbose)
         # the evaluation and labeled sets first (small): a problem with one shows before the corpus is hashed
         hashed = {name: _hashes(f"--eval {name}", path) for name, path in sets.items()}
         labeled = _hashes("--labeled", labeled_set).select(["phash"]) if labeled_set else None

@@ -334,6 +334,35 @@ def _ray_address_pin() -> Callable[[], None]:
     return pin_ray_address
 
 
+def start_or_join_ray(address: str | None = None, verbose: bool = False, **local: Any) -> bool:
+    """``ray.init`` for our commands: join ``address`` (else ``RAY_ADDRESS``) when there is one, else start
+    a local cluster for this process with ``local`` (``num_cpus``, ``include_dashboard``). Returns whether
+    a local cluster was started. Both use :func:`ray_init_kwargs`.
+
+    A local cluster gets a dashboard port of its own, free when it starts, whether or not it runs a
+    dashboard. Ray records the dashboard's address in the cluster (8265 by default) even without one, and
+    Ray's State API asks that address: once another cluster on the machine serves its dashboard on 8265,
+    Ray Train's ``PlacementGroupCleaner`` asked that cluster about this one's training controller, was
+    told it does not exist, and removed the workers' placement group (see :func:`_ray_address_pin`).
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **ray_init_kwargs(verbose))
+        return False
+    ray.init(address="local", dashboard_port=_free_port(), **local, **ray_init_kwargs(verbose))
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ray_init_kwargs(verbose: bool = False) -> dict:
     """``ray.init`` options for the console mode.
 

@@ -63,11 +63,11 @@ def _ablate(args) -> int:
 def _balance(args) -> int:
     import ray
 
-    from labeler.progress import ray_init_kwargs
+    from labeler.progress import start_or_join_ray
     from pipeline.balance import balance_predictions
 
     if not ray.is_initialized():
-        ray.init(**ray_init_kwargs(args.verbose))
+        start_or_join_ray(None, args.verbose)
     stats = balance_predictions(
         args.predictions, args.out, args.num_classes, args.per_class, args.threshold, args.duplicate, args.dedup
     )

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from labeler.api import gpus_per_task, run_labeling
 from labeler.checkpoint_import import import_checkpoint
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, load_spec, model_preprocessing
-from labeler.progress import Progress, ProgressChannel, log_file, quiet_ray, ray_init_kwargs, verbose
+from labeler.progress import Progress, ProgressChannel, log_file, quiet_ray, start_or_join_ray, verbose
 from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_bytes, read_json, write_bytes, write_json
 from pipeline.balance import balance_predictions
 from pipeline.checks import CheckReport, check_inputs
@@ -53,12 +53,7 @@ def init_ray(cfg: DictConfig) -> None:
     quiet_ray(verbose())
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs = ray_init_kwargs(verbose())
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+    if start_or_join_ray(cfg.ray.address, verbose(), num_cpus=cfg.ray.num_cpus, include_dashboard=False):
         _FIXED_CLUSTER.append(True)  # a local cluster: its CPUs are all there will be
     if not verbose():
         logger.info(f"Ray's own logs: {_session_logs()} (--verbose shows them here)")

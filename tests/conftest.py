@@ -7,7 +7,7 @@ import ray
 import torch
 
 from labeler.progress import worker_runtime_env
-from tests.s3_server import start_for_session
+from tests.s3_server import free_port, start_for_session
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
@@ -59,8 +59,11 @@ def ray_local(s3):
 
     Started after the S3 server so Ray's workers inherit its endpoint and test credentials.
     """
-    env = worker_runtime_env()  # as the project's own clusters: workers pinned to this cluster's address
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
+    # as the project's own clusters (labeler.progress.start_or_join_ray): workers pinned to this cluster,
+    # a dashboard port of its own, so the other clusters tests start cannot disturb its training runs
+    env = worker_runtime_env()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=free_port(), log_to_driver=False,
+             runtime_env=env)  # fmt: skip
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield

@@ -169,3 +169,39 @@ def test_init_from_without_a_checkpoint_fails_in_the_driver(ray_local, digits, t
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train_model(TrainSettings(epochs=1, num_workers=1), spec, f"{digits}/labeled", str(tmp_path / "out"),
                     str(tmp_path / "ray"), "no_init", init_from=str(tmp_path / "nowhere"), progress=False)  # fmt: skip
+
+
+OTHER_CLUSTER = """
+import ray, sys, time
+ray.init(address="local", num_cpus=1)  # with its dashboard, as a `labeler` run in another shell starts it
+print("UP", flush=True)
+time.sleep(float(sys.argv[1]))
+ray.shutdown()
+"""
+
+
+def test_another_ray_cluster_on_the_machine_does_not_restart_training(ray_local, digits, tmp_path, caplog):
+    """Another Ray cluster started on the same machine mid-run (the newest cluster is what Ray's State API
+    finds without an address) must not look like the death of this run's Ray Train controller."""
+    storage, out = str(tmp_path / "storage"), str(tmp_path / "model")
+    caplog.set_level(logging.WARNING, logger="trainer.api")
+    other = []
+
+    def start_another_cluster():
+        _wait_for_checkpoint(storage)
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        other.append(subprocess.Popen([sys.executable, "-c", OTHER_CLUSTER, "25"], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+
+    starter = threading.Thread(target=start_another_cluster, daemon=True)
+    starter.start()
+    try:
+        final = long_run(digits, storage, out)
+    finally:
+        starter.join(timeout=5)
+        for proc in other:
+            log, _ = proc.communicate(timeout=120)
+    assert other and "UP" in log, "the other cluster never started"
+    _check_finished(final, out)
+    assert _history(out)[-1]["resumed_from"] == []  # trained straight through, never restarted
+    assert not [r for r in caplog.records if "restarted the training workers" in r.getMessage()]
