@@ -20,6 +20,7 @@ from labeler.checkpoint_import import head_width
 from labeler.fingerprint import OutputMismatch, differences, file_sha256
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import STATE_DICT_SUFFIXES, ModelSpec, check_weights_file, load_spec, weights_file
+from labeler.pool import cluster_resources, fit_pool
 from labeler.predict import Predictor, check_precision
 from labeler.progress import Progress, ProgressChannel
 from labeler.settings import check_choices, setting
@@ -67,12 +68,15 @@ def gpus_per_task(resources: dict[str, float] | None = None) -> int:
     """GPUs to ask for per inference actor or evaluation task: 1 when the cluster has at least one
     whole GPU, else 0 (CPU).
 
-    ``resources``: a ``ray.cluster_resources()`` dict (read from the running cluster when None).
+    ``resources``: a ``ray.cluster_resources()`` dict (None: the running cluster's, or the most its
+    autoscaler may provide when that is more).
     A total below 1 (a fractional GPU resource, or none) gives 0: a request for one whole GPU could
     never be scheduled there and would wait forever.
     """
-    total = (ray.cluster_resources() if resources is None else resources).get("GPU", 0)
-    return 1 if total >= 1 else 0
+    if resources is None:  # on an autoscaling cluster, GPU nodes it may add count (labeler.pool)
+        now, most = cluster_resources()
+        resources = {"GPU": max(now.get("GPU", 0), (most or {}).get("GPU", 0))}
+    return 1 if resources.get("GPU", 0) >= 1 else 0
 
 
 GPU_BATCH_SIZE = 256
@@ -101,8 +105,12 @@ class LabelOptions:
     """
 
     batch_size: int | None = setting(None, help="images per inference call; null: 256 on GPU actors, 16 on CPU")
-    num_actors: int = setting(1, help="inference actors (the pool's minimum size)")
-    max_actors: int | None = setting(None, help="the pool's maximum size (autoscaling); null: num_actors")
+    num_actors: int = setting(
+        1, help="inference actors to start with (the pool keeps at least 1, so a lost node does not stall it)"
+    )
+    max_actors: int | None = setting(
+        None, help="the pool's maximum size (it grows as the cluster does); null: num_actors"
+    )
     num_gpus_per_actor: float | None = setting(
         None, help="GPUs per inference actor; null: 1 when the cluster has GPUs, else 0"
     )
@@ -241,10 +249,18 @@ def _decoded(ds: ray.data.Dataset, spec: ModelSpec, opts: LabelOptions) -> ray.d
 def _predicted(
     ds: ray.data.Dataset, checkpoint: str, spec: ModelSpec, opts: LabelOptions, progress: ProgressChannel | None
 ) -> ray.data.Dataset:
-    """The inference stage: a pool of :class:`labeler.predict.Predictor` actors (on GPUs when there are)."""
-    gpus = opts.num_gpus_per_actor
-    if gpus is None:
-        gpus = gpus_per_task()
+    """The inference stage: a pool of :class:`labeler.predict.Predictor` actors (on GPUs when there are),
+    sized by :func:`labeler.pool.fit_pool`: it starts with ``num_actors``, keeps at least one (so a lost
+    node does not stall it) and grows to ``max_actors``, within what the cluster has or may grow to."""
+    now, most = cluster_resources()
+    size = fit_pool(
+        opts.num_actors, opts.max_actors, opts.cpus_per_actor, opts.num_gpus_per_actor, opts.decode_cpus, now, most
+    )
+    gpus = size.gpus_per_actor
+    logger.info(
+        f"labeler: inference pool of {size.initial} actor(s), at least 1, up to {size.maximum} "
+        f"({opts.cpus_per_actor:g} CPU, {gpus:g} GPU each)"
+    )
     # the dataset's own context (read_datasource copied the process's): set on the current one, it never
     # reached this job and leaked into later ones
     ds.context.wait_for_min_actors_s = opts.wait_for_actors_s
@@ -266,7 +282,7 @@ def _predicted(
         },
         batch_size=opts.batch_size or (GPU_BATCH_SIZE if gpus else CPU_BATCH_SIZE),
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=opts.num_actors, max_size=opts.max_actors or opts.num_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, initial_size=size.initial, max_size=size.maximum),
         num_gpus=gpus,
         num_cpus=opts.cpus_per_actor,
         runtime_env=None if gpus else {"env_vars": CPU_INFERENCE_ENV},
@@ -419,21 +435,41 @@ def run_labeling(
         logger.info(f"labeler: resuming, {len(done)} of {len(units)} input units ({resumed} images) already labeled")
     total = unit_rows(fmt, units)
     channel, display = ProgressChannel.create(), None
+    first_resumed = resumed
     try:
-        if len(done) < len(units):
+        for attempt in range(NODE_LOSS_RETRIES + 1):
+            if len(done) == len(units):
+                break
             ds = label_images(source, checkpoint, opts, spec, frozenset(done), join(out, UNIT_LOG), channel, plan)
-            display = Progress("labeling", total=total, unit="img", initial=resumed if total else 0)
+            if display is None:
+                display = Progress("labeling", total=total, unit="img", initial=resumed if total else 0)
             writers = max(2, opts.max_actors or opts.num_actors)  # a writer per inference actor keeps pace
-            _write_watched(ds, join(out, "predictions"), opts.stall_timeout_s, channel, display, writers=writers)
+            try:
+                _write_watched(ds, join(out, "predictions"), opts.stall_timeout_s, channel, display, writers=writers)
+                break
+            except StalledAfterNodeLoss as err:
+                if attempt == NODE_LOSS_RETRIES:
+                    raise
+                _stop_running_datasets()
+                done, resumed = finished_units(out, units)  # what the stopped job left unfinished is redone whole
+                logger.warning(
+                    f"labeler: {err} Stopped it; resuming on the nodes that are left ({len(done)} of {len(units)} "
+                    f"input units finished, {resumed} images)"
+                )
+                if total:
+                    display.update(resumed)
         manifest = summarize_predictions(join(out, "predictions"), join(out, "rejected.parquet"))
         if display is not None:
             # the last line: the whole job's rate (the actors' last counts arrive with the manifest, not before)
             display.restart_clock(display.initial, since=started)
-            display.update(manifest["rows"] if total else manifest["rows"] - resumed, rejected=manifest["rejected"])
+            display.update(
+                manifest["rows"] if total else manifest["rows"] - first_resumed, rejected=manifest["rejected"]
+            )
     finally:
         if display is not None:
             display.close()
         channel.shutdown()
+    resumed = first_resumed
     return _write_manifest(manifest, out, source, checkpoint, time.time() - start, len(units), resumed)
 
 
@@ -463,6 +499,40 @@ STALL_HINT = (
 
 class LabelingStalled(RuntimeError):
     """No new output for ``stall_timeout_s``: the pipeline is stuck, not slow."""
+
+
+class StalledAfterNodeLoss(LabelingStalled):
+    """A node left the cluster and labeling made no progress for ``NODE_LOSS_GRACE_S`` after it."""
+
+
+# After a node is lost, Ray restarts its inference actors elsewhere, and a restarted actor can take the
+# CPUs the read tasks need on the nodes left, so nothing is read again (seen on a simulated cluster in
+# about one run of three: tests/test_cluster_faults.py). run_labeling then stops the job and resumes it
+# in the same call, with a pool fitted to the nodes left (labeler.pool); finished units are kept.
+NODE_LOSS_GRACE_S = 45.0
+NODE_LOSS_RETRIES = 2
+
+
+def _cluster_totals() -> tuple[float, float]:
+    resources = ray.cluster_resources()
+    return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+
+
+def _stop_running_datasets() -> None:
+    """Force-stop every Ray Data execution of this process (its tasks cancelled, its actors killed).
+
+    Ray Data has no public way to stop a running ``write_parquet``; its executor is a thread of this
+    process, which has ``shutdown(force=True)``. Only a job that already failed calls this.
+    """
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    for thread in threading.enumerate():
+        if isinstance(thread, StreamingExecutor):
+            try:
+                thread.shutdown(force=True, exception=LabelingStalled("stopped after a node loss"))
+            except Exception:  # noqa: BLE001 - best effort: a stuck executor must not stop the resumption
+                logger.debug("labeler: could not stop a Ray Data executor", exc_info=True)
+    time.sleep(2.0)  # let cancelled write tasks die before their units' leftovers are deleted
 
 
 def _write_watched(
@@ -508,6 +578,7 @@ def _write_watched(
     labeled = rejected = 0
     base = display.n if display is not None else 0
     last_poll, clock_started = start, False
+    totals, lost_at = _cluster_totals(), None
     while writer.is_alive():
         writer.join(timeout=1.0 if display is not None else poll_s)
         events = channel.drain() if channel is not None else []
@@ -527,13 +598,32 @@ def _write_watched(
         if count != files:
             files, last_change = count, now
             logger.debug(f"labeler: {files - before} output files written in {now - start:.0f} s")
-        elif writer.is_alive() and now - last_change > stall_timeout_s:
+        lost_at = _watch_nodes(totals, lost_at, now)
+        idle = now - max(lost_at or now, last_change)
+        if lost_at is not None and writer.is_alive() and idle > NODE_LOSS_GRACE_S:
+            raise StalledAfterNodeLoss(f"a node left the cluster and labeling has made no progress for {idle:.0f} s.")
+        if writer.is_alive() and now - last_change > stall_timeout_s:
             raise LabelingStalled(
                 f"labeling made no progress for {now - last_change:.0f} s (no labeled batch, no new file under "
                 f"{predictions}). " + STALL_HINT
             )
     if errors:
         raise errors[0]
+
+
+def _watch_nodes(totals: tuple[float, float], lost_at: float | None, now: float) -> float | None:
+    """When the cluster's CPUs or GPUs fall below ``totals`` (at the job's start) for the first time, say
+    so and return ``now``; else ``lost_at`` as it was."""
+    if lost_at is not None:
+        return lost_at
+    cpus, gpus = _cluster_totals()
+    if cpus >= totals[0] and gpus >= totals[1]:
+        return None
+    logger.warning(
+        f"labeler: a node left the cluster (CPUs {totals[0]:g} -> {cpus:g}, GPUs {totals[1]:g} -> {gpus:g}); the "
+        "units it was labeling are redone, the finished ones are kept"
+    )
+    return now
 
 
 def summarize_predictions(predictions: str, rejected_out: str | None = None) -> dict:

@@ -180,6 +180,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.cluster
 def test_another_ray_cluster_on_the_machine_does_not_restart_training(ray_local, digits, tmp_path, caplog):
     """Another Ray cluster started on the same machine mid-run (the newest cluster is what Ray's State API
     finds without an address) must not look like the death of this run's Ray Train controller."""

@@ -1,0 +1,99 @@
+"""The inference actor pool's size, fitted to what the cluster has or can grow to.
+
+Ray Data's actor pool is given a minimum of one actor, an initial size of ``num_actors`` and a maximum
+of ``max_actors``. A minimum of one is what lets labeling outlive a lost node: an actor that was on
+the node is restarted by Ray wherever it fits, and with a larger minimum the pool waited for those
+restarts while they took the CPUs the read tasks needed, so nothing was read and the job stalled
+(``tests/test_cluster_faults.py``: two 2-CPU nodes, two 1-CPU actors, one node removed mid-job). The
+initial size is also cut to what fits beside one read task before the job starts, so a job run again
+on a smaller cluster starts instead of stalling the same way.
+
+The fit is counted in totals (CPUs and GPUs summed over nodes), which is what Ray reports for the
+whole cluster; a node too small for an actor still counts. On an autoscaling cluster the totals are
+what the autoscaler may add (its node types' ``max_workers``), not what is up now: GPU workers that
+start at zero are GPUs the pool may use.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """What :func:`fit_pool` decided: GPUs per actor, the pool's initial and maximum size."""
+
+    gpus_per_actor: float
+    initial: int
+    maximum: int
+
+
+def cluster_resources() -> tuple[dict[str, float], dict[str, float] | None]:
+    """(the running cluster's total resources, the most its autoscaler may provide or None when the
+    cluster does not autoscale). Needs ``ray.init()``."""
+    import ray
+
+    try:
+        most = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or unusual cluster: treat it as fixed
+        most = None
+    return ray.cluster_resources(), ({k: float(v) for k, v in most.items()} if most else None)
+
+
+def fit_pool(
+    num_actors: int,
+    max_actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float | None,
+    read_cpus: float,
+    resources: dict[str, float],
+    most: dict[str, float] | None = None,
+) -> PoolSize:
+    """The pool for ``num_actors`` (initial) to ``max_actors`` actors of ``cpus_per_actor`` CPUs and
+    ``gpus_per_actor`` GPUs (None: 1 where the cluster has or may get a whole GPU, else 0), beside read
+    tasks of ``read_cpus`` CPUs, on a cluster of ``resources`` (``ray.cluster_resources()``) that may
+    grow to ``most`` (None: it does not grow). Sizes above what fits are lowered, with a WARNING.
+
+    Raises:
+        ValueError: not even one actor fits beside a read task; the message says what to change.
+    """
+    capacity = most if most is not None else resources
+    gpus = gpus_per_actor
+    if gpus is None:
+        gpus = 1 if max(resources.get("GPU", 0), capacity.get("GPU", 0)) >= 1 else 0
+    fits = _actors_that_fit(capacity, cpus_per_actor, gpus, read_cpus)
+    where = _describe(resources, most)
+    if fits < 1:
+        raise ValueError(
+            f"one inference actor ({cpus_per_actor:g} CPU{f', {gpus:g} GPU' if gpus else ''}) and one read task "
+            f"({read_cpus:g} CPU) do not fit on {where}; lower cpus_per_actor or decode_cpus (label.cpus_per_actor, "
+            "label.decode_cpus; --cpus-per-actor, --decode-cpus), or add nodes"
+        )
+    maximum = max(num_actors, max_actors or num_actors)
+    size = PoolSize(gpus, min(num_actors, fits), min(maximum, fits))
+    if size.maximum < maximum:
+        logger.warning(
+            f"labeler: {maximum} inference actors ({cpus_per_actor:g} CPU{f', {gpus:g} GPU' if gpus else ''} each) "
+            f"do not fit beside reading ({read_cpus:g} CPU) on {where}; the pool starts with {size.initial} and "
+            f"grows to at most {size.maximum}"
+        )
+    return size
+
+
+def _actors_that_fit(capacity: dict[str, float], cpus: float, gpus: float, read_cpus: float) -> int:
+    by_cpu = math.floor((capacity.get("CPU", 0) - read_cpus) / cpus + 1e-9) if cpus > 0 else math.inf
+    by_gpu = math.floor(capacity.get("GPU", 0) / gpus + 1e-9) if gpus > 0 else math.inf
+    fits = min(by_cpu, by_gpu)
+    return 1_000_000 if fits == math.inf else max(0, int(fits))
+
+
+def _describe(resources: dict[str, float], most: dict[str, float] | None) -> str:
+    have = f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
+    if most is None:
+        return f"this cluster ({have})"
+    grown = f"{most.get('CPU', 0):g} CPUs, {most.get('GPU', 0):g} GPUs"
+    return f"this cluster ({have} now; its autoscaler may grow it to {grown})"

@@ -1,0 +1,99 @@
+"""Simulated-cluster fault scenarios, each run by tests/test_cluster_faults.py in its own process (a
+``ray.cluster_utils`` cluster lives and dies with the process that made it). Each prints one
+``RESULT {json}`` line; the logs are the labeler's and the trainer's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import ray
+from ray.cluster_utils import Cluster
+
+from labeler.api import LabelOptions, run_labeling
+from labeler.progress import configure_console, worker_runtime_env
+from tests.helpers import png_bytes, random_checkpoint
+
+MB = 1 << 20
+
+
+def write_pngs(root: str, n: int) -> None:
+    """``n`` distinct 8x8 PNGs in folders of 1,000 (written once; a rerun finds them)."""
+    for i in range(n):
+        path = os.path.join(root, f"{i // 1000:03d}", f"{i:06d}.png")
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(png_bytes(seed=i))
+
+
+def predictions_summary(out: str) -> dict:
+    ids = pq.read_table(os.path.join(out, "predictions"), columns=["id"])["id"].to_pylist()
+    return {"rows": len(ids), "distinct": len(set(ids))}
+
+
+def _when(ready, act, done: list) -> None:
+    """Run ``act()`` as soon as ``ready()`` holds (polled every 0.2 s); record the time."""
+    while not ready():
+        time.sleep(0.2)
+    act()
+    done.append(time.time())
+
+
+def _predictor_pids() -> list[int]:
+    """The processes of the labeler's inference actors (every node of a simulated cluster is local)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::MapWorker(MapBatches(Predictor))"):
+                    pids.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def labeling_fault(out: str, images: int, num_actors: int, nodes: int, fault: str) -> dict:
+    """Labeling on ``nodes`` 2-CPU worker nodes (the head has no CPU) with ``num_actors`` 1-CPU actors.
+    ``fault``, once the first two units are written: ``remove_node`` removes the last node (its raylet,
+    workers and object store), ``kill_actor`` SIGKILLs one inference actor; ``none`` does nothing."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * MB})
+    added = [cluster.add_node(num_cpus=2, object_store_memory=150 * MB) for _ in range(nodes)]
+    ray.init(address=cluster.address, runtime_env=worker_runtime_env(), log_to_driver=False, logging_level="WARNING")
+    corpus, labels = os.path.join(out, "images"), os.path.join(out, "labels")
+    write_pngs(corpus, images)
+    random_checkpoint(os.path.join(out, "teacher"))
+    written = os.path.join(labels, "predictions")
+    ready = lambda: os.path.isdir(written) and len(os.listdir(written)) >= 2  # noqa: E731
+    acts = {
+        "remove_node": lambda: cluster.remove_node(added[-1], allow_graceful=False),
+        "kill_actor": lambda: [os.kill(pid, signal.SIGKILL) for pid in _predictor_pids()[:1]],
+    }
+    injected: list = []
+    if fault in acts:
+        threading.Thread(target=_when, args=(ready, acts[fault], injected), daemon=True).start()
+    opts = LabelOptions(num_actors=num_actors, files_per_unit=500, stall_timeout_s=90)
+    result: dict = {"fault": fault, "images": images}
+    start = time.time()
+    try:
+        manifest = run_labeling(corpus, os.path.join(out, "teacher"), labels, opts)
+        result.update(finished=True, manifest_rows=manifest["rows"], resumed_from=manifest["resumed_from"])
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        result.update(finished=False, error=f"{type(err).__name__}: {err}")
+    result.update(seconds=round(time.time() - start, 1), injected=bool(injected))
+    if result["finished"]:
+        result.update(predictions_summary(labels))
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)  # a stuck dataset cannot be shut down; the cluster dies with this process
+
+
+if __name__ == "__main__":
+    configure_console()
+    scenario, out, *args = sys.argv[1:]
+    if scenario == "labeling":
+        labeling_fault(out, int(args[0]), int(args[1]), int(args[2]), args[3])

@@ -1,0 +1,82 @@
+"""What a real cluster does to a job, on simulated clusters (``ray.cluster_utils``): nodes lost mid-stage,
+inference actors killed, pools larger than the nodes left. Each scenario runs in its own process
+(tests/cluster_faults.py); the pool-sizing rules are checked directly first."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from labeler.pool import fit_pool
+
+
+def test_the_pool_starts_at_num_actors_when_they_fit():
+    size = fit_pool(2, 4, 1.0, None, 0.5, {"CPU": 8.0})
+    assert (size.gpus_per_actor, size.initial, size.maximum) == (0, 2, 4)
+
+
+def test_a_pool_too_large_for_the_cluster_is_cut_to_fit_beside_reading(caplog):
+    # two 1-CPU actors on the one 2-CPU node a lost node left: reads would get no CPU
+    size = fit_pool(2, None, 1.0, None, 0.5, {"CPU": 2.0})
+    assert (size.initial, size.maximum) == (1, 1)
+    assert "the pool starts with 1 and grows to at most 1" in caplog.text
+
+
+def test_gpu_actors_on_an_autoscaling_cluster_count_the_gpus_it_may_add():
+    # the cluster.yaml shape: a CPU-only head, GPU workers that start at zero
+    size = fit_pool(1, 4, 1.0, None, 0.5, {"CPU": 0.0}, most={"CPU": 8.0, "GPU": 4.0})
+    assert (size.gpus_per_actor, size.initial, size.maximum) == (1, 1, 4)
+    size = fit_pool(1, 8, 1.0, None, 0.5, {"CPU": 0.0}, most={"CPU": 16.0, "GPU": 4.0})
+    assert size.maximum == 4  # one GPU each
+
+
+def test_no_room_for_one_actor_is_an_error_that_says_what_to_change():
+    with pytest.raises(ValueError, match="lower cpus_per_actor or decode_cpus"):
+        fit_pool(1, None, 2.0, None, 0.5, {"CPU": 2.0})
+    with pytest.raises(ValueError, match="1 GPU"):
+        fit_pool(1, None, 1.0, 1.0, 0.5, {"CPU": 4.0})  # GPU actors asked for, none there
+
+
+def _scenario(tmp_path, *args: str, timeout: int = 600) -> tuple[dict, str]:
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", "tests.cluster_faults", args[0], str(tmp_path), *args[1:]],
+                          env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    log = done.stdout + done.stderr
+    found = re.search(r"^RESULT (.*)$", log, re.M)
+    assert done.returncode == 0 and found, log[-4000:]
+    return json.loads(found.group(1)), log
+
+
+def _every_image_once(result: dict, log: str) -> None:
+    assert result["finished"], result.get("error", log[-4000:])
+    assert result["rows"] == result["distinct"] == result["manifest_rows"] == result["images"], result
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+def test_labeling_finishes_on_the_node_left_when_one_is_lost(tmp_path):
+    """Two 2-CPU nodes, two 1-CPU inference actors; one node is removed with units in flight. With the
+    pool's minimum at two, the actor restarted for the lost one took the last CPU and reads never ran."""
+    result, log = _scenario(tmp_path, "labeling", "6000", "2", "2", "remove_node")
+    assert result["injected"], "the node was never removed"
+    _every_image_once(result, log)
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+def test_a_killed_inference_actor_is_replaced_and_its_batches_redone(tmp_path):
+    result, log = _scenario(tmp_path, "labeling", "4000", "2", "2", "kill_actor")
+    assert result["injected"], "no actor was killed"
+    _every_image_once(result, log)
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+def test_a_pool_larger_than_the_cluster_starts_cut_to_fit(tmp_path):
+    """The same command run again on the node a loss left: two 1-CPU actors on one 2-CPU node."""
+    result, log = _scenario(tmp_path, "labeling", "1000", "2", "1", "none")
+    _every_image_once(result, log)
+    assert "the pool starts with 1 and grows to at most 1" in log
