@@ -5,8 +5,10 @@ inference actors killed, pools larger than the nodes left. Each scenario runs in
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,3 +82,76 @@ def test_a_pool_larger_than_the_cluster_starts_cut_to_fit(tmp_path):
     result, log = _scenario(tmp_path, "labeling", "1000", "2", "1", "none")
     _every_image_once(result, log)
     assert "the pool starts with 1 and grows to at most 1" in log
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _stop_with_sigterm(proc: subprocess.Popen) -> tuple[float, str]:
+    """SIGTERM to the driver, as `ray job stop` or a spot notice does; seconds until it exited, its output."""
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        log, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return time.time() - sent, log
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+def test_a_labeling_job_told_to_stop_keeps_its_units_and_resumes(tmp_path):
+    from tests.cluster_faults import predictions_summary, write_pngs
+    from tests.helpers import random_checkpoint
+
+    corpus, labels, teacher = tmp_path / "images", tmp_path / "labels", tmp_path / "teacher"
+    write_pngs(str(corpus), 4000)
+    random_checkpoint(str(teacher))
+    cmd = [sys.executable, "-m", "labeler", "--input", str(corpus), "--checkpoint", str(teacher), "--output",
+           str(labels), "--files-per-unit", "250"]  # fmt: skip
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # fmt: skip
+    written = labels / "predictions"
+    _wait_for(lambda: written.is_dir() and len(list(written.iterdir())) >= 2, 300, "two units written")
+    seconds, log = _stop_with_sigterm(job)
+    assert seconds < 20, f"the job took {seconds:.0f} s to stop:\n{log[-3000:]}"
+    assert job.returncode != 0 and not (labels / "manifest.json").exists(), log[-3000:]
+    kept = len(list(written.iterdir()))
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    resumed = re.search(r"resuming, (\d+) of 16 input units", out)
+    assert resumed and int(resumed.group(1)) >= min(kept, 2), out[-3000:]  # the finished units were kept
+    summary = predictions_summary(str(labels))
+    assert summary["rows"] == summary["distinct"] == 4000
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+def test_a_training_job_told_to_stop_resumes_from_its_last_checkpoint(tmp_path):
+    from pipeline.digits import write_digits_corpus
+    from tests.test_trainer_faults import EPOCHS, _check_finished, _history, _wait_for_checkpoint
+
+    data, storage, out = str(tmp_path / "digits"), str(tmp_path / "storage"), str(tmp_path / "model")
+    write_digits_corpus(data, labels_per_class=5, test_fraction=0.3, seed=0, val_per_class=3)
+    cmd = [sys.executable, "-m", "tests.train_job", data, storage, out]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)  # fmt: skip
+    _wait_for_checkpoint(storage)
+    seconds, log = _stop_with_sigterm(job)
+    assert seconds < 20, f"the job took {seconds:.0f} s to stop:\n{log[-3000:]}"
+    assert job.returncode != 0 and not os.path.exists(os.path.join(out, "metrics.jsonl")), log[-3000:]
+    again = subprocess.run(cmd + ["--print-final"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    final = json.loads(re.search(r"^FINAL (.*)$", again.stdout, re.M).group(1))
+    _check_finished(final, out)
+    resumed = _history(out)[-1]["resumed_from"]
+    assert len(resumed) == 1 and 1 <= resumed[0] < EPOCHS

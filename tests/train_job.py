@@ -1,5 +1,6 @@
 """A training job in its own process (with its own local Ray), for the resume-across-invocations test."""
 
+import json
 import sys
 
 import ray
@@ -7,10 +8,12 @@ import ray
 from tests.test_trainer_faults import long_run
 
 
-def main(data: str, storage: str, out: str) -> None:
+def main(data: str, storage: str, out: str, print_final: bool = False) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    long_run(data, storage, out)
+    final = long_run(data, storage, out)
+    if print_final:
+        print("FINAL " + json.dumps(final), flush=True)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:4], print_final="--print-final" in sys.argv)
