@@ -20,7 +20,7 @@ from labeler.checkpoint_import import head_width
 from labeler.fingerprint import OutputMismatch, differences, file_sha256
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import STATE_DICT_SUFFIXES, ModelSpec, check_weights_file, load_spec, weights_file
-from labeler.pool import cluster_resources, fit_pool
+from labeler.pool import WAIT_NOTICE_S, WAIT_REPEAT_S, cluster_resources, fit_pool, waiting_for
 from labeler.predict import Predictor, check_precision
 from labeler.progress import Progress, ProgressChannel
 from labeler.settings import check_choices, setting
@@ -445,7 +445,13 @@ def run_labeling(
                 display = Progress("labeling", total=total, unit="img", initial=resumed if total else 0)
             writers = max(2, opts.max_actors or opts.num_actors)  # a writer per inference actor keeps pace
             try:
-                _write_watched(ds, join(out, "predictions"), opts.stall_timeout_s, channel, display, writers=writers)
+                actor = (
+                    opts.cpus_per_actor,
+                    gpus_per_task() if opts.num_gpus_per_actor is None else opts.num_gpus_per_actor,
+                )
+                _write_watched(
+                    ds, join(out, "predictions"), opts.stall_timeout_s, channel, display, writers=writers, actor=actor
+                )
                 break
             except StalledAfterNodeLoss as err:
                 if attempt == NODE_LOSS_RETRIES:
@@ -543,13 +549,17 @@ def _write_watched(
     display: Progress | None = None,
     poll_s: float = 10.0,
     writers: int = 2,
+    actor: tuple[float, float] | None = None,
 ) -> None:
     """``write_parquet`` (at most ``writers`` write tasks at a time) with a progress display (fed by
     ``channel``) and a no-progress watchdog.
 
     A pool that can never be scheduled (say, actors holding every CPU so reads never run)
     otherwise hangs silently forever; this raises instead. The job's Ray cluster must then be
-    shut down (the CLI exits) to stop the stuck dataset.
+    shut down (the CLI exits) to stop the stuck dataset. ``actor``: (CPUs, GPUs) of one inference
+    actor; while no batch has been labeled, what the cluster lacks for one is logged every minute
+    (:func:`labeler.pool.waiting_for`). A node lost mid-job is logged, and raises
+    :class:`StalledAfterNodeLoss` when nothing moves for ``NODE_LOSS_GRACE_S`` after it.
     """
     fs, path = filesystem_for(predictions)
     errors: list[BaseException] = []
@@ -578,7 +588,7 @@ def _write_watched(
     labeled = rejected = 0
     base = display.n if display is not None else 0
     last_poll, clock_started = start, False
-    totals, lost_at = _cluster_totals(), None
+    totals, lost_at, told = _cluster_totals(), None, 0.0
     while writer.is_alive():
         writer.join(timeout=1.0 if display is not None else poll_s)
         events = channel.drain() if channel is not None else []
@@ -589,6 +599,8 @@ def _write_watched(
             labeled, rejected = labeled + event.get("labeled", 0), rejected + event.get("rejected", 0)
         if events:
             last_change = time.time()  # rows are being labeled: slow, not stalled
+        elif actor is not None and not clock_started:
+            told = _say_what_is_missing(actor, start, told)
         if display is not None:
             display.update(base + labeled + rejected, rejected=rejected)
         now = time.time()
@@ -609,6 +621,19 @@ def _write_watched(
             )
     if errors:
         raise errors[0]
+
+
+def _say_what_is_missing(actor: tuple[float, float], start: float, told: float) -> float:
+    """Log what the cluster lacks for one inference actor, when the job has waited ``WAIT_NOTICE_S`` and
+    said nothing for ``WAIT_REPEAT_S``; returns when it last said so."""
+    now = time.time()
+    if now - start < WAIT_NOTICE_S or now - told < WAIT_REPEAT_S:
+        return told
+    note = waiting_for("inference actors", 1, *actor)
+    if note:
+        logger.warning(f"labeler: {note}")
+        return now
+    return told
 
 
 def _watch_nodes(totals: tuple[float, float], lost_at: float | None, now: float) -> float | None:

@@ -95,5 +95,30 @@ def _describe(resources: dict[str, float], most: dict[str, float] | None) -> str
     have = f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs"
     if most is None:
         return f"this cluster ({have})"
-    grown = f"{most.get('CPU', 0):g} CPUs, {most.get('GPU', 0):g} GPUs"
-    return f"this cluster ({have} now; its autoscaler may grow it to {grown})"
+    return f"this cluster ({have} now; its autoscaler may grow it to {_describe_most(most)})"
+
+
+WAIT_NOTICE_S = 15.0  # how long a job waits for workers or actors before it says what it is waiting for
+WAIT_REPEAT_S = 60.0  # and how often it says so again while it still waits
+
+
+def waiting_for(what: str, count: int, cpus: float, gpus: float) -> str | None:
+    """What a job still waiting for ``count`` ``what`` (each ``cpus`` CPUs and ``gpus`` GPUs) lacks on the
+    running cluster, as a sentence for the log; None when they would fit in what is free now (then the
+    wait is not for resources). Needs ``ray.init()``."""
+    import ray
+
+    free, now = ray.available_resources(), ray.cluster_resources()
+    _, most = cluster_resources()
+    need = {"CPU": count * cpus, "GPU": count * gpus}
+    short = [k for k, v in need.items() if v > 0 and free.get(k, 0) + 1e-9 < v]
+    if not short:
+        return None
+    have = ", ".join(f"{free.get(k, 0):g} of {now.get(k, 0):g} {k}s free" for k in short)
+    grow = f"; its autoscaler may add nodes up to {_describe_most(most)}" if most else "; add nodes to go on"
+    each = f"{cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
+    return f"waiting for {count} {what} ({each} each) to be placed: the cluster has {have}{grow}"
+
+
+def _describe_most(most: dict[str, float]) -> str:
+    return f"{most.get('CPU', 0):g} CPUs, {most.get('GPU', 0):g} GPUs"

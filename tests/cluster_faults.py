@@ -20,6 +20,7 @@ from labeler.progress import configure_console, worker_runtime_env
 from tests.helpers import png_bytes, random_checkpoint
 
 MB = 1 << 20
+REPLACEMENT_AFTER_S = 30  # a lost training node's replacement joins this long after the loss
 
 
 def write_pngs(root: str, n: int) -> None:
@@ -92,8 +93,44 @@ def labeling_fault(out: str, images: int, num_actors: int, nodes: int, fault: st
     os._exit(0)  # a stuck dataset cannot be shut down; the cluster dies with this process
 
 
+def training_node_loss(out: str) -> dict:
+    """Two 1-CPU worker nodes hold the two training workers; the second is removed after the first
+    checkpoint, and a replacement joins ``REPLACEMENT_AFTER_S`` later. The head (the driver's node) has no CPU."""
+    from pipeline.digits import write_digits_corpus
+    from tests.test_trainer_faults import _wait_for_checkpoint, long_run
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * MB})
+    added = [cluster.add_node(num_cpus=1, object_store_memory=100 * MB) for _ in range(2)]
+    ray.init(address=cluster.address, runtime_env=worker_runtime_env(), log_to_driver=False, logging_level="WARNING")
+    data, storage, model = (os.path.join(out, d) for d in ("digits", "storage", "model"))
+    write_digits_corpus(data, labels_per_class=5, test_fraction=0.3, seed=0, val_per_class=3)
+    events: dict = {}
+    result: dict = {}
+
+    def train() -> None:
+        try:
+            result.update(finished=True, final=long_run(data, storage, model))
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            result.update(finished=False, error=f"{type(err).__name__}: {err}")
+
+    trainer = threading.Thread(target=train, daemon=True)
+    trainer.start()  # the faults from the main thread: Cluster.add_node does not work from another one
+    _wait_for_checkpoint(storage)
+    cluster.remove_node(added[-1], allow_graceful=False)
+    events["removed"] = time.time()
+    time.sleep(REPLACEMENT_AFTER_S)
+    cluster.add_node(num_cpus=1, object_store_memory=100 * MB)
+    events["replaced"] = time.time()
+    trainer.join()
+    result.update(removed="removed" in events, replaced="replaced" in events)
+    print("RESULT " + json.dumps(result), flush=True)
+    os._exit(0)
+
+
 if __name__ == "__main__":
     configure_console()
     scenario, out, *args = sys.argv[1:]
     if scenario == "labeling":
         labeling_fault(out, int(args[0]), int(args[1]), int(args[2]), args[3])
+    elif scenario == "training_node_loss":
+        training_node_loss(out)

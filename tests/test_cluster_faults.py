@@ -155,3 +155,26 @@ def test_a_training_job_told_to_stop_resumes_from_its_last_checkpoint(tmp_path):
     _check_finished(final, out)
     resumed = _history(out)[-1]["resumed_from"]
     assert len(resumed) == 1 and 1 <= resumed[0] < EPOCHS
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+def test_training_waits_for_a_lost_nodes_replacement_and_resumes_from_its_checkpoint(tmp_path):
+    """The node of one of two training workers is removed after the first checkpoint; a replacement joins
+    30 s later. Ray Train restarts the workers from the last checkpoint; the driver says what it waits for
+    meanwhile, and that the workers were restarted, with why and from which epoch."""
+    from tests.test_trainer_faults import EPOCHS
+
+    result, log = _scenario(tmp_path, "training_node_loss")
+    assert result["removed"] and result["replaced"], result
+    assert result["finished"], result.get("error", log[-4000:])
+    final = result["final"]
+    history = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    resumed = history[-1]["resumed_from"]
+    assert len(resumed) == 1 and 1 <= resumed[0] < EPOCHS
+    assert final["val_top1"] == max(h["val_top1"] for h in history)  # selected by validation as usual
+    waiting = r"waiting for 2 training workers \(1 CPU each\) to be placed: the cluster has 0 of \d CPUs free"
+    assert re.search(waiting, log), log[-4000:]
+    restarts = re.findall(r"Ray Train restarted the training workers \((.*)\); training resumes from epoch (\d+)", log)
+    assert len(restarts) == 1 and int(restarts[0][1]) == resumed[0], restarts

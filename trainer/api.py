@@ -8,12 +8,14 @@ import logging
 import math
 import os
 import threading
+import time
 
 import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, save_checkpoint
+from labeler.pool import WAIT_NOTICE_S, WAIT_REPEAT_S, waiting_for
 from labeler.progress import Progress, ProgressChannel
 from labeler.storage import exists, filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH, LABEL_COLUMN
@@ -108,7 +110,7 @@ def train_model(
         logger.info(f"[{label}] no validation split: the last epoch's checkpoint is exported")
     channel = config["progress"] = ProgressChannel.create()
     trainer = _torch_trainer(settings, config, datasets, storage_path, name, max_failures, channel)
-    watcher = _ProgressWatcher(channel, label, settings.epochs, show=progress)
+    watcher = _ProgressWatcher(channel, label, settings, show=progress)
     try:
         result = trainer.fit()
     finally:
@@ -249,10 +251,14 @@ class _ProgressWatcher:
     ``show``); a restart of the worker group (any start after the first) is logged once, with the reason
     :class:`_FailureReporter` sent and the epoch training resumes from."""
 
-    def __init__(self, channel: ProgressChannel, label: str, epochs: int, poll_s: float = 1.0, show: bool = True):
-        self.channel, self.poll_s, self.label, self.epochs = channel, poll_s, label, epochs
-        self.display = Progress(label, total=epochs, unit="epoch") if show else None
+    def __init__(
+        self, channel: ProgressChannel, label: str, settings: TrainSettings, poll_s: float = 1.0, show: bool = True
+    ):
+        self.channel, self.poll_s, self.label, self.settings = channel, poll_s, label, settings
+        self.epochs = settings.epochs
+        self.display = Progress(label, total=self.epochs, unit="epoch") if show else None
         self.started, self.starts, self.reason = False, 0, None
+        self.waiting_since, self.told = time.monotonic(), 0.0  # until the workers start: see _say_what_is_missing
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"progress-{label}", daemon=True)
         self.thread.start()
@@ -260,19 +266,36 @@ class _ProgressWatcher:
     def _run(self) -> None:
         while not self.done.wait(self.poll_s):
             self._show(self.channel.drain())
+            self._say_what_is_missing()
         self._show(self.channel.drain())
 
     def _show(self, events: list[dict]) -> None:
         for e in events:
             kind = e.get("kind")
             if kind == "failure":
-                self.reason = e["reason"]
+                self.reason, self.waiting_since = e["reason"], time.monotonic()
             elif kind == "start":
                 self._started(e["epoch"])
             elif self.display is not None:
                 self._progress(e)
 
+    def _say_what_is_missing(self) -> None:
+        """While the workers have not started (at first, and after a failure), say every minute what the
+        cluster lacks for them (a lost node not replaced yet, GPU nodes the autoscaler is still adding)."""
+        now = time.monotonic()
+        if self.waiting_since is None or now - self.waiting_since < WAIT_NOTICE_S or now - self.told < WAIT_REPEAT_S:
+            return
+        s = self.settings
+        try:
+            note = waiting_for("training workers", s.num_workers, s.cpus_per_worker, 1.0 if s.use_gpu else 0.0)
+        except Exception:  # noqa: BLE001 - a display must never fail training
+            note = None
+        if note:
+            logger.warning(f"[{self.label}] {note}")
+            self.told = now
+
     def _started(self, epoch: int) -> None:
+        self.waiting_since = None
         self.starts += 1
         if self.starts > 1:
             reason = self.reason or "no worker error was reported; Ray's session logs have the controller's"
