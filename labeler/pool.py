@@ -9,9 +9,10 @@ initial size is also cut to what fits beside one read task before the job starts
 on a smaller cluster starts instead of stalling the same way.
 
 The fit is counted in totals (CPUs and GPUs summed over nodes), which is what Ray reports for the
-whole cluster; a node too small for an actor still counts. On an autoscaling cluster the totals are
-what the autoscaler may add (its node types' ``max_workers``), not what is up now: GPU workers that
-start at zero are GPUs the pool may use.
+whole cluster; a node too small for an actor still counts. On an autoscaling cluster that reports
+its node types to Ray (autoscaler v2) the totals are what it may grow to. Ray's default autoscaler does
+not report them; a cluster with no CPU, or no GPU for GPU actors, is then taken to be one that grows
+(the ``cluster.yaml`` shape: a CPU-less head, GPU workers from zero), and the pool is not cut.
 """
 
 from __future__ import annotations
@@ -65,15 +66,25 @@ def fit_pool(
     gpus = gpus_per_actor
     if gpus is None:
         gpus = 1 if max(resources.get("GPU", 0), capacity.get("GPU", 0)) >= 1 else 0
-    fits = _actors_that_fit(capacity, cpus_per_actor, gpus, read_cpus)
+    maximum = max(num_actors, max_actors or num_actors)
     where = _describe(resources, most)
+    if most is None and _none_yet(capacity, cpus_per_actor, gpus):
+        # no CPU at all, or GPU actors and no GPU: no fixed cluster could run anything, so this one grows
+        # (an autoscaler that does not report its node types, as Ray's default one): wait for its nodes
+        # Every actor of the pool is asked for at once: each pending one is demand the autoscaler adds a node
+        # for. Asked for one at a time, Ray Data's pool stayed at one actor while the cluster grew (seen here).
+        logger.warning(
+            f"labeler: {where} has no room for an inference actor yet; waiting for its autoscaler to add nodes "
+            f"for the pool's {maximum} actor(s) (labeling starts with the first)"
+        )
+        return PoolSize(gpus, maximum, maximum)
+    fits = _actors_that_fit(capacity, cpus_per_actor, gpus, read_cpus)
     if fits < 1:
         raise ValueError(
             f"one inference actor ({cpus_per_actor:g} CPU{f', {gpus:g} GPU' if gpus else ''}) and one read task "
             f"({read_cpus:g} CPU) do not fit on {where}; lower cpus_per_actor or decode_cpus (label.cpus_per_actor, "
             "label.decode_cpus; --cpus-per-actor, --decode-cpus), or add nodes"
         )
-    maximum = max(num_actors, max_actors or num_actors)
     size = PoolSize(gpus, min(num_actors, fits), min(maximum, fits))
     if size.maximum < maximum:
         logger.warning(
@@ -82,6 +93,10 @@ def fit_pool(
             f"grows to at most {size.maximum}"
         )
     return size
+
+
+def _none_yet(capacity: dict[str, float], cpus: float, gpus: float) -> bool:
+    return (cpus > 0 and capacity.get("CPU", 0) <= 0) or (gpus > 0 and capacity.get("GPU", 0) <= 0)
 
 
 def _actors_that_fit(capacity: dict[str, float], cpus: float, gpus: float, read_cpus: float) -> int:
@@ -115,7 +130,11 @@ def waiting_for(what: str, count: int, cpus: float, gpus: float) -> str | None:
     if not short:
         return None
     have = ", ".join(f"{free.get(k, 0):g} of {now.get(k, 0):g} {k}s free" for k in short)
-    grow = f"; its autoscaler may add nodes up to {_describe_most(most)}" if most else "; add nodes to go on"
+    grow = (
+        f"; its autoscaler may add nodes up to {_describe_most(most)}"
+        if most
+        else " (an autoscaling cluster adds nodes for them; on a fixed one, add nodes or ask for fewer)"
+    )
     each = f"{cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
     return f"waiting for {count} {what} ({each} each) to be placed: the cluster has {have}{grow}"
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -127,6 +129,90 @@ def training_node_loss(out: str) -> dict:
     os._exit(0)
 
 
+def autoscaling_head(root: str, gpu_nodes: int) -> tuple[subprocess.Popen, str]:
+    """The ``cluster.yaml`` shape on this machine: a head with no CPU started with Ray's fake autoscaler,
+    which adds worker nodes of 2 CPUs and 1 (fake) GPU, from 0 up to ``gpu_nodes``, as demand appears.
+
+    Ray's own ``AutoscalingCluster`` runs ``ray stop --force`` (every Ray process on the machine); this
+    head runs in its own process group, and :func:`stop_head` ends exactly that group."""
+    from tests.s3_server import free_port
+
+    port = free_port()
+    config = {
+        "cluster_name": "fake", "max_workers": gpu_nodes, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ubuntu"}, "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "gpu_worker": {"resources": {"CPU": 2, "GPU": 1, "object_store_memory": 150 * MB},
+                           "node_config": {},
+                           "min_workers": 0, "max_workers": gpu_nodes},
+        },
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }  # fmt: skip
+    path = os.path.join(root, "autoscaling.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    args = ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+            f"--autoscaling-config={path}", f"--temp-dir={tempfile.mkdtemp(prefix='rasc', dir='/tmp')}",
+            "--disable-usage-stats", "--include-dashboard=false", "--object-store-memory", str(100 * MB)]  # fmt: skip
+    log = open(os.path.join(root, "head.log"), "w")  # noqa: SIM115 - the head's output, for a failing test
+    head = subprocess.Popen(args, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    return head, f"127.0.0.1:{port}"
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            return
+        time.sleep(3)
+
+
+def autoscaling(out: str) -> dict:
+    """Labeling with GPU actors (1 to start, up to 2), then training on 2 GPU workers, on a cluster that
+    starts with no worker node at all."""
+    from labeler.model import load_spec
+    from pipeline.digits import write_digits_corpus
+    from trainer.api import train_model
+    from trainer.settings import TrainSettings
+
+    head, address = autoscaling_head(out, gpu_nodes=2)
+    result: dict = {}
+    try:
+        for _ in range(60):  # the head's GCS
+            try:
+                ray.init(address=address, runtime_env=worker_runtime_env(), log_to_driver=True, logging_level="WARNING")
+                break
+            except ConnectionError:
+                time.sleep(1)
+        result["gpus_at_start"] = ray.cluster_resources().get("GPU", 0)
+        paths = write_digits_corpus(os.path.join(out, "data"), labels_per_class=2, test_fraction=0.1, seed=0)
+        corpus = os.path.join(out, "images")
+        write_pngs(corpus, 4000)
+        ckpt = os.path.join(out, "teacher")
+        random_checkpoint(ckpt, image_size=16)
+        opts = LabelOptions(num_actors=1, max_actors=2, num_gpus_per_actor=1, files_per_unit=250)
+        manifest = run_labeling(corpus, ckpt, os.path.join(out, "labels"), opts)
+        result.update(labeled=manifest["rows"], **predictions_summary(os.path.join(out, "labels")))
+        settings = TrainSettings(epochs=1, batch_size=8, num_workers=2, use_gpu=True, checkpoint_every=1)
+        train_model(settings, load_spec(ckpt), paths["labeled"], os.path.join(out, "student"),
+                    os.path.join(out, "ray_train"), "autoscaling", label="autoscaling")  # fmt: skip
+        result.update(trained=True, gpu_nodes=[n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")])
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        result.update(error=f"{type(err).__name__}: {err}")
+    print("RESULT " + json.dumps(result), flush=True)
+    time.sleep(2)  # the workers' last log lines
+    ray.shutdown()
+    stop_head(head)
+    os._exit(0)
+
+
 if __name__ == "__main__":
     configure_console()
     scenario, out, *args = sys.argv[1:]
@@ -134,3 +220,5 @@ if __name__ == "__main__":
         labeling_fault(out, int(args[0]), int(args[1]), int(args[2]), args[3])
     elif scenario == "training_node_loss":
         training_node_loss(out)
+    elif scenario == "autoscaling":
+        autoscaling(out)

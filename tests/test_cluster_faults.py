@@ -39,7 +39,14 @@ def test_no_room_for_one_actor_is_an_error_that_says_what_to_change():
     with pytest.raises(ValueError, match="lower cpus_per_actor or decode_cpus"):
         fit_pool(1, None, 2.0, None, 0.5, {"CPU": 2.0})
     with pytest.raises(ValueError, match="1 GPU"):
-        fit_pool(1, None, 1.0, 1.0, 0.5, {"CPU": 4.0})  # GPU actors asked for, none there
+        fit_pool(1, None, 1.0, 2.0, 0.5, {"CPU": 4.0, "GPU": 1.0})  # 2 GPUs an actor, one there
+
+
+def test_a_cluster_with_nothing_for_the_pool_yet_is_waited_for(caplog):
+    # Ray's default autoscaler does not say what it may add: a CPU-less head and GPU actors asked for
+    size = fit_pool(4, 8, 1.0, 1.0, 0.5, {"CPU": 0.0})
+    assert (size.gpus_per_actor, size.initial, size.maximum) == (1.0, 8, 8)  # all asked for: nodes for each
+    assert "waiting for its autoscaler to add nodes" in caplog.text
 
 
 def _scenario(tmp_path, *args: str, timeout: int = 600) -> tuple[dict, str]:
@@ -178,3 +185,19 @@ def test_training_waits_for_a_lost_nodes_replacement_and_resumes_from_its_checkp
     assert re.search(waiting, log), log[-4000:]
     restarts = re.findall(r"Ray Train restarted the training workers \((.*)\); training resumes from epoch (\d+)", log)
     assert len(restarts) == 1 and int(restarts[0][1]) == resumed[0], restarts
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+def test_the_cluster_yaml_shape_grows_gpu_nodes_for_labeling_and_training(tmp_path):
+    """A head with no CPU and GPU workers from zero (Ray's fake autoscaler): labeling asks for GPU actors,
+    the autoscaler adds nodes, the pool runs on every GPU node (up to max_actors 2), and training's two
+    GPU workers wait for theirs."""
+    result, log = _scenario(tmp_path, "autoscaling")
+    assert result.get("trained"), result.get("error", log[-4000:])
+    assert result["gpus_at_start"] == 0
+    assert result["rows"] == result["distinct"] == result["labeled"] == 4000
+    nodes = set(re.findall(r"labeler: predictor for \S+ on node (\w+)", log))
+    assert len(nodes) == 2 and nodes <= set(result["gpu_nodes"]), (nodes, result["gpu_nodes"])
+    trainers = dict(re.findall(r"\[autoscaling\] worker (\d)/2 on node (\w+)", log))
+    assert set(trainers) == {"0", "1"} and set(trainers.values()) <= set(result["gpu_nodes"]), trainers
