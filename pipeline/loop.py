@@ -441,6 +441,7 @@ def preflight(
 
 def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[dict]:
     # before Ray starts and before the teacher trains
+    retried_before = retry_counts()  # the run log's count: this run's retries, not those of earlier runs here
     paths, report, planned = preflight(cfg, overwrite, join(run_dir, CORPUS_LISTING))
     for line in report.found:
         logger.debug(f"check: {line}")
@@ -492,7 +493,8 @@ def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[di
     mark_worse_than_teacher(summary)
     write_summary(run_dir, summary)
     logger.info(f"report: {write_report(run_dir)}")
-    retried = retry_counts()  # this process's whole-object S3 requests and listings (labeler.storage)
+    # this process's whole-object S3 requests and listings (labeler.storage) during the run
+    retried = {op: n - retried_before.get(op, 0) for op, n in retry_counts().items() if n > retried_before.get(op, 0)}
     if retried or is_s3(run_dir):
         logger.info(f"storage: the driver retried {sum(retried.values())} S3 requests {retried or ''}".rstrip())
     logger.info(f"TensorBoard: tensorboard --logdir {run_dir}")
