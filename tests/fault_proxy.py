@@ -165,8 +165,9 @@ class Handler(BaseHTTPRequestHandler):
         if os.environ.get("FAULT_PROXY_LOG"):
             print(f"fault proxy: {self.command} {self.path} {kind} {fault}", file=sys.stderr, flush=True)
         if fault == "reset_part":  # half the part's body read, then the connection dropped under the sender
-            length = int(self.headers.get("Content-Length") or 0)
-            self.rfile.read(length // 2)
+            # the AWS SDK sends parts chunked (aws-chunked inside HTTP chunks): no Content-Length, the decoded one
+            length = self.headers.get("Content-Length") or self.headers.get("x-amz-decoded-content-length") or 0
+            self.rfile.read(int(length) // 2)
             return self._reset()
         body = self._body()
         if fault in ERRORS:
