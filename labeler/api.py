@@ -34,6 +34,7 @@ from labeler.storage import (
     join,
     list_files,
     read_json,
+    retry_counts,
     write_bytes,
     write_json,
 )
@@ -411,7 +412,8 @@ def run_labeling(
     earlier job wrote under ``out`` first. A folder corpus is listed anew into ``out/listing.parquet``
     on each run (labeler.listing). ``out`` is a local folder or an ``s3://`` prefix. Returns the
     manifest: counts (``rows``, ``labeled``, ``rejected``, ``reject_reasons``), ``seconds`` (wall
-    time), ``images_per_s``, ``units`` and ``resumed_from`` (images already labeled before this call).
+    time), ``images_per_s``, ``units``, ``resumed_from`` (images already labeled before this call) and
+    ``storage_retries`` (S3 requests this process retried during the job, ``labeler.storage.retry_counts``).
     ``plan``: the corpus's :func:`labeler.sources.plan_units` when the caller has listed it (with the same
     options; its listing must stay where it is), so it is not listed again.
 
@@ -421,6 +423,7 @@ def run_labeling(
         ValueError, FileNotFoundError: as :func:`label_images`.
     """
     start, started = time.time(), time.monotonic()
+    retried = sum(retry_counts().values())  # the manifest's storage_retries: this process's, during this job
     opts = options or LabelOptions()
     out = out.rstrip("/")
     listing = join(out, LISTING)
@@ -476,6 +479,7 @@ def run_labeling(
             display.close()
         channel.shutdown()
     resumed = first_resumed
+    manifest["storage_retries"] = sum(retry_counts().values()) - retried
     return _write_manifest(manifest, out, source, checkpoint, time.time() - start, len(units), resumed)
 
 

@@ -31,7 +31,15 @@ import pyarrow.parquet as pq
 from labeler.file_reader import read_files
 from labeler.fingerprint import stamp
 from labeler.manifest import parquet_column_range
-from labeler.storage import escape_name, filesystem_for, is_hidden, s3_endpoint_and_region
+from labeler.storage import (
+    S3_MAX_ATTEMPTS,
+    S3RequestFailed,
+    count_retries,
+    escape_name,
+    filesystem_for,
+    is_hidden,
+    s3_endpoint_and_region,
+)
 from labeler.units import Unit
 
 PATH_COLUMN = "path"
@@ -89,9 +97,12 @@ def _s3_client():
     (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``);
     credentials from the standard AWS chain."""
     import boto3
+    from botocore.config import Config
 
     endpoint, region = s3_endpoint_and_region()
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+    # botocore's standard mode: exponential backoff with jitter, the attempts of labeler.storage's own retries
+    retries = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS})
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=retries)
 
 
 def _stamp_of(entry: os.DirEntry) -> str:
@@ -111,11 +122,35 @@ def _iter_s3(root: str) -> Iterator[tuple[str, str]]:
         .get_paginator("list_objects_v2")
         .paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": S3_PAGE})
     )
-    for page in pages:
+    for page in _pages(pages, bucket, prefix):
         for obj in page.get("Contents", []):
             relative = obj["Key"][len(prefix) :]
             if relative and not relative.endswith("/") and not is_hidden(relative):  # "x/": a folder marker
                 yield f"{bucket}/{obj['Key']}", f"{obj.get('Size')}:{obj.get('ETag', '')}"
+
+
+def _pages(pages: Iterable[dict], bucket: str, prefix: str) -> Iterator[dict]:
+    """``pages`` with the retries botocore made for each counted (``labeler.storage.retry_counts``); a page
+    that failed every attempt raises :class:`labeler.storage.S3RequestFailed` naming bucket, prefix and status."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    it = iter(pages)
+    while True:
+        try:
+            page = next(it)
+        except StopIteration:
+            return
+        except (BotoCoreError, ClientError) as err:
+            meta = getattr(err, "response", {}).get("ResponseMetadata", {})
+            count_retries("LIST", meta.get("RetryAttempts", 0))
+            status = meta.get("HTTPStatusCode")
+            code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+            raise S3RequestFailed(
+                f"S3 LIST failed for bucket '{bucket}', key prefix '{prefix}': "
+                f"HTTP {f'{status} {code}'.strip() if status else 'connection failed'} ({err})"
+            ) from err
+        count_retries("LIST", page.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+        yield page
 
 
 @dataclass(frozen=True)

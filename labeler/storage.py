@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -24,12 +27,111 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_SCHEME)
 
 
+logger = logging.getLogger(__name__)
+
+S3_MAX_ATTEMPTS = 5  # attempts of one S3 request in all (the first and 4 retries), here and in the AWS SDK
+BACKOFF_S = (0.2, 5.0)  # our retries: the first wait (exponential after it, with jitter up to as much), the longest
+# What a failure that may pass looks like in pyarrow's (AWS SDK's) messages: throttling, 5xx, dropped connections
+_TRANSIENT = re.compile(
+    r"SLOW_DOWN|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|THROTTLING|NETWORK_CONNECTION|REQUEST_TIMEOUT|"
+    r"REQUEST_TIME_TOO_SKEWED|HTTP status 5\d\d|HTTP status 429|curlCode"
+)
+_STATUS_OF_ERROR = {"SLOW_DOWN": "503 SlowDown", "SERVICE_UNAVAILABLE": "503", "INTERNAL_FAILURE": "500 InternalError",
+                    "THROTTLING": "503 Throttling", "REQUEST_TIMEOUT": "408"}  # fmt: skip
+
+_retries: Counter = Counter()  # retries this process made, by operation (GET, PUT, HEAD, LIST, DELETE)
+_retries_lock = threading.Lock()
+
+
+class S3RequestFailed(OSError):
+    """An S3 request that failed every one of its attempts; the message names bucket, key and HTTP status."""
+
+
+def retry_counts() -> dict[str, int]:
+    """S3 requests this process retried, by operation (``GET``, ``PUT``, ``HEAD``, ``LIST``, ``DELETE``):
+    those of this module's whole-object operations and of the boto3 listing; not the AWS SDK's own
+    retries under Ray Data and Ray Train, which it does not report."""
+    with _retries_lock:
+        return dict(_retries)
+
+
+def count_retries(op: str, n: int) -> None:
+    """Add ``n`` retries of ``op`` to :func:`retry_counts` (for clients that retry by themselves, as botocore)."""
+    if n:
+        with _retries_lock:
+            _retries[op] += n
+
+
+def http_status(err: BaseException) -> str:
+    """The HTTP status (and S3 error code, where known) in a pyarrow S3 error, ``connection failed`` for a
+    dropped connection, else ``unknown status``."""
+    text = str(err)
+    if m := re.search(r"HTTP status (\d{3})", text):
+        return m.group(1)
+    for name, status in _STATUS_OF_ERROR.items():
+        if f"AWS Error {name}" in text:
+            return status
+    return "connection failed" if "NETWORK_CONNECTION" in text or "curlCode" in text else "unknown status"
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a storage error may pass on its own (throttling, a 5xx, a dropped connection): worth a retry."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return isinstance(err, OSError) and bool(_TRANSIENT.search(str(err)))
+
+
+def _retried(op: str, uri: str, call: Callable):
+    """``call()``, retried on transient errors (:func:`is_transient`) up to :data:`S3_MAX_ATTEMPTS` attempts with
+    exponential backoff and jitter; each retry counted (:func:`retry_counts`) and logged. Local paths: called once.
+
+    tenacity does the waiting and the bounding; the AWS SDK's own retries cannot be used here, since it does
+    not report them (and pyarrow 26 reports a CompleteMultipartUpload retried after a 503 as failed).
+
+    Raises:
+        S3RequestFailed: the last attempt failed too (bucket, key, status and attempts named).
+    """
+    if not is_s3(uri):
+        return call()
+    import tenacity
+
+    def note(state: tenacity.RetryCallState) -> None:
+        err = state.outcome.exception()
+        count_retries(op, 1)
+        logger.warning(
+            f"S3 {op} {uri}: HTTP {http_status(err)}; retry {state.attempt_number} of {S3_MAX_ATTEMPTS - 1} "
+            f"in {state.next_action.sleep:.1f} s ({err})"
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(S3_MAX_ATTEMPTS),
+        wait=tenacity.wait_exponential_jitter(initial=BACKOFF_S[0], max=BACKOFF_S[1], jitter=BACKOFF_S[0]),
+        retry=tenacity.retry_if_exception(is_transient),
+        before_sleep=note,
+        reraise=True,
+    )
+    try:
+        return retrying(call)
+    except OSError as err:
+        if not is_transient(err):
+            raise
+        bucket, _, key = uri[len(S3_SCHEME) :].partition("/")
+        raise S3RequestFailed(
+            f"S3 {op} failed {S3_MAX_ATTEMPTS} times for bucket '{bucket}', key '{key}': HTTP {http_status(err)} "
+            f"(last error: {err})"
+        ) from err
+
+
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem(endpoint: str | None, region: str | None, profile: str | None) -> pafs.S3FileSystem:
+def _s3_filesystem(
+    endpoint: str | None, region: str | None, profile: str | None, sdk_retries: bool = True
+) -> pafs.S3FileSystem:
     """One S3 filesystem per process and setting: building one per read costs a credential lookup
     (and, on an instance role, a metadata request) each time. Keyed by what selects the store and
-    the credentials, never by the credentials themselves."""
-    kwargs = {}
+    the credentials, never by the credentials themselves. ``sdk_retries``: the AWS SDK retries a failed
+    request (:data:`S3_MAX_ATTEMPTS` attempts, exponential backoff); without, it fails at once, for
+    :func:`_retried` to retry and count."""
+    kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS if sdk_retries else 1)}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
@@ -57,6 +159,14 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     if is_s3(uri):
         return _s3_filesystem(*s3_endpoint_and_region(), os.environ.get("AWS_PROFILE")), uri[len(S3_SCHEME) :]
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _counted_filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """As :func:`filesystem_for`, but an S3 filesystem that does not retry by itself: for :func:`_retried`."""
+    if is_s3(uri):
+        endpoint, region = s3_endpoint_and_region()
+        return _s3_filesystem(endpoint, region, os.environ.get("AWS_PROFILE"), False), uri[len(S3_SCHEME) :]
+    return filesystem_for(uri)
 
 
 def uri_of(fs: pafs.FileSystem, path: str) -> str:
@@ -99,28 +209,36 @@ def read_bytes(uri: str) -> bytes:
                 return f.read()
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{uri} does not exist") from err
-    fs, path = filesystem_for(uri)
-    try:
+    fs, path = _counted_filesystem_for(uri)
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return _retried("GET", uri, read)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{uri} does not exist") from err
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to a local file (parent folders created) or an ``s3://`` object, replacing it."""
-    fs, path = filesystem_for(uri)
+    fs, path = _counted_filesystem_for(uri)
     parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+
+    def write() -> None:
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    _retried("PUT", uri, write)
 
 
 def exists(uri: str) -> bool:
     """Whether a file, folder or object (or, on S3, any object under the prefix) is at ``uri``."""
-    fs, path = filesystem_for(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    fs, path = _counted_filesystem_for(uri)
+    return _retried("HEAD", uri, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def is_hidden(relative: str) -> bool:
@@ -156,9 +274,14 @@ def list_files(uri: str, suffix: str | None = None) -> tuple[pafs.FileSystem, li
     folders (:func:`is_hidden`) are left out; local names that are not UTF-8 come escaped
     (:func:`escape_name`; :func:`read_bytes` and the labeler's reader open them)."""
     fs, root = filesystem_for(uri)
+    counted, _ = _counted_filesystem_for(uri)
+    return fs, _retried("LIST", uri, lambda: _list_files(counted, root, suffix))
+
+
+def _list_files(fs: pafs.FileSystem, root: str, suffix: str | None) -> list[str]:
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
-        return fs, []
+        return []
     if info.type == pafs.FileType.File:
         paths = [root]
     elif isinstance(fs, pafs.LocalFileSystem):
@@ -167,7 +290,7 @@ def list_files(uri: str, suffix: str | None = None) -> tuple[pafs.FileSystem, li
         listed = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         base = len(root.rstrip("/")) + 1
         paths = sorted(i.path for i in listed if i.is_file and not is_hidden(i.path[base:]))
-    return fs, [p for p in paths if suffix is None or p.endswith(suffix)]
+    return [p for p in paths if suffix is None or p.endswith(suffix)]
 
 
 def join(uri: str, *parts: str) -> str:
@@ -202,25 +325,37 @@ def write_json(uri: str, obj) -> None:
 
 def delete_file(uri: str) -> None:
     """Remove one file (or object); nothing there is fine."""
-    fs, path = filesystem_for(uri)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        fs.delete_file(path)
+    fs, path = _counted_filesystem_for(uri)
+
+    def delete() -> None:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            fs.delete_file(path)
+
+    _retried("DELETE", uri, delete)
 
 
 def delete_tree(uri: str) -> None:
     """Remove a folder (or prefix) and everything under it; nothing there is fine."""
-    fs, path = filesystem_for(uri)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+    fs, path = _counted_filesystem_for(uri)
+
+    def delete() -> None:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+
+    _retried("DELETE", uri, delete)
 
 
 def list_dirs(uri: str) -> list[str]:
     """Names of the folders directly under ``uri``, sorted."""
-    fs, root = filesystem_for(uri)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+    fs, root = _counted_filesystem_for(uri)
+
+    def dirs() -> list[str]:
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    return _retried("LIST", uri, dirs)
 
 
 def iter_tables(

@@ -22,7 +22,18 @@ from labeler.api import gpus_per_task, run_labeling
 from labeler.checkpoint_import import import_checkpoint
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, load_spec, model_preprocessing
 from labeler.progress import Progress, ProgressChannel, log_file, quiet_ray, start_or_join_ray, verbose
-from labeler.storage import absolute, delete_tree, exists, is_s3, join, read_bytes, read_json, write_bytes, write_json
+from labeler.storage import (
+    absolute,
+    delete_tree,
+    exists,
+    is_s3,
+    join,
+    read_bytes,
+    read_json,
+    retry_counts,
+    write_bytes,
+    write_json,
+)
 from pipeline.balance import balance_predictions
 from pipeline.checks import CheckReport, check_inputs
 from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
@@ -430,6 +441,7 @@ def preflight(
 
 def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[dict]:
     # before Ray starts and before the teacher trains
+    retried_before = retry_counts()  # the run log's count: this run's retries, not those of earlier runs here
     paths, report, planned = preflight(cfg, overwrite, join(run_dir, CORPUS_LISTING))
     for line in report.found:
         logger.debug(f"check: {line}")
@@ -481,6 +493,10 @@ def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[di
     mark_worse_than_teacher(summary)
     write_summary(run_dir, summary)
     logger.info(f"report: {write_report(run_dir)}")
+    # this process's whole-object S3 requests and listings (labeler.storage) during the run
+    retried = {op: n - retried_before.get(op, 0) for op, n in retry_counts().items() if n > retried_before.get(op, 0)}
+    if retried or is_s3(run_dir):
+        logger.info(f"storage: the driver retried {sum(retried.values())} S3 requests {retried or ''}".rstrip())
     logger.info(f"TensorBoard: tensorboard --logdir {run_dir}")
     return summary
 
