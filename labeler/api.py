@@ -22,7 +22,7 @@ from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import STATE_DICT_SUFFIXES, ModelSpec, check_weights_file, load_spec, weights_file
 from labeler.pool import WAIT_NOTICE_S, WAIT_REPEAT_S, cluster_resources, fit_pool, waiting_for
 from labeler.predict import Predictor, check_precision
-from labeler.progress import Progress, ProgressChannel
+from labeler.progress import Progress, ProgressChannel, started_here
 from labeler.settings import check_choices, setting
 from labeler.sources import detect_format, plan_units, read_source, unit_rows
 from labeler.storage import (
@@ -255,7 +255,14 @@ def _predicted(
     node does not stall it) and grows to ``max_actors``, within what the cluster has or may grow to."""
     now, most = cluster_resources()
     size = fit_pool(
-        opts.num_actors, opts.max_actors, opts.cpus_per_actor, opts.num_gpus_per_actor, opts.decode_cpus, now, most
+        opts.num_actors,
+        opts.max_actors,
+        opts.cpus_per_actor,
+        opts.num_gpus_per_actor,
+        opts.decode_cpus,
+        now,
+        most,
+        fixed=started_here(),
     )
     gpus = size.gpus_per_actor
     logger.info(
@@ -457,9 +464,8 @@ def run_labeling(
                 )
                 break
             except StalledAfterNodeLoss as err:
-                if attempt == NODE_LOSS_RETRIES:
+                if attempt == NODE_LOSS_RETRIES or not _stop_running_datasets(err.writer):
                     raise
-                _stop_running_datasets()
                 done, resumed = finished_units(out, units)  # what the stopped job left unfinished is redone whole
                 logger.warning(
                     f"labeler: {err} Stopped it; resuming on the nodes that are left ({len(done)} of {len(units)} "
@@ -512,7 +518,12 @@ class LabelingStalled(RuntimeError):
 
 
 class StalledAfterNodeLoss(LabelingStalled):
-    """A node left the cluster and labeling made no progress for ``NODE_LOSS_GRACE_S`` after it."""
+    """A node left the cluster and labeling made no progress for ``NODE_LOSS_GRACE_S`` after it.
+    ``writer``: the thread still running the stuck job's write."""
+
+    def __init__(self, message: str, writer: threading.Thread | None = None):
+        super().__init__(message)
+        self.writer = writer
 
 
 # After a node is lost, Ray restarts its inference actors elsewhere, and a restarted actor can take the
@@ -523,26 +534,38 @@ NODE_LOSS_GRACE_S = 45.0
 NODE_LOSS_RETRIES = 2
 
 
-def _cluster_totals() -> tuple[float, float]:
-    resources = ray.cluster_resources()
-    return resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+def _alive_nodes() -> set[str] | None:
+    """The ids of the cluster's live nodes; None when Ray cannot say (the watchdog then skips a poll)."""
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    except Exception:  # noqa: BLE001 - a control-plane hiccup must not end the job from its watchdog
+        logger.debug("labeler: could not list the cluster's nodes", exc_info=True)
+        return None
 
 
-def _stop_running_datasets() -> None:
-    """Force-stop every Ray Data execution of this process (its tasks cancelled, its actors killed).
+def _stop_running_datasets(writer: threading.Thread | None, timeout_s: float = 120.0) -> bool:
+    """Force-stop every Ray Data execution of this process (its tasks cancelled, its actors killed) and
+    wait for ``writer`` (the stuck job's write thread) to end. Returns whether it did: only then may the
+    job's unfinished units be deleted and redone, else two jobs would write the same units.
 
     Ray Data has no public way to stop a running ``write_parquet``; its executor is a thread of this
-    process, which has ``shutdown(force=True)``. Only a job that already failed calls this.
+    process, which has ``shutdown(force=True)``. Only a job that already stalled calls this.
     """
     from ray.data._internal.execution.streaming_executor import StreamingExecutor
 
-    for thread in threading.enumerate():
-        if isinstance(thread, StreamingExecutor):
-            try:
-                thread.shutdown(force=True, exception=LabelingStalled("stopped after a node loss"))
-            except Exception:  # noqa: BLE001 - best effort: a stuck executor must not stop the resumption
-                logger.debug("labeler: could not stop a Ray Data executor", exc_info=True)
-    time.sleep(2.0)  # let cancelled write tasks die before their units' leftovers are deleted
+    executors = [t for t in threading.enumerate() if isinstance(t, StreamingExecutor)]
+    for executor in executors:
+        stopper = threading.Thread(
+            target=executor.shutdown, kwargs={"force": True, "exception": LabelingStalled("stopped")}, daemon=True
+        )
+        stopper.start()
+        stopper.join(timeout_s)  # Ray's forced shutdown waits on its actors without a limit of its own
+    if writer is not None:
+        writer.join(timeout_s)
+    stopped = bool(executors) and (writer is None or not writer.is_alive())
+    if not stopped:
+        logger.warning("labeler: the stalled job could not be stopped here; run the same command again to resume")
+    return stopped
 
 
 def _write_watched(
@@ -592,7 +615,7 @@ def _write_watched(
     labeled = rejected = 0
     base = display.n if display is not None else 0
     last_poll, clock_started = start, False
-    totals, lost_at, told = _cluster_totals(), None, 0.0
+    nodes, lost_at, told = _alive_nodes() or set(), None, 0.0
     while writer.is_alive():
         writer.join(timeout=1.0 if display is not None else poll_s)
         events = channel.drain() if channel is not None else []
@@ -603,6 +626,8 @@ def _write_watched(
             labeled, rejected = labeled + event.get("labeled", 0), rejected + event.get("rejected", 0)
         if events:
             last_change = time.time()  # rows are being labeled: slow, not stalled
+            if lost_at is not None and last_change - lost_at > NODE_LOSS_GRACE_S:
+                lost_at = None  # still going a while after a loss: the loss is behind it
         elif actor is not None and not clock_started:
             told = _say_what_is_missing(actor, start, told)
         if display is not None:
@@ -614,10 +639,13 @@ def _write_watched(
         if count != files:
             files, last_change = count, now
             logger.debug(f"labeler: {files - before} output files written in {now - start:.0f} s")
-        lost_at = _watch_nodes(totals, lost_at, now)
+        nodes, lost = _watch_nodes(nodes)
+        lost_at = now if lost else lost_at
         idle = now - max(lost_at or now, last_change)
         if lost_at is not None and writer.is_alive() and idle > NODE_LOSS_GRACE_S:
-            raise StalledAfterNodeLoss(f"a node left the cluster and labeling has made no progress for {idle:.0f} s.")
+            raise StalledAfterNodeLoss(
+                f"a node left the cluster and labeling has made no progress for {idle:.0f} s.", writer
+            )
         if writer.is_alive() and now - last_change > stall_timeout_s:
             raise LabelingStalled(
                 f"labeling made no progress for {now - last_change:.0f} s (no labeled batch, no new file under "
@@ -633,26 +661,31 @@ def _say_what_is_missing(actor: tuple[float, float], start: float, told: float) 
     now = time.time()
     if now - start < WAIT_NOTICE_S or now - told < WAIT_REPEAT_S:
         return told
-    note = waiting_for("inference actors", 1, *actor)
+    try:
+        note = waiting_for("inference actors", 1, *actor)
+    except Exception:  # noqa: BLE001 - a control-plane hiccup must not end the job from its watchdog
+        logger.debug("labeler: could not read the cluster's resources", exc_info=True)
+        return told
     if note:
         logger.warning(f"labeler: {note}")
         return now
     return told
 
 
-def _watch_nodes(totals: tuple[float, float], lost_at: float | None, now: float) -> float | None:
-    """When the cluster's CPUs or GPUs fall below ``totals`` (at the job's start) for the first time, say
-    so and return ``now``; else ``lost_at`` as it was."""
-    if lost_at is not None:
-        return lost_at
-    cpus, gpus = _cluster_totals()
-    if cpus >= totals[0] and gpus >= totals[1]:
-        return None
-    logger.warning(
-        f"labeler: a node left the cluster (CPUs {totals[0]:g} -> {cpus:g}, GPUs {totals[1]:g} -> {gpus:g}); the "
-        "units it was labeling are redone, the finished ones are kept"
-    )
-    return now
+def _watch_nodes(nodes: set[str]) -> tuple[set[str], bool]:
+    """(the live nodes now, whether one of ``nodes`` is gone), saying so when one is. Nodes that join
+    are watched from then on; the totals of resources are not compared, as an autoscaling cluster's
+    grow and shrink."""
+    now = _alive_nodes()
+    if now is None:
+        return nodes, False
+    gone = nodes - now
+    if gone:
+        logger.warning(
+            f"labeler: {len(gone)} node(s) left the cluster ({len(now)} left); the units they were labeling are "
+            "redone, the finished ones are kept"
+        )
+    return now, bool(gone)
 
 
 def summarize_predictions(predictions: str, rejected_out: str | None = None) -> dict:

@@ -53,11 +53,14 @@ def fit_pool(
     read_cpus: float,
     resources: dict[str, float],
     most: dict[str, float] | None = None,
+    fixed: bool = False,
 ) -> PoolSize:
     """The pool for ``num_actors`` (initial) to ``max_actors`` actors of ``cpus_per_actor`` CPUs and
     ``gpus_per_actor`` GPUs (None: 1 where the cluster has or may get a whole GPU, else 0), beside read
     tasks of ``read_cpus`` CPUs, on a cluster of ``resources`` (``ray.cluster_resources()``) that may
-    grow to ``most`` (None: it does not grow). Sizes above what fits are lowered, with a WARNING.
+    grow to ``most`` (None: unknown; Ray's default autoscaler does not say). The initial size is lowered to
+    what fits, with a WARNING; so is the maximum when the cluster is ``fixed`` (a local cluster this
+    process started), elsewhere the pool may grow onto nodes that join.
 
     Raises:
         ValueError: not even one actor fits beside a read task; the message says what to change.
@@ -85,12 +88,14 @@ def fit_pool(
             f"({read_cpus:g} CPU) do not fit on {where}; lower cpus_per_actor or decode_cpus (label.cpus_per_actor, "
             "label.decode_cpus; --cpus-per-actor, --decode-cpus), or add nodes"
         )
-    size = PoolSize(gpus, min(num_actors, fits), min(maximum, fits))
-    if size.maximum < maximum:
+    # the maximum too on a cluster that cannot grow; elsewhere the nodes an autoscaler adds are the pool's
+    size = PoolSize(gpus, min(num_actors, fits), min(maximum, fits) if fixed else maximum)
+    if size.initial < num_actors or size.maximum < maximum:
+        grows = f"grows to at most {size.maximum}" if fixed else f"grows to {size.maximum} as nodes join"
         logger.warning(
-            f"labeler: {maximum} inference actors ({cpus_per_actor:g} CPU{f', {gpus:g} GPU' if gpus else ''} each) "
-            f"do not fit beside reading ({read_cpus:g} CPU) on {where}; the pool starts with {size.initial} and "
-            f"grows to at most {size.maximum}"
+            f"labeler: {num_actors} inference actors ({cpus_per_actor:g} CPU{f', {gpus:g} GPU' if gpus else ''} "
+            f"each) do not fit beside reading ({read_cpus:g} CPU) on {where}; the pool starts with {size.initial} "
+            f"and {grows}"
         )
     return size
 
@@ -117,12 +122,15 @@ WAIT_NOTICE_S = 15.0  # how long a job waits for workers or actors before it say
 WAIT_REPEAT_S = 60.0  # and how often it says so again while it still waits
 
 
-def waiting_for(what: str, count: int, cpus: float, gpus: float) -> str | None:
+def waiting_for(what: str, count: int, cpus: float, gpus: float, placement_group: bool = False) -> str | None:
     """What a job still waiting for ``count`` ``what`` (each ``cpus`` CPUs and ``gpus`` GPUs) lacks on the
-    running cluster, as a sentence for the log; None when they would fit in what is free now (then the
-    wait is not for resources). Needs ``ray.init()``."""
+    running cluster, as a sentence for the log; None when nothing of the kind is waiting to be placed
+    (``placement_group``: a pending placement group, as Ray Train's workers; else a pending actor), or when
+    they would fit in what is free now (then the wait is not for resources). Needs ``ray.init()``."""
     import ray
 
+    if not _placement_pending(placement_group):
+        return None  # placed, and starting up: a model or a data set loading, not a wait for nodes
     free, now = ray.available_resources(), ray.cluster_resources()
     _, most = cluster_resources()
     need = {"CPU": count * cpus, "GPU": count * gpus}
@@ -137,6 +145,17 @@ def waiting_for(what: str, count: int, cpus: float, gpus: float) -> str | None:
     )
     each = f"{cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
     return f"waiting for {count} {what} ({each} each) to be placed: the cluster has {have}{grow}"
+
+
+def _placement_pending(placement_group: bool) -> bool:
+    """Whether a placement group (or an actor) of the cluster is waiting for resources (read from Ray's
+    control service; its private state module is the only reader that needs no dashboard)."""
+    import ray
+
+    if placement_group:
+        return any(pg.get("state") in ("PENDING", "RESCHEDULING") for pg in ray.util.placement_group_table().values())
+    actors = ray._private.state.actors()
+    return any(a.get("State") in ("PENDING_CREATION", "DEPENDENCIES_UNREADY", "RESTARTING") for a in actors.values())
 
 
 def _describe_most(most: dict[str, float]) -> str:

@@ -352,7 +352,18 @@ def start_or_join_ray(address: str | None = None, verbose: bool = False, **local
         ray.init(address=address, **ray_init_kwargs(verbose))
         return False
     ray.init(address="local", dashboard_port=_free_port(), **local, **ray_init_kwargs(verbose))
+    _STARTED_HERE.append(ray.get_runtime_context().gcs_address)
     return True
+
+
+_STARTED_HERE: list[str] = []  # the GCS addresses of the local clusters start_or_join_ray started
+
+
+def started_here() -> bool:
+    """Whether the cluster this process is connected to is a local one it started (it cannot grow)."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().gcs_address in _STARTED_HERE
 
 
 def _free_port() -> int:

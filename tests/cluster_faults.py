@@ -75,9 +75,10 @@ def labeling_fault(out: str, images: int, num_actors: int, nodes: int, fault: st
     ready = lambda: os.path.isdir(written) and len(os.listdir(written)) >= 2  # noqa: E731
     acts = {
         "remove_node": lambda: cluster.remove_node(added[-1], allow_graceful=False),
-        "kill_actor": lambda: [os.kill(pid, signal.SIGKILL) for pid in _predictor_pids()[:1]],
+        "kill_actor": lambda: [os.kill(pid, signal.SIGKILL) or killed.append(pid) for pid in _predictor_pids()[:1]],
     }
     injected: list = []
+    killed: list = []
     if fault in acts:
         threading.Thread(target=_when, args=(ready, acts[fault], injected), daemon=True).start()
     opts = LabelOptions(num_actors=num_actors, files_per_unit=500, stall_timeout_s=90)
@@ -88,6 +89,7 @@ def labeling_fault(out: str, images: int, num_actors: int, nodes: int, fault: st
         result.update(finished=True, manifest_rows=manifest["rows"], resumed_from=manifest["resumed_from"])
     except Exception as err:  # noqa: BLE001 - reported to the test
         result.update(finished=False, error=f"{type(err).__name__}: {err}")
+    injected = injected and (fault != "kill_actor" or killed)  # an actor was really killed
     result.update(seconds=round(time.time() - start, 1), injected=bool(injected))
     if result["finished"]:
         result.update(predictions_summary(labels))

@@ -22,16 +22,20 @@ def test_the_pool_starts_at_num_actors_when_they_fit():
 
 def test_a_pool_too_large_for_the_cluster_is_cut_to_fit_beside_reading(caplog):
     # two 1-CPU actors on the one 2-CPU node a lost node left: reads would get no CPU
-    size = fit_pool(2, None, 1.0, None, 0.5, {"CPU": 2.0})
+    size = fit_pool(2, None, 1.0, None, 0.5, {"CPU": 2.0}, fixed=True)
     assert (size.initial, size.maximum) == (1, 1)
     assert "the pool starts with 1 and grows to at most 1" in caplog.text
+    # a cluster this process did not start may grow: only the start is cut
+    size = fit_pool(2, 4, 1.0, None, 0.5, {"CPU": 2.0})
+    assert (size.initial, size.maximum) == (1, 4)
+    assert "the pool starts with 1 and grows to 4 as nodes join" in caplog.text
 
 
 def test_gpu_actors_on_an_autoscaling_cluster_count_the_gpus_it_may_add():
     # the cluster.yaml shape: a CPU-only head, GPU workers that start at zero
     size = fit_pool(1, 4, 1.0, None, 0.5, {"CPU": 0.0}, most={"CPU": 8.0, "GPU": 4.0})
     assert (size.gpus_per_actor, size.initial, size.maximum) == (1, 1, 4)
-    size = fit_pool(1, 8, 1.0, None, 0.5, {"CPU": 0.0}, most={"CPU": 16.0, "GPU": 4.0})
+    size = fit_pool(1, 8, 1.0, None, 0.5, {"CPU": 0.0}, most={"CPU": 16.0, "GPU": 4.0}, fixed=True)
     assert size.maximum == 4  # one GPU each
 
 
@@ -88,7 +92,7 @@ def test_a_pool_larger_than_the_cluster_starts_cut_to_fit(tmp_path):
     """The same command run again on the node a loss left: two 1-CPU actors on one 2-CPU node."""
     result, log = _scenario(tmp_path, "labeling", "1000", "2", "1", "none")
     _every_image_once(result, log)
-    assert "the pool starts with 1 and grows to at most 1" in log
+    assert "the pool starts with 1 and grows to 2 as nodes join" in log
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:

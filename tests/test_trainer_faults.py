@@ -172,8 +172,9 @@ def test_init_from_without_a_checkpoint_fails_in_the_driver(ray_local, digits, t
 
 
 OTHER_CLUSTER = """
-import ray, sys, time
+import ray, sys, time, urllib.request
 ray.init(address="local", num_cpus=1)  # with its dashboard, as a `labeler` run in another shell starts it
+urllib.request.urlopen("http://127.0.0.1:8265/api/version", timeout=10)  # served where Ray looks by default
 print("UP", flush=True)
 time.sleep(float(sys.argv[1]))
 ray.shutdown()
@@ -191,18 +192,21 @@ def test_another_ray_cluster_on_the_machine_does_not_restart_training(ray_local,
     def start_another_cluster():
         _wait_for_checkpoint(storage)
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        other.append(subprocess.Popen([sys.executable, "-c", OTHER_CLUSTER, "25"], env=env, text=True,
+        other.append(subprocess.Popen([sys.executable, "-c", OTHER_CLUSTER, "600"], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
 
     starter = threading.Thread(target=start_another_cluster, daemon=True)
     starter.start()
     try:
         final = long_run(digits, storage, out)
+        up_during_training = bool(other) and other[0].poll() is None  # still serving while training ran
     finally:
         starter.join(timeout=5)
         for proc in other:
-            log, _ = proc.communicate(timeout=120)
-    assert other and "UP" in log, "the other cluster never started"
+            proc.terminate()  # SIGTERM: Ray's handler shuts its cluster down
+        logs = [proc.communicate(timeout=120)[0] for proc in other]
+    assert logs and "UP" in logs[0], f"the other cluster never started its dashboard on 8265: {logs}"
+    assert up_during_training, "the other cluster was gone before training ended"
     _check_finished(final, out)
     assert _history(out)[-1]["resumed_from"] == []  # trained straight through, never restarted
     assert not [r for r in caplog.records if "restarted the training workers" in r.getMessage()]

@@ -109,10 +109,9 @@ def train_model(
     if not val:
         logger.info(f"[{label}] no validation split: the last epoch's checkpoint is exported")
     channel = config["progress"] = ProgressChannel.create()
-    trainer = _torch_trainer(settings, config, datasets, storage_path, name, max_failures, channel)
-    watcher = _ProgressWatcher(channel, label, settings, show=progress)
+    watcher = _ProgressWatcher(channel, label, settings, show=progress)  # stops (and shuts the channel) below
     try:
-        result = trainer.fit()
+        result = _torch_trainer(settings, config, datasets, storage_path, name, max_failures, channel).fit()
     finally:
         watcher.stop()
     raise_recorded_error(error_file)  # the workers stopped on a data error
@@ -287,7 +286,8 @@ class _ProgressWatcher:
             return
         s = self.settings
         try:
-            note = waiting_for("training workers", s.num_workers, s.cpus_per_worker, 1.0 if s.use_gpu else 0.0)
+            gpus = 1.0 if s.use_gpu else 0.0
+            note = waiting_for("training workers", s.num_workers, s.cpus_per_worker, gpus, placement_group=True)
         except Exception:  # noqa: BLE001 - a display must never fail training
             note = None
         if note:
