@@ -22,7 +22,7 @@ from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import STATE_DICT_SUFFIXES, ModelSpec, check_weights_file, load_spec, weights_file
 from labeler.pool import WAIT_NOTICE_S, WAIT_REPEAT_S, cluster_resources, fit_pool, waiting_for
 from labeler.predict import Predictor, check_precision
-from labeler.progress import Progress, ProgressChannel, started_here
+from labeler.progress import Progress, ProgressChannel, started_here, stop_running_datasets
 from labeler.settings import check_choices, setting
 from labeler.sources import detect_format, plan_units, read_source, unit_rows
 from labeler.storage import (
@@ -544,25 +544,13 @@ def _alive_nodes() -> set[str] | None:
 
 
 def _stop_running_datasets(writer: threading.Thread | None, timeout_s: float = 120.0) -> bool:
-    """Force-stop every Ray Data execution of this process (its tasks cancelled, its actors killed) and
-    wait for ``writer`` (the stuck job's write thread) to end. Returns whether it did: only then may the
-    job's unfinished units be deleted and redone, else two jobs would write the same units.
-
-    Ray Data has no public way to stop a running ``write_parquet``; its executor is a thread of this
-    process, which has ``shutdown(force=True)``. Only a job that already stalled calls this.
-    """
-    from ray.data._internal.execution.streaming_executor import StreamingExecutor
-
-    executors = [t for t in threading.enumerate() if isinstance(t, StreamingExecutor)]
-    for executor in executors:
-        stopper = threading.Thread(
-            target=executor.shutdown, kwargs={"force": True, "exception": LabelingStalled("stopped")}, daemon=True
-        )
-        stopper.start()
-        stopper.join(timeout_s)  # Ray's forced shutdown waits on its actors without a limit of its own
+    """Force-stop every Ray Data execution of this process (:func:`labeler.progress.stop_running_datasets`)
+    and wait for ``writer`` (the stuck job's write thread) to end. Returns whether it did: only then may the
+    job's unfinished units be deleted and redone, else two jobs would write the same units."""
+    executors = stop_running_datasets(timeout_s)
     if writer is not None:
         writer.join(timeout_s)
-    stopped = bool(executors) and (writer is None or not writer.is_alive())
+    stopped = executors > 0 and (writer is None or not writer.is_alive())
     if not stopped:
         logger.warning("labeler: the stalled job could not be stopped here; run the same command again to resume")
     return stopped
@@ -609,9 +597,33 @@ def _write_watched(
             errors.append(err)
 
     writer = threading.Thread(target=write, name="labeler-write", daemon=True)
-    start = last_change = time.time()
-    before = files = len(list_files(predictions)[1])
+    start = time.time()
+    before = len(list_files(predictions)[1])
     writer.start()
+    try:
+        _watch(writer, predictions, stall_timeout_s, channel, display, poll_s, actor, start, before)
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C or SIGTERM (labeler.progress.Stopped): stop Ray Data's threads before Ray shuts down at
+        # exit, or one of them calls into the shut-down Ray and the process dies with status 1
+        stop_running_datasets(15.0)
+        raise
+    if errors:
+        raise errors[0]
+
+
+def _watch(
+    writer: threading.Thread,
+    predictions: str,
+    stall_timeout_s: float,
+    channel: ProgressChannel | None,
+    display: Progress | None,
+    poll_s: float,
+    actor: tuple[float, float] | None,
+    start: float,
+    before: int,
+) -> None:
+    """:func:`_write_watched`'s loop: progress, the no-progress watchdog, lost nodes, what actors wait for."""
+    last_change, files = start, before
     labeled = rejected = 0
     base = display.n if display is not None else 0
     last_poll, clock_started = start, False
@@ -651,16 +663,14 @@ def _write_watched(
                 f"labeling made no progress for {now - last_change:.0f} s (no labeled batch, no new file under "
                 f"{predictions}). " + STALL_HINT
             )
-    if errors:
-        raise errors[0]
 
 
 def _say_what_is_missing(actor: tuple[float, float], start: float, told: float) -> float:
     """Log what the cluster lacks for one inference actor, when the job has waited ``WAIT_NOTICE_S`` and
     said nothing for ``WAIT_REPEAT_S``; returns when it last said so."""
     now = time.time()
-    if now - start < WAIT_NOTICE_S or now - told < WAIT_REPEAT_S:
-        return told
+    if now - start < WAIT_NOTICE_S or now - told < WAIT_REPEAT_S or started_here():
+        return told  # a local cluster this process started: the pool was fitted to it, a wait there is brief
     try:
         note = waiting_for("inference actors", 1, *actor)
     except Exception:  # noqa: BLE001 - a control-plane hiccup must not end the job from its watchdog

@@ -14,6 +14,7 @@ Shared by the three packages (the pipeline and the trainer import the labeler; n
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -350,10 +351,60 @@ def start_or_join_ray(address: str | None = None, verbose: bool = False, **local
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **ray_init_kwargs(verbose))
-        return False
-    ray.init(address="local", dashboard_port=_free_port(), **local, **ray_init_kwargs(verbose))
-    _STARTED_HERE.append(ray.get_runtime_context().gcs_address)
-    return True
+    else:
+        ray.init(address="local", dashboard_port=_free_port(), **local, **ray_init_kwargs(verbose))
+        _STARTED_HERE.append(ray.get_runtime_context().gcs_address)
+    _stop_cleanly_on_sigterm()
+    return not address
+
+
+class Stopped(SystemExit):
+    """SIGTERM (``ray job stop``, a spot instance's notice, ``kill``): the job unwinds and exits with 143."""
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM ends the job as an exception in the main thread, so every ``finally`` runs (a labeling job's
+    written units and a training run's checkpoints are kept; the same command resumes), and the process
+    exits with 143. Ray's own handling printed a crash dump and exited with 134 (SIGABRT), and a thread
+    still running after Ray had shut down connected to another cluster on the machine, the newest, as Ray
+    connects a process that calls it without ``ray.init``; that automatic connection is turned off here."""
+    import signal
+    import threading
+
+    import ray._private.auto_init_hook as auto_init
+
+    auto_init.enable_auto_connect = False  # private, and read at each call: the only switch after import
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame) -> None:
+        logging.getLogger(__name__).warning(
+            "stopped by SIGTERM: finished units and checkpoints are kept; run the same command again to resume"
+        )
+        raise Stopped(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    atexit.register(stop_running_datasets, 15.0)  # runs before Ray's own shutdown (registered earlier)
+
+
+def stop_running_datasets(timeout_s: float = 120.0) -> int:
+    """Force-stop every Ray Data execution of this process (its tasks cancelled, its actors killed);
+    returns how many there were. Used when a job stalls after a node loss, and at exit: a Ray Data
+    thread still running when Ray shuts down calls into it, and Ray ends the process with status 1.
+
+    Ray Data has no public way to stop a running ``write_parquet``; its executor is a thread of this
+    process, which has ``shutdown(force=True)`` (run here in a thread of its own, with ``timeout_s``:
+    Ray's forced shutdown waits on its actors without a limit)."""
+    import threading
+
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    executors = [t for t in threading.enumerate() if isinstance(t, StreamingExecutor) and t.is_alive()]
+    for executor in executors:
+        stopper = threading.Thread(target=executor.shutdown, kwargs={"force": True}, daemon=True)
+        stopper.start()
+        stopper.join(timeout_s)
+    return len(executors)
 
 
 _STARTED_HERE: list[str] = []  # the GCS addresses of the local clusters start_or_join_ray started

@@ -133,6 +133,8 @@ def test_a_labeling_job_told_to_stop_keeps_its_units_and_resumes(tmp_path):
     _wait_for(lambda: written.is_dir() and len(list(written.iterdir())) >= 2, 300, "two units written")
     seconds, log = _stop_with_sigterm(job)
     assert seconds < 20, f"the job took {seconds:.0f} s to stop:\n{log[-3000:]}"
+    assert job.returncode == 143 and "SIGTERM received" not in log, log[-3000:]  # an exit, not a crash dump
+    assert "stopped by SIGTERM" in log, log[-3000:]
     assert job.returncode != 0 and not (labels / "manifest.json").exists(), log[-3000:]
     kept = len(list(written.iterdir()))
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -159,6 +161,8 @@ def test_a_training_job_told_to_stop_resumes_from_its_last_checkpoint(tmp_path):
     _wait_for_checkpoint(storage)
     seconds, log = _stop_with_sigterm(job)
     assert seconds < 20, f"the job took {seconds:.0f} s to stop:\n{log[-3000:]}"
+    assert job.returncode == 143 and "SIGTERM received" not in log, log[-3000:]  # an exit, not a crash dump
+    assert "stopped by SIGTERM" in log, log[-3000:]
     assert job.returncode != 0 and not os.path.exists(os.path.join(out, "metrics.jsonl")), log[-3000:]
     again = subprocess.run(cmd + ["--print-final"], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]

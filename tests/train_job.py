@@ -3,13 +3,12 @@
 import json
 import sys
 
-import ray
-
+from labeler.progress import start_or_join_ray
 from tests.test_trainer_faults import long_run
 
 
 def main(data: str, storage: str, out: str, print_final: bool = False) -> None:
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_or_join_ray(None, num_cpus=2, include_dashboard=False)  # as the project's commands start Ray
     final = long_run(data, storage, out)
     if print_final:
         print("FINAL " + json.dumps(final), flush=True)

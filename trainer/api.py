@@ -16,7 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, save_checkpoint
 from labeler.pool import WAIT_NOTICE_S, WAIT_REPEAT_S, waiting_for
-from labeler.progress import Progress, ProgressChannel
+from labeler.progress import Progress, ProgressChannel, started_here
 from labeler.storage import exists, filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH, LABEL_COLUMN
 from trainer.data_check import clear_recorded_error, preflight, preflight_val, raise_recorded_error
@@ -283,6 +283,8 @@ class _ProgressWatcher:
         cluster lacks for them (a lost node not replaced yet, GPU nodes the autoscaler is still adding)."""
         now = time.monotonic()
         if self.waiting_since is None or now - self.waiting_since < WAIT_NOTICE_S or now - self.told < WAIT_REPEAT_S:
+            return
+        if started_here():  # a local cluster this process started cannot grow: the stage before is finishing
             return
         s = self.settings
         try:
