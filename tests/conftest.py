@@ -68,3 +68,17 @@ def ray_local(s3):
     ctx.enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def project_caplog(caplog, monkeypatch):
+    """``caplog`` that sees the project's loggers also after a test configured the console (which stops
+    them propagating to the root logger, where ``caplog`` listens)."""
+    import logging
+
+    from labeler.progress import PROJECT_LOGGERS
+
+    for name in PROJECT_LOGGERS:
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    caplog.set_level(logging.DEBUG)
+    return caplog

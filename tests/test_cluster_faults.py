@@ -20,7 +20,8 @@ def test_the_pool_starts_at_num_actors_when_they_fit():
     assert (size.gpus_per_actor, size.initial, size.maximum) == (0, 2, 4)
 
 
-def test_a_pool_too_large_for_the_cluster_is_cut_to_fit_beside_reading(caplog):
+def test_a_pool_too_large_for_the_cluster_is_cut_to_fit_beside_reading(project_caplog):
+    caplog = project_caplog
     # two 1-CPU actors on the one 2-CPU node a lost node left: reads would get no CPU
     size = fit_pool(2, None, 1.0, None, 0.5, {"CPU": 2.0}, fixed=True)
     assert (size.initial, size.maximum) == (1, 1)
@@ -46,7 +47,8 @@ def test_no_room_for_one_actor_is_an_error_that_says_what_to_change():
         fit_pool(1, None, 1.0, 2.0, 0.5, {"CPU": 4.0, "GPU": 1.0})  # 2 GPUs an actor, one there
 
 
-def test_a_cluster_with_nothing_for_the_pool_yet_is_waited_for(caplog):
+def test_a_cluster_with_nothing_for_the_pool_yet_is_waited_for(project_caplog):
+    caplog = project_caplog
     # Ray's default autoscaler does not say what it may add: a CPU-less head and GPU actors asked for
     size = fit_pool(4, 8, 1.0, 1.0, 0.5, {"CPU": 0.0})
     assert (size.gpus_per_actor, size.initial, size.maximum) == (1.0, 8, 8)  # all asked for: nodes for each

@@ -105,7 +105,8 @@ def _check_finished(final: dict, out: str) -> None:
     assert exported["val_top1"] == final["val_top1"] == best and final["epoch"] == final["exported_epoch"]
 
 
-def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, tmp_path, caplog):
+def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, tmp_path, project_caplog):
+    caplog = project_caplog
     storage, out, killed = str(tmp_path / "storage"), str(tmp_path / "model"), []
     caplog.set_level(logging.WARNING, logger="trainer.api")
 
@@ -182,7 +183,8 @@ ray.shutdown()
 
 
 @pytest.mark.cluster
-def test_another_ray_cluster_on_the_machine_does_not_restart_training(ray_local, digits, tmp_path, caplog):
+def test_another_ray_cluster_on_the_machine_does_not_restart_training(ray_local, digits, tmp_path, project_caplog):
+    caplog = project_caplog
     """Another Ray cluster started on the same machine mid-run (the newest cluster is what Ray's State API
     finds without an address) must not look like the death of this run's Ray Train controller."""
     storage, out = str(tmp_path / "storage"), str(tmp_path / "model")
