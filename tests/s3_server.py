@@ -1,9 +1,4 @@
-"""A real S3 API on loopback for tests: moto's standalone server in its own process, behind a fault proxy.
-
-The project's clients (``AWS_ENDPOINT_URL`` in ``env``) reach moto through :class:`tests.fault_proxy.FaultProxy`,
-which passes everything through until a test sets a fault schedule; the tests' own :meth:`S3Server.client`
-talks to moto directly, so setting up and checking never meets a fault.
-"""
+"""A real S3 API on loopback for tests: moto's standalone server in its own process."""
 
 import os
 import socket
@@ -33,11 +28,8 @@ class S3Server:
             stderr=subprocess.DEVNULL,
         )
         self._wait()
-        from tests.fault_proxy import FaultProxy
-
-        self.proxy = FaultProxy(self.endpoint, free_port())
         self.env = {
-            "AWS_ENDPOINT_URL": self.proxy.endpoint,
+            "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": self.SECRET,
             "AWS_REGION": "us-east-1",
@@ -66,7 +58,6 @@ class S3Server:
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
     def stop(self) -> None:
-        self.proxy.stop()
         self.proc.terminate()
         self.proc.wait(timeout=30)
 

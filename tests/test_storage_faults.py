@@ -1,7 +1,7 @@
 """Storage that fails for a moment: S3 behind a proxy that injects faults (tests/fault_proxy.py).
 
-Every S3 request of the project goes through the session's proxy (tests/s3_server.py), in pass-through
-until a test sets a schedule; the tests' own boto3 client talks to moto directly. Each kind of fault is
+The driver's S3 requests go through a proxy in front of the session's moto server while a test sets its
+schedule; the tests' own boto3 client talks to moto directly. Each kind of fault is
 retried, counted and survived by the project's storage operations; a fault that persists must end the run,
 naming the bucket, the key and the HTTP status, after a bounded number of attempts. (The tiny loop through
 the whole schedule hung inside pyarrow's S3 output stream after injected connection resets, cause unknown:
@@ -24,16 +24,28 @@ from labeler.storage import (
     write_json,
 )
 from pipeline.cli import main
-from tests.fault_proxy import request_kind
+from tests.fault_proxy import FaultProxy, request_kind
+from tests.s3_server import free_port
 
 BUCKET = "noisy-student-faults"
 
 
+@pytest.fixture(scope="module")
+def proxy(s3):
+    """A fault proxy in front of the session's moto server, for this module only: every S3 request of the
+    suite through it (pass-through) made the tiny S3 loop 4x slower."""
+    running = FaultProxy(s3.endpoint, free_port())
+    yield running
+    running.stop()
+
+
 @pytest.fixture
-def faults(s3):
-    """The session's proxy; its schedule is emptied again after the test."""
-    yield s3.proxy
-    s3.proxy.set_schedule([])
+def faults(proxy, monkeypatch):
+    """The driver's S3 requests go through ``proxy`` during the test; its schedule is emptied after it.
+    (Ray's workers keep the endpoint they started with: the faults tested here are the driver's.)"""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.set_schedule([])
 
 
 def test_request_kinds():
