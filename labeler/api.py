@@ -20,7 +20,7 @@ from labeler.checkpoint_import import head_width
 from labeler.fingerprint import OutputMismatch, differences, file_sha256
 from labeler.images import DEFAULT_MAX_PIXELS, decode_batch
 from labeler.model import STATE_DICT_SUFFIXES, ModelSpec, check_weights_file, load_spec, weights_file
-from labeler.pool import WAIT_NOTICE_S, WAIT_REPEAT_S, cluster_resources, fit_pool, waiting_for
+from labeler.pool import WAIT_NOTICE_S, WAIT_REPEAT_S, cluster_resources, fit_pool, waiting_for, whole_gpu
 from labeler.predict import Predictor, check_precision
 from labeler.progress import Progress, ProgressChannel, started_here, stop_running_datasets
 from labeler.settings import check_choices, setting
@@ -75,9 +75,8 @@ def gpus_per_task(resources: dict[str, float] | None = None) -> int:
     never be scheduled there and would wait forever.
     """
     if resources is None:  # on an autoscaling cluster, GPU nodes it may add count (labeler.pool)
-        now, most = cluster_resources()
-        resources = {"GPU": max(now.get("GPU", 0), (most or {}).get("GPU", 0))}
-    return 1 if resources.get("GPU", 0) >= 1 else 0
+        return whole_gpu(*cluster_resources())
+    return whole_gpu(resources)
 
 
 GPU_BATCH_SIZE = 256

@@ -45,6 +45,12 @@ def cluster_resources() -> tuple[dict[str, float], dict[str, float] | None]:
     return ray.cluster_resources(), ({k: float(v) for k, v in most.items()} if most else None)
 
 
+def whole_gpu(resources: dict[str, float], most: dict[str, float] | None = None) -> int:
+    """1 when the cluster has, or its autoscaler may add (``most``), at least one whole GPU, else 0: a
+    request for a whole GPU could never be scheduled on less and would wait forever."""
+    return 1 if max(resources.get("GPU", 0), (most or {}).get("GPU", 0)) >= 1 else 0
+
+
 def fit_pool(
     num_actors: int,
     max_actors: int | None,
@@ -66,9 +72,7 @@ def fit_pool(
         ValueError: not even one actor fits beside a read task; the message says what to change.
     """
     capacity = most if most is not None else resources
-    gpus = gpus_per_actor
-    if gpus is None:
-        gpus = 1 if max(resources.get("GPU", 0), capacity.get("GPU", 0)) >= 1 else 0
+    gpus = whole_gpu(resources, most) if gpus_per_actor is None else gpus_per_actor
     maximum = max(num_actors, max_actors or num_actors)
     where = _describe(resources, most)
     if most is None and _none_yet(capacity, cpus_per_actor, gpus):
