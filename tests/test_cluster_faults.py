@@ -180,7 +180,7 @@ def test_a_training_job_told_to_stop_resumes_from_its_last_checkpoint(tmp_path):
 @pytest.mark.cluster
 def test_training_waits_for_a_lost_nodes_replacement_and_resumes_from_its_checkpoint(tmp_path):
     """The node of one of two training workers is removed after the first checkpoint; a replacement joins
-    30 s later. Ray Train restarts the workers from the last checkpoint; the driver says what it waits for
+    45 s later. Ray Train restarts the workers from the last checkpoint; the driver says what it waits for
     meanwhile, and that the workers were restarted, with why and from which epoch."""
     from tests.test_trainer_faults import EPOCHS
 
