@@ -49,7 +49,7 @@ from labeler.fingerprint import stamp
 from labeler.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, read_failure
 from labeler.listing import iter_entries, listing_reader, write_listing
 from labeler.manifest import is_manifest, parquet_units, read_manifest_range, text_units
-from labeler.storage import absolute, filesystem_for, uri_of
+from labeler.storage import absolute, filesystem_for, retried, uri_of
 from labeler.tar_reader import is_shard, read_shards
 from labeler.units import UNIT_COLUMN, Reader, Unit, UnitsDatasource, make_units
 
@@ -242,7 +242,7 @@ def _parquet_file_rows(
     """One (id, path, bytes, read_error) row per row of one Parquet file, as its footer counts them."""
     rel = relative_id(path, root)
     try:
-        f = fs.open_input_file(path)
+        f = retried("GET", uri_of(fs, path), lambda: fs.open_input_file(path))  # a fault that passes is retried
     except OSError as err:
         yield (f"{rel}#unreadable", path, None, read_failure("unreadable", f"{rel}: {type(err).__name__}: {err}"))
         return

@@ -81,7 +81,7 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, OSError) and bool(_TRANSIENT.search(str(err)))
 
 
-def _retried(op: str, uri: str, call: Callable):
+def retried(op: str, uri: str, call: Callable):
     """``call()``, retried on transient errors (:func:`is_transient`) up to :data:`S3_MAX_ATTEMPTS` attempts with
     exponential backoff and jitter; each retry counted (:func:`retry_counts`) and logged. Local paths: called once.
 
@@ -130,7 +130,7 @@ def _s3_filesystem(
     (and, on an instance role, a metadata request) each time. Keyed by what selects the store and
     the credentials, never by the credentials themselves. ``sdk_retries``: the AWS SDK retries a failed
     request (:data:`S3_MAX_ATTEMPTS` attempts, exponential backoff); without, it fails at once, for
-    :func:`_retried` to retry and count."""
+    :func:`retried` to retry and count."""
     kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS if sdk_retries else 1)}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
@@ -162,7 +162,7 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def _counted_filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """As :func:`filesystem_for`, but an S3 filesystem that does not retry by itself: for :func:`_retried`."""
+    """As :func:`filesystem_for`, but an S3 filesystem that does not retry by itself: for :func:`retried`."""
     if is_s3(uri):
         endpoint, region = s3_endpoint_and_region()
         return _s3_filesystem(endpoint, region, os.environ.get("AWS_PROFILE"), False), uri[len(S3_SCHEME) :]
@@ -216,7 +216,7 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
 
     try:
-        return _retried("GET", uri, read)
+        return retried("GET", uri, read)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{uri} does not exist") from err
 
@@ -232,13 +232,13 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
 
-    _retried("PUT", uri, write)
+    retried("PUT", uri, write)
 
 
 def exists(uri: str) -> bool:
     """Whether a file, folder or object (or, on S3, any object under the prefix) is at ``uri``."""
     fs, path = _counted_filesystem_for(uri)
-    return _retried("HEAD", uri, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
+    return retried("HEAD", uri, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def is_hidden(relative: str) -> bool:
@@ -275,7 +275,7 @@ def list_files(uri: str, suffix: str | None = None) -> tuple[pafs.FileSystem, li
     (:func:`escape_name`; :func:`read_bytes` and the labeler's reader open them)."""
     fs, root = filesystem_for(uri)
     counted, _ = _counted_filesystem_for(uri)
-    return fs, _retried("LIST", uri, lambda: _list_files(counted, root, suffix))
+    return fs, retried("LIST", uri, lambda: _list_files(counted, root, suffix))
 
 
 def _list_files(fs: pafs.FileSystem, root: str, suffix: str | None) -> list[str]:
@@ -331,7 +331,7 @@ def delete_file(uri: str) -> None:
         if fs.get_file_info(path).type == pafs.FileType.File:
             fs.delete_file(path)
 
-    _retried("DELETE", uri, delete)
+    retried("DELETE", uri, delete)
 
 
 def delete_tree(uri: str) -> None:
@@ -342,7 +342,7 @@ def delete_tree(uri: str) -> None:
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             fs.delete_dir(path)
 
-    _retried("DELETE", uri, delete)
+    retried("DELETE", uri, delete)
 
 
 def list_dirs(uri: str) -> list[str]:
@@ -355,7 +355,7 @@ def list_dirs(uri: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
-    return _retried("LIST", uri, dirs)
+    return retried("LIST", uri, dirs)
 
 
 def iter_tables(

@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 
 from labeler.file_reader import blocks, relative_id
 from labeler.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, read_failure
+from labeler.storage import retried, uri_of
 
 # what reading a damaged shard can raise (tarfile wraps most decompressor errors in ReadError, not all)
 DAMAGE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
@@ -77,7 +78,8 @@ def shard_rows(fs: pafs.FileSystem, root: str, path: str) -> Iterator[tuple]:
     shard_id = relative_id(path, root)
     key, members, ending = None, [], None
     try:
-        stream = fs.open_input_stream(path, compression=None)  # tarfile detects compression itself
+        # tarfile detects compression itself; a fault that passes while opening is retried
+        stream = retried("GET", uri_of(fs, path), lambda: fs.open_input_stream(path, compression=None))
     except OSError as err:
         yield (f"{shard_id}#unreadable", path, None, read_failure("unreadable", f"{type(err).__name__}: {err}"))
         return

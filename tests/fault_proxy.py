@@ -103,6 +103,7 @@ class Schedule:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and "100 Continue" answered for clients that expect it
+    disable_nagle_algorithm = True  # headers and body are two writes: with Nagle, each answer waits for an ACK
     upstream: tuple[str, int]
     schedule: Schedule
 

@@ -36,7 +36,7 @@ def head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=5)  # `ray start --block` took the whole 30 s it was once given; the group is killed below
         except subprocess.TimeoutExpired:
             pass
         try:
@@ -75,7 +75,7 @@ def test_submit_the_tiny_config(head, tmp_path):
     _check_console(log)
 
 
-# Ray's own output that drowned the progress (issue 16): the PlacementGroupCleaner's failed State API
+# Ray's own output that once drowned the progress: the PlacementGroupCleaner's failed State API
 # polls, Ray Train's worker-group chatter, Ray Data's execution logs, and the workers' epoch lines
 NOISE = (
     "Failed to query Ray Train Controller actor state", "Reporting training result", "Checkpoint successfully created",

@@ -5,7 +5,10 @@ that take every CPU leave the read tasks none, and Ray Data waits forever withou
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.cluster
 def test_stalled_labeling_raises_with_a_fix(tmp_path):
     done = subprocess.run([sys.executable, "-m", "tests.stall_check", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -105,6 +105,7 @@ def _check_finished(final: dict, out: str) -> None:
     assert exported["val_top1"] == final["val_top1"] == best and final["epoch"] == final["exported_epoch"]
 
 
+@pytest.mark.cluster
 def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, tmp_path, project_caplog):
     caplog = project_caplog
     storage, out, killed = str(tmp_path / "storage"), str(tmp_path / "model"), []
@@ -132,6 +133,7 @@ def test_killed_worker_run_finishes_from_its_last_checkpoint(ray_local, digits, 
     assert any(kind in notices[0] for kind in ("WorkerHealthCheckFailedError", "ActorDiedError")), notices
 
 
+@pytest.mark.cluster
 def test_second_invocation_resumes_the_interrupted_run(ray_local, digits, tmp_path):
     storage, out = str(tmp_path / "storage"), str(tmp_path / "model")
     job = subprocess.Popen([sys.executable, "-m", "tests.train_job", digits, storage, out],
