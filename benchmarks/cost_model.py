@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from labeler.model import ModelSpec, count_parameters, create_model
+from core.model import ModelSpec, count_parameters, create_model
 
 
 def _timed(fn, batches: int) -> float:

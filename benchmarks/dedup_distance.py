@@ -5,8 +5,8 @@ unlabeled image counts as a near-duplicate of an evaluation image).
     python benchmarks/dedup_distance.py                        # about 10 s on 2 CPU cores
     python benchmarks/dedup_distance.py --tiles 96 --max-d 24
 
-Corpora, all real images available offline, each image decoded with ``labeler.images.decode_image`` (RGB)
-and hashed with ``labeler.phash`` (``imagehash``'s ``phash``), as the labeler does:
+Corpora, all real images available offline, each image decoded with ``core.images.decode_image`` (RGB)
+and hashed with ``core.phash`` (``imagehash``'s ``phash``), as the labeler does:
 
 * ``digits 8x8``: scikit-learn's 1,797 handwritten digits as the demo corpus stores them (8x8 PNGs);
 * ``digits 32x32``: the same digits upscaled to 32x32, bicubic (``tests.helpers.upscaled_digit_pngs``);
@@ -45,8 +45,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from labeler.images import decode_image  # noqa: E402
-from labeler.phash import BITS, hamming, hash_input, phash_many  # noqa: E402
+from core.images import decode_image  # noqa: E402
+from core.phash import BITS, hamming, hash_input, phash_many  # noqa: E402
 from tests.helpers import altered_copies, photo_tiles, upscaled_digit_pngs  # noqa: E402
 
 CHUNK_ELEMENTS = 4_000_000  # distances held at once (uint8), per chunk of rows

@@ -28,7 +28,7 @@ CHILD = """
 import json, resource, sys, time
 import torch
 torch.set_num_threads(1)
-from labeler.model import load_checkpoint
+from core.model import load_checkpoint
 from pipeline.model_eval import evaluate_model
 from trainer.data import LabeledBatches
 from trainer.evaluate import evaluate
@@ -70,7 +70,7 @@ def main() -> None:
 
     import torch
 
-    from labeler.model import ModelSpec, create_model, save_checkpoint
+    from core.model import ModelSpec, create_model, save_checkpoint
 
     torch.manual_seed(0)
 

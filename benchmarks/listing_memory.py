@@ -6,7 +6,7 @@
 Writes ``--files`` empty files (names like an image corpus's: ``class_0042/img_00012345.jpeg``),
 then, in the same run, measures the peak Python allocation (tracemalloc) of:
 
-* old: ``labeler.storage.list_files`` (one sorted list of every path) and
+* old: ``core.storage.list_files`` (one sorted list of every path) and
   ``labeler.units.make_units`` (units holding the paths), what ``plan_units`` did before;
 * new: ``labeler.sources.plan_units``, which streams the listing into a Parquet file
   (``labeler.listing``) and keeps one row group and a range per unit;
@@ -46,8 +46,8 @@ def main() -> None:
     parser.add_argument("--files-per-unit", type=int, default=1000)
     args = parser.parse_args()
 
+    from core.storage import list_files
     from labeler.sources import plan_units
-    from labeler.storage import list_files
     from labeler.units import make_units
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
     python benchmarks/phash_cost.py                    # the scale run's 16 x 16 digits (writes 20,000 if absent)
     python benchmarks/phash_cost.py --images 5000 --size 224   # photo-sized: random-texture 224 x 224 JPEGs
 
-``labeler.images.decode_batch`` over the same images, batches of 64 as the labeler runs it, with ``phash``
+``core.images.decode_batch`` over the same images, batches of 64 as the labeler runs it, with ``phash``
 off and on, interleaved for ``--rounds`` rounds in this one process (the machine is shared and noisy: the
 fastest round of each is compared). Prints microseconds per image for each and the difference. One core:
 multiply the difference by the images and divide by the cores to estimate what it adds to a labeling job,
@@ -41,7 +41,7 @@ def images(n: int, size: int) -> list[bytes]:
 
 
 def per_image_us(blobs: list[bytes], phash: bool, image_size: int) -> float:
-    from labeler.images import decode_batch
+    from core.images import decode_batch
 
     start = time.perf_counter()
     for s in range(0, len(blobs), 64):

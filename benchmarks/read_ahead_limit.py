@@ -31,8 +31,8 @@ def main() -> None:
     import ray
     from PIL import Image
 
+    from core.model import ModelSpec, create_model, save_checkpoint
     from labeler.api import LabelOptions, run_labeling
-    from labeler.model import ModelSpec, create_model, save_checkpoint
 
     work = tempfile.mkdtemp(prefix="read_ahead_")
     corpus = os.path.join(work, "corpus")

@@ -1,7 +1,7 @@
 """The JFT-shaped path at two corpus sizes: labeling, balancing and a streaming student on shards.
 
     pip install -e ".[bench]"
-    python benchmarks/scale_run.py                              # N = 100,000 and 1,000,000 (see README)
+    python benchmarks/scale_run.py                              # N = 100,000 and 1,000,000 (docs/benchmarks.md)
     python benchmarks/scale_run.py --images 20000 200000        # quicker
     python benchmarks/scale_run.py --steps 0 --phash-baseline   # what near-duplicate detection costs
     python benchmarks/scale_run.py --images 100000 --kill-after 20   # SIGKILL labeling, resume, check counts
@@ -116,7 +116,7 @@ def train_teacher(directory: str, steps: int = 300):
     import torch
     from sklearn.datasets import load_digits
 
-    from labeler.model import ModelSpec, create_model, save_checkpoint
+    from core.model import ModelSpec, create_model, save_checkpoint
 
     spec = ModelSpec("test_resnet", [str(i) for i in range(10)], SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
     if os.path.exists(os.path.join(directory, "model.json")):
@@ -420,7 +420,7 @@ def main() -> None:
     parser.add_argument("--student-only", nargs="+", metavar="RUN", help="time the student stage alone on earlier "
                         "runs' balanced sets (RUN: a run-* folder under --workdir/n<N>/)")  # fmt: skip
     parser.add_argument("--default-allocator", action="store_true", help="workers keep pyarrow's default memory "
-                        "pool (mimalloc) instead of labeler.progress.WORKER_ENV, for comparison")  # fmt: skip
+                        "pool (mimalloc) instead of core.progress.WORKER_ENV, for comparison")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.makedirs(args.workdir, exist_ok=True)
@@ -436,7 +436,7 @@ def main() -> None:
     from pipeline.digits import write_digits_corpus
 
     labeled = write_digits_corpus(os.path.join(args.workdir, "digits"), 20, 0.1, 0)["labeled"]
-    from labeler.progress import worker_runtime_env
+    from core.progress import worker_runtime_env
 
     runtime_env = None if args.default_allocator else worker_runtime_env()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from labeler.model import ModelSpec, create_model
+from core.model import ModelSpec, create_model
 from pipeline.digits import write_digits_corpus
 from trainer.data import load_labeled
 from trainer.loop import Cycler, build_optimizer, seed_everything, steps_per_epoch

@@ -8,13 +8,13 @@ do not pay for torch and Ray at ``import labeler``.
 
 from __future__ import annotations
 
-from labeler.lazy import lazy_exports
+from core.lazy import lazy_exports
 
 # defining module -> its public names
 _EXPORTS = {
     "labeler.api": ("LabelOptions", "LabelingStalled", "label_images", "run_labeling", "summarize_predictions"),
     "labeler.dedup": ("DedupOptions", "collect_hashes", "find_duplicates", "hash_dataset"),
-    "labeler.model": (
+    "core.model": (
         "ModelSpec",
         "count_parameters",
         "create_model",

@@ -14,10 +14,10 @@ import argparse
 import sys
 import traceback
 
+from core.checkpoint_import import STATE_DICT_SUFFIXES
+from core.model import ModelSpec
+from core.settings import add_arguments, from_args
 from labeler.api import LabelingStalled, LabelOptions, check_labeling_inputs, run_labeling
-from labeler.checkpoint_import import STATE_DICT_SUFFIXES
-from labeler.model import ModelSpec
-from labeler.settings import add_arguments, from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
 
-    from labeler.progress import configure_console, start_or_join_ray
+    from core.progress import configure_console, start_or_join_ray
 
     configure_console(args.verbose)
     spec = None

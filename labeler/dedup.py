@@ -2,7 +2,7 @@
 
 A web corpus holds copies of evaluation images: re-encoded, resized, cropped, brightened. Pseudo-labeled
 and trained on, they make the student's test accuracy a measure of memory. Every image gets a 64-bit
-pHash where it is decoded (:mod:`labeler.phash`; the labeler's ``phash`` column, or :func:`hash_dataset`
+pHash where it is decoded (:mod:`core.phash`; the labeler's ``phash`` column, or :func:`hash_dataset`
 for a set without predictions), and:
 
 * **evaluation sets**: every corpus row within ``max_distance`` bits of an evaluation image is excluded
@@ -38,11 +38,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from core.images import RejectedImage, decode_image, is_container
+from core.phash import SIDE, hash_input, phash_many, stored, unsigned
+from core.settings import setting
+from core.storage import canonical, exists, filesystem_for, iter_tables, join, list_files, read_bytes, write_json
 from labeler.hash_index import HashIndex
-from labeler.images import RejectedImage, decode_image, is_container
-from labeler.phash import SIDE, hash_input, phash_many, stored, unsigned
-from labeler.settings import setting
-from labeler.storage import canonical, exists, filesystem_for, iter_tables, join, list_files, read_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ EXCLUDED_SCHEMA = pa.schema(
 
 def hash_batch(batch: dict, max_pixels: int) -> dict:
     """(id, path, bytes, read_error) rows -> (id, path, phash, reject_reason): decode, then the pHash."""
-    from labeler.images import read_reason
+    from core.images import read_reason
 
     n = len(batch["id"])
     inputs = np.zeros((n, SIDE, SIDE), np.uint8)
@@ -516,7 +516,7 @@ def _stats(ref: Reference, eval_sets: dict, outs: list[dict], hashed: int, group
 def _with_images(pair: dict, ref: Reference, fs) -> dict:
     """A pair for the report: ids, distance and both images as inline thumbnails (None where unreadable);
     ``fs``: the filesystem of the pair's predictions file."""
-    from labeler.images import thumbnail
+    from core.images import thumbnail
 
     eval_path = pair["eval_path"]
     corpus = _kept_bytes(fs, pair["file"], pair["id"]) or _file_image(pair["path"], pair["id"])

@@ -21,11 +21,11 @@ import json
 import sys
 import traceback
 
+from core.settings import add_arguments, from_args
+from core.storage import absolute, delete_tree, exists, filesystem_for, join, list_files
 from labeler.api import LabelOptions
 from labeler.dedup import DedupOptions, check_hashed, check_readable, collect_hashes, find_duplicates, hash_dataset
 from labeler.dedup_report import write_dedup_report
-from labeler.settings import add_arguments, from_args
-from labeler.storage import absolute, delete_tree, exists, filesystem_for, join, list_files
 
 READ_OPTIONS = ("format", "image_column", "id_column", "files_per_unit", "decode_cpus", "max_pixels")
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
 
-    from labeler.progress import configure_console, start_or_join_ray
+    from core.progress import configure_console, start_or_join_ray
 
     configure_console(args.verbose)
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 
-from labeler.storage import exists, join, read_json, write_bytes
+from core.storage import exists, join, read_json, write_bytes
 
 REPORT_FILE = "report.html"
 

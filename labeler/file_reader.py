@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from labeler.images import read_failure
-from labeler.storage import local_path, retried, uri_of
+from core.images import read_failure
+from core.storage import local_path, retried, uri_of
 
 SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("bytes", pa.binary()), ("read_error", pa.string())])
 REMOTE_READ_THREADS = 16
@@ -33,7 +33,7 @@ def relative_id(path: str, root: str) -> str:
 def _read_one(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]:
     """The file's bytes, or its ``unreadable`` reason. An S3 GET that fails for a moment (a 5xx, a connection
     reset in the middle of the body, which the AWS SDK does not retry) is read again whole
-    (``labeler.storage.retried``): a storage fault that passes must not become an unreadable image."""
+    (``core.storage.retried``): a storage fault that passes must not become an unreadable image."""
 
     def read() -> bytes:
         with fs.open_input_stream(path) as f:

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from labeler.phash import BITS, hamming
+from core.phash import BITS, hamming
 
 MAX_BLOCK_BITS = 16  # a block's lookup table: 2**16 + 1 offsets (512 KB)
 MAX_BLOCKS = 16  # blocks of 4 bits: more would probe tables of a few values

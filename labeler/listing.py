@@ -1,7 +1,7 @@
 """Folder listings that stream: a corpus of loose files listed without one Python list of its paths.
 
 :func:`iter_files` yields a folder's files one at a time, in sorted path order (the order
-``labeler.storage.list_files`` sorts into), holding one folder's entries (local) or one page of
+``core.storage.list_files`` sorts into), holding one folder's entries (local) or one page of
 1,000 keys (S3) at a time. :func:`write_listing` streams it into a Parquet listing (one ``path``
 column: each file's path relative to the corpus root, row groups of :data:`ROW_GROUP` rows),
 written to a temporary name and then renamed, and cuts it into units of ``files_per_unit`` rows
@@ -28,10 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from labeler.file_reader import read_files
-from labeler.fingerprint import stamp
-from labeler.manifest import parquet_column_range
-from labeler.storage import (
+from core.fingerprint import stamp
+from core.storage import (
     S3_MAX_ATTEMPTS,
     S3RequestFailed,
     count_retries,
@@ -40,6 +38,8 @@ from labeler.storage import (
     is_hidden,
     s3_endpoint_and_region,
 )
+from labeler.file_reader import read_files
+from labeler.manifest import parquet_column_range
 from labeler.units import Unit
 
 PATH_COLUMN = "path"
@@ -48,12 +48,12 @@ S3_PAGE = 1000  # keys per list_objects_v2 page (S3's maximum)
 
 
 def iter_entries(fs: pafs.FileSystem, root: str) -> Iterator[tuple[str, str]]:
-    """Files under the folder ``root`` of ``fs`` (as :func:`labeler.storage.filesystem_for` gives),
+    """Files under the folder ``root`` of ``fs`` (as :func:`core.storage.filesystem_for` gives),
     one ``(path, stamp)`` at a time, in sorted order (code point order of the whole path, which is S3's
     key order too). ``stamp`` is ``size:mtime`` (nanoseconds) locally and ``size:ETag`` on S3: what
-    changes when a file is rewritten (``labeler.fingerprint``). Hidden files and folders (names starting
+    changes when a file is rewritten (``core.fingerprint``). Hidden files and folders (names starting
     with ``.``) are left out and not descended into; local names that are not UTF-8 come escaped
-    (:func:`labeler.storage.escape_name`); a symbolic link to a folder already listed (a loop, or a
+    (:func:`core.storage.escape_name`); a symbolic link to a folder already listed (a loop, or a
     second name) is not listed again.
 
     Raises:
@@ -93,14 +93,14 @@ def _iter_local(folder: str, seen: set[str]) -> Iterator[tuple[str, str]]:
 
 
 def _s3_client():
-    """A boto3 S3 client with the endpoint and region :func:`labeler.storage.filesystem_for` uses
+    """A boto3 S3 client with the endpoint and region :func:`core.storage.filesystem_for` uses
     (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``);
     credentials from the standard AWS chain."""
     import boto3
     from botocore.config import Config
 
     endpoint, region = s3_endpoint_and_region()
-    # botocore's standard mode: exponential backoff with jitter, the attempts of labeler.storage's own retries
+    # botocore's standard mode: exponential backoff with jitter, the attempts of core.storage's own retries
     retries = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS})
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=retries)
 
@@ -130,8 +130,8 @@ def _iter_s3(root: str) -> Iterator[tuple[str, str]]:
 
 
 def _pages(pages: Iterable[dict], bucket: str, prefix: str) -> Iterator[dict]:
-    """``pages`` with the retries botocore made for each counted (``labeler.storage.retry_counts``); a page
-    that failed every attempt raises :class:`labeler.storage.S3RequestFailed` naming bucket, prefix and status."""
+    """``pages`` with the retries botocore made for each counted (``core.storage.retry_counts``); a page
+    that failed every attempt raises :class:`core.storage.S3RequestFailed` naming bucket, prefix and status."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     it = iter(pages)

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from core.fingerprint import stamp
+from core.storage import escape_name, join
 from labeler.file_reader import REMOTE_READ_THREADS, _read_one, blocks
-from labeler.fingerprint import stamp
-from labeler.storage import escape_name, join
 from labeler.units import Unit
 
 URI_COLUMN = "uri"
@@ -37,7 +37,7 @@ def is_manifest(path: str) -> bool:
 
 def _entry(line: bytes) -> str | None:
     """The URI on a manifest line, or None (blank, comment). Bytes that are not UTF-8 are escaped as
-    in folder listings (``labeler.storage.escape_name``); a byte-order mark is dropped."""
+    in folder listings (``core.storage.escape_name``); a byte-order mark is dropped."""
     text = escape_name(line.strip().decode("utf-8", "surrogateescape").lstrip("\ufeff"))
     return text if text and not text.startswith("#") else None
 
@@ -73,7 +73,7 @@ def text_units(fs: pafs.FileSystem, path: str, per_unit: int) -> list[Unit]:
 
 def parquet_units(fs: pafs.FileSystem, path: str, per_unit: int) -> list[Unit]:
     """Units of ``per_unit`` rows of a Parquet manifest (its footer only is read here); their fingerprint
-    is the file's size and modification time (``labeler.fingerprint.stamp``)."""
+    is the file's size and modification time (``core.fingerprint.stamp``)."""
     with fs.open_input_file(path) as f:
         rows = pq.ParquetFile(f).metadata.num_rows
     mark = hashlib.sha1(stamp(fs.get_file_info(path)).encode()).hexdigest()[:16]
@@ -121,7 +121,7 @@ def read_manifest_range(fs: pafs.FileSystem, manifest: str, start: int, stop: in
     from the manifest's folder on that filesystem. A file that cannot be read is a row with
     ``read_error`` set (an ``unreadable`` rejection), like in every reader.
     """
-    from labeler.storage import filesystem_for, is_s3
+    from core.storage import filesystem_for, is_s3
 
     entries = (_parquet_entries if manifest.endswith(".parquet") else _text_entries)(fs, manifest, start, stop)
     folder = manifest.rsplit("/", 1)[0]
@@ -129,7 +129,7 @@ def read_manifest_range(fs: pafs.FileSystem, manifest: str, start: int, stop: in
 
     def where(entry: str) -> tuple[pafs.FileSystem, str]:
         if is_s3(entry):
-            return filesystem_for(entry)  # one S3 filesystem per process (labeler.storage)
+            return filesystem_for(entry)  # one S3 filesystem per process (core.storage)
         # local names stay escaped here (valid UTF-8 in the path column); _read_one unescapes them
         return (local, entry) if os.path.isabs(entry) else (fs, join(folder, entry))
 

@@ -9,10 +9,10 @@ from contextlib import nullcontext
 import numpy as np
 import pyarrow as pa
 
-from labeler.images import normalize
+from core.images import normalize
+from core.model import ModelSpec, load_checkpoint
+from core.phash import stored
 from labeler.inference import optimize_for_inference
-from labeler.model import ModelSpec, load_checkpoint
-from labeler.phash import stored
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def _actor_logging() -> None:
     """In a Ray actor, the ``labeler`` loggers write INFO lines to the actor's stderr: its worker log
     (and the driver's console with ``log_to_driver``). Ray configures its own loggers there, not ours,
     so without this our INFO lines would be dropped. Outside an actor (a driver that called
-    ``labeler.progress.configure_console``, pytest) nothing changes."""
+    ``core.progress.configure_console``, pytest) nothing changes."""
     import ray
 
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
@@ -48,13 +48,13 @@ TOPK_FIELDS = [
 
 
 IMAGE_FIELDS = [("image", pa.binary())]
-PHASH_FIELDS = [("phash", pa.int64())]  # the 64 bits as int64: labeler.phash.stored
+PHASH_FIELDS = [("phash", pa.int64())]  # the 64 bits as int64: core.phash.stored
 
 
 def prediction_schema(topk: int = 0, image_bytes: bool = False, phash: bool = False) -> pa.Schema:
     """Full soft labels (``probs``), or top-k classes + fp16 probabilities + the mass left over;
     with ``phash``, the image's 64-bit perceptual hash (``phash``, its 64 bits as int64, null where rejected:
-    :mod:`labeler.phash`); with ``image_bytes``, the image's encoded bytes as read (``image``, null where
+    :mod:`core.phash`); with ``image_bytes``, the image's encoded bytes as read (``image``, null where
     not kept)."""
     fields = BASE_FIELDS + (TOPK_FIELDS if topk else FULL_FIELDS) + TAIL_FIELDS
     return pa.schema(fields + (PHASH_FIELDS if phash else []) + (IMAGE_FIELDS if image_bytes else []))
@@ -136,7 +136,7 @@ class Predictor:
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         dtype = str(self.autocast or torch.float32).replace("torch.", "")
-        self.progress = progress  # a labeler.progress.ProgressChannel, or None
+        self.progress = progress  # a core.progress.ProgressChannel, or None
         _actor_logging()
         logger.info(f"labeler: predictor for {self.spec.model_id} on node {node}, device {self.device} {dtype}, {note}")
 

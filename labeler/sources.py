@@ -44,12 +44,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
+from core.fingerprint import stamp
+from core.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, read_failure
+from core.storage import absolute, filesystem_for, retried, uri_of
 from labeler.file_reader import SCHEMA, blocks, read_files, relative_id
-from labeler.fingerprint import stamp
-from labeler.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, read_failure
 from labeler.listing import iter_entries, listing_reader, write_listing
 from labeler.manifest import is_manifest, parquet_units, read_manifest_range, text_units
-from labeler.storage import absolute, filesystem_for, retried, uri_of
 from labeler.tar_reader import is_shard, read_shards
 from labeler.units import UNIT_COLUMN, Reader, Unit, UnitsDatasource, make_units
 

@@ -1,7 +1,7 @@
 """WebDataset shards read sample by sample, by the webdataset format's own rules.
 
 A shard is a tar archive named ``.tar``, or compressed as ``.tar.gz`` / ``.tgz``, ``.tar.bz2`` or
-``.tar.xz`` (:data:`labeler.images.SHARD_SUFFIXES`; the webdataset library reads gzip shards too).
+``.tar.xz`` (:data:`core.images.SHARD_SUFFIXES`; the webdataset library reads gzip shards too).
 
 Why not ``ray.data.read_webdataset``: it makes one column per member extension, so a sample
 whose image is ``left.png``, or a shard mixing ``.jpg`` and ``.png`` samples, cannot be read
@@ -29,16 +29,16 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from core.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, read_failure
+from core.storage import retried, uri_of
 from labeler.file_reader import blocks, relative_id
-from labeler.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, read_failure
-from labeler.storage import retried, uri_of
 
 # what reading a damaged shard can raise (tarfile wraps most decompressor errors in ReadError, not all)
 DAMAGE_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 
 
 def is_shard(path: str) -> bool:
-    """True for a WebDataset shard's name: :data:`labeler.images.SHARD_SUFFIXES`, any case."""
+    """True for a WebDataset shard's name: :data:`core.images.SHARD_SUFFIXES`, any case."""
     return path.lower().endswith(SHARD_SUFFIXES)
 
 

@@ -10,9 +10,9 @@ from scratch. So resume costs memory per unit, never per image, and rows in = pr
 rejections stays exact across any number of interruptions.
 
 A unit's identity (:attr:`Unit.identity`) names what it reads and a fingerprint of it (the sizes and
-modification times or ETags of its files, ``labeler.fingerprint``). A finished unit whose recorded
+modification times or ETags of its files, ``core.fingerprint``). A finished unit whose recorded
 identity is not the current one was made from other files: resuming stops with
-:class:`labeler.fingerprint.OutputMismatch` rather than keep its rows or silently relabel it.
+:class:`core.fingerprint.OutputMismatch` rather than keep its rows or silently relabel it.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from core.fingerprint import OutputMismatch
+from core.storage import delete_file, delete_tree, join, list_files, read_bytes, uri_of, write_bytes
 from labeler.file_reader import SCHEMA
-from labeler.fingerprint import OutputMismatch
-from labeler.storage import delete_file, delete_tree, join, list_files, read_bytes, uri_of, write_bytes
 
 UNIT_COLUMN = "unit"
 UNIT_LOG = "units"  # beside predictions/: one <key>.json per fully read unit

@@ -5,7 +5,7 @@ The names below are imported on first use (PEP 562 ``__getattr__``): ``import pi
 
 from __future__ import annotations
 
-from labeler.lazy import lazy_exports
+from core.lazy import lazy_exports
 
 # defining module -> its public names
 _EXPORTS = {

@@ -13,7 +13,7 @@ import shutil
 
 from omegaconf import DictConfig
 
-from labeler.storage import join, write_bytes, write_json
+from core.storage import join, write_bytes, write_json
 from pipeline.config import load_config
 from pipeline.loop import format_number, run_loop
 

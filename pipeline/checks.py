@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from labeler.checkpoint_import import STATE_DICT_SUFFIXES, head_width, text_order_warning, text_ordered_numbers
-from labeler.model import SPEC_FILE, WEIGHTS_FILE, check_weights_file, load_spec
+from core.checkpoint_import import STATE_DICT_SUFFIXES, head_width, text_order_warning, text_ordered_numbers
+from core.model import SPEC_FILE, WEIGHTS_FILE, check_weights_file, load_spec
+from core.storage import exists, join
 from labeler.sources import plan_units, scratch_listing, unit_rows
-from labeler.storage import exists, join
 from labeler.units import corpus_digest
 from trainer.data import ClassSet, read_class_set
 

@@ -7,8 +7,8 @@ import logging
 import sys
 import traceback
 
-from labeler.settings import add_arguments
-from labeler.storage import absolute
+from core.settings import add_arguments
+from core.storage import absolute
 from pipeline.config import BalanceConfig
 
 logger = logging.getLogger("pipeline.cli")
@@ -27,7 +27,7 @@ def _run(args) -> int:
 def _check(args) -> int:
     """Every check the loop makes before it starts, and nothing else: no Ray, no model built, nothing written
     (except the embedded digits corpus when the config uses it)."""
-    from labeler.fingerprint import OutputMismatch
+    from core.fingerprint import OutputMismatch
     from pipeline.checks import CheckReport, InputError
     from pipeline.config import load_config
     from pipeline.loop import preflight
@@ -63,7 +63,7 @@ def _ablate(args) -> int:
 def _balance(args) -> int:
     import ray
 
-    from labeler.progress import start_or_join_ray
+    from core.progress import start_or_join_ray
     from pipeline.balance import balance_predictions
 
     if not ray.is_initialized():
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     bal.set_defaults(func=_balance)
     args = parser.parse_args(argv)
-    from labeler.progress import configure_console
+    from core.progress import configure_console
 
     configure_console(args.verbose)
     try:

@@ -38,9 +38,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from core.settings import field_default, setting
 from labeler.api import LabelOptions
 from labeler.dedup import DedupOptions
-from labeler.settings import field_default, setting
 from trainer.settings import TrainSettings
 
 __all__ = [
@@ -546,7 +546,7 @@ def parameter_count(arch: str, num_classes: int, image_size: int, in_chans: int 
     """Parameters of a timm architecture, counted on the meta device (shapes only: no memory, even for 480M)."""
     import torch
 
-    from labeler.model import ModelSpec, count_parameters, create_model
+    from core.model import ModelSpec, count_parameters, create_model
 
     with torch.device("meta"):
         return count_parameters(create_model(ModelSpec(arch, [str(i) for i in range(num_classes)], image_size)))
@@ -559,8 +559,8 @@ def check_supplied_arch(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming both architectures and the setting to change.
     """
-    from labeler.model import SPEC_FILE, load_spec
-    from labeler.storage import exists, join
+    from core.model import SPEC_FILE, load_spec
+    from core.storage import exists, join
 
     folder = cfg.teacher.checkpoint
     if folder and exists(join(folder, SPEC_FILE)):
@@ -611,7 +611,7 @@ def _format_default(value: Any) -> str:
 
 def _type_name(tp: Any) -> str:
     """``int``, ``float or null``, ``sgd/rmsprop/adamw`` (a choice), ``list[str]``."""
-    from labeler.settings import choices_of
+    from core.settings import choices_of
 
     choices = choices_of(tp)
     if choices:

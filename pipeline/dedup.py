@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
+from core.fingerprint import record_digest, tree_fingerprint
+from core.storage import absolute, canonical, exists, filesystem_for, join, list_files, uri_of
 from labeler.api import LabelOptions
 from labeler.dedup import DedupOptions, collect_hashes, find_duplicates
-from labeler.fingerprint import record_digest, tree_fingerprint
-from labeler.storage import absolute, canonical, exists, filesystem_for, join, list_files, uri_of
 from trainer.data import parquet_source_column
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ HASHES = "hashes"  # in run_dir: each compared set's hashes, named by its finger
 
 def cached_hashes(root: str, run_dir: str) -> pa.Table:
     """:func:`hash_labeled_set` of ``root``, read from ``run_dir/hashes/`` when a set with the same files (paths,
-    sizes, modification times: ``labeler.fingerprint.tree_fingerprint``) was hashed before, else hashed and
+    sizes, modification times: ``core.fingerprint.tree_fingerprint``) was hashed before, else hashed and
     kept there: an ImageNet-sized labeled set is decoded once per run, not once per round."""
     key = {"uri": canonical(root), "hash": "phash-64", **tree_fingerprint(root)}
     path = join(run_dir, HASHES, f"{record_digest(key)}.parquet")

@@ -13,7 +13,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from labeler.storage import exists, join, read_json, write_bytes, write_json
+from core.storage import exists, join, read_json, write_bytes, write_json
 
 SPLITS = ("labeled", "unlabeled", "test", "val")
 

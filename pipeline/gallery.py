@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from labeler.storage import list_files
+from core.storage import list_files
 from pipeline.balance_core import sort_keys
 
 logger = logging.getLogger(__name__)

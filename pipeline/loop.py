@@ -18,11 +18,10 @@ import time
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from labeler.api import gpus_per_task, run_labeling
-from labeler.checkpoint_import import import_checkpoint
-from labeler.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, load_spec, model_preprocessing
-from labeler.progress import Progress, ProgressChannel, log_file, quiet_ray, start_or_join_ray, verbose
-from labeler.storage import (
+from core.checkpoint_import import import_checkpoint
+from core.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, load_spec, model_preprocessing
+from core.progress import Progress, ProgressChannel, log_file, quiet_ray, start_or_join_ray, verbose
+from core.storage import (
     absolute,
     delete_tree,
     exists,
@@ -34,6 +33,7 @@ from labeler.storage import (
     write_bytes,
     write_json,
 )
+from labeler.api import gpus_per_task, run_labeling
 from pipeline.balance import balance_predictions
 from pipeline.checks import CheckReport, check_inputs
 from pipeline.config import RunConfig, as_config, check_model_sizes, student_archs, train_settings
@@ -493,7 +493,7 @@ def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[di
     mark_worse_than_teacher(summary)
     write_summary(run_dir, summary)
     logger.info(f"report: {write_report(run_dir)}")
-    # this process's whole-object S3 requests and listings (labeler.storage) during the run
+    # this process's whole-object S3 requests and listings (core.storage) during the run
     retried = {op: n - retried_before.get(op, 0) for op, n in retry_counts().items() if n > retried_before.get(op, 0)}
     if retried or is_s3(run_dir):
         logger.info(f"storage: the driver retried {sum(retried.values())} S3 requests {retried or ''}".rstrip())

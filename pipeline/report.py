@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import yaml
 
+from core.images import thumbnail
+from core.storage import absolute, exists, join, list_dirs, list_files, read_bytes, read_json, write_bytes
 from labeler.dedup_report import section_for
-from labeler.images import thumbnail
-from labeler.storage import absolute, exists, join, list_dirs, list_files, read_bytes, read_json, write_bytes
 from pipeline.balance import plot_class_counts
 from pipeline.gallery import GROUPS, sample_gallery, sample_rejections
 from pipeline.model_eval import worse_than_teacher_warnings

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labeler.storage import exists, join, read_json, write_bytes, write_json
+from core.storage import exists, join, read_json, write_bytes, write_json
 from trainer.data import LABEL_COLUMN, _parquet_columns, list_class_folders, parquet_files, parquet_source_column
 
 SPLIT_FILE = "split.json"

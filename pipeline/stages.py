@@ -2,7 +2,7 @@
 
 Every stage of the loop (the first teacher, each round's labels, balanced set and student, and the
 evaluation of every model) has a record of its inputs (:class:`Stage`): the settings that shape it,
-fingerprints of the data it reads (``labeler.fingerprint``: paths, sizes and modification times) and the
+fingerprints of the data it reads (``core.fingerprint``: paths, sizes and modification times) and the
 digest of the record of the stage it reads from. Records depend on inputs only, so every stage's
 expected record is known before anything runs, and :func:`check_stages` compares them all with what
 the run_dir holds before Ray starts:
@@ -10,7 +10,7 @@ the run_dir holds before Ray starts:
 * a stage that is not there runs;
 * a stage whose record is the same is reused when finished, resumed when not;
 * a stage whose record differs (or that has none: written by an older version), or that reads from a
-  stage that will run again, is stale: the run stops with :class:`labeler.fingerprint.OutputMismatch`
+  stage that will run again, is stale: the run stops with :class:`core.fingerprint.OutputMismatch`
   naming each stale stage and what changed, before anything is computed; with ``overwrite`` the stale
   stages are deleted and made again.
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
+from core.fingerprint import OutputMismatch, differences, file_sha256, record_digest, tree_fingerprint
+from core.model import SPEC_FILE, WEIGHTS_FILE
+from core.storage import absolute, canonical, delete_file, delete_tree, exists, join, read_json, write_json
 from labeler.api import ROW_SETTINGS
-from labeler.fingerprint import OutputMismatch, differences, file_sha256, record_digest, tree_fingerprint
-from labeler.model import SPEC_FILE, WEIGHTS_FILE
-from labeler.storage import absolute, canonical, delete_file, delete_tree, exists, join, read_json, write_json
 from pipeline.config import student_archs, train_settings
 
 logger = logging.getLogger(__name__)

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.cluster_utils import Cluster
 
+from core.progress import configure_console, worker_runtime_env
 from labeler.api import LabelOptions, run_labeling
-from labeler.progress import configure_console, worker_runtime_env
 from tests.helpers import png_bytes, random_checkpoint
 
 MB = 1 << 20
@@ -182,7 +182,7 @@ def stop_head(head: subprocess.Popen) -> None:
 def autoscaling(out: str) -> dict:
     """Labeling with GPU actors (1 to start, up to 2), then training on 2 GPU workers, on a cluster that
     starts with no worker node at all."""
-    from labeler.model import load_spec
+    from core.model import load_spec
     from pipeline.digits import write_digits_corpus
     from trainer.api import train_model
     from trainer.settings import TrainSettings

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from labeler.model import ModelSpec, create_model, save_checkpoint
+from core.model import ModelSpec, create_model, save_checkpoint
 
 
 def png_bytes(size=(8, 8), mode="L", seed=0) -> bytes:
@@ -60,7 +60,7 @@ def random_checkpoint(
 def plant_teacher(cfg, image_size: int = 32) -> ModelSpec:
     """A random-weight first teacher in ``cfg.run_dir/round_0/teacher``, finished and evaluated, recorded as
     made from ``cfg``'s inputs (as a run with ``cfg`` records its stages), so the loop starts from it."""
-    from labeler.storage import write_json
+    from core.storage import write_json
     from pipeline.loop import preflight
     from pipeline.stages import start_stage
 

@@ -9,8 +9,8 @@ import sys
 import ray
 from ray.cluster_utils import Cluster
 
+from core.model import load_spec
 from labeler.api import LabelOptions, run_labeling
-from labeler.model import load_spec
 from pipeline.digits import write_digits_corpus
 from tests.helpers import random_checkpoint
 from trainer.api import train_model

@@ -1,7 +1,7 @@
 """Run by tests/test_labeler_stall.py in its own process (a stuck dataset can only be stopped by
 shutting its cluster down): another job's actor holds one of the cluster's two CPUs and the labeler's
 actor the other, so reads never run. (A pool too large for the cluster itself is cut to fit before
-the job starts, labeler.pool; a CPU taken by someone else is not known then.)"""
+the job starts, core.cluster; a CPU taken by someone else is not known then.)"""
 
 import os
 import sys

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from labeler.pool import fit_pool
+from core.cluster import fit_pool
 
 
 def test_the_pool_starts_at_num_actors_when_they_fit():

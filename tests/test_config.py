@@ -1,4 +1,4 @@
-"""The typed run config (pipeline/config.py): every trap of issue 14 that a config can set, as the user sees it.
+"""The typed run config (pipeline/config.py): every trap a config can set, as the user sees it.
 
 None of these tests starts Ray: every error here is raised before it would.
 """
@@ -117,23 +117,23 @@ def test_runlocal_set_in_a_file_applies_under_the_command_line(tmp_path):
 # --- trap: defaults in several places; YAML repeating keys; learning rate computed in a comment ---------
 
 
-def test_the_readme_config_table_is_generated_from_the_dataclasses():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
+def test_the_config_table_is_generated_from_the_dataclasses():
+    with open(os.path.join(ROOT, "docs", "configuration.md")) as f:
+        page = f.read()
     start, end = "<!-- config table: python -m pipeline.config -->\n", "\n<!-- end of config table -->"
-    assert start in readme and end in readme, "the README lost its config-table markers"
-    table = readme.split(start, 1)[1].split(end, 1)[0]
-    assert table == config_table(), "the README's config table is stale: paste in python -m pipeline.config's output"
+    assert start in page and end in page, "docs/configuration.md lost its config-table markers"
+    table = page.split(start, 1)[1].split(end, 1)[0]
+    assert table == config_table(), "docs/configuration.md is stale: paste in python -m pipeline.config's output"
 
 
 def test_every_setting_has_help_text():
-    """The help text is the README's meaning column and the labeler's --help."""
+    """The help text is the configuration table's meaning column and the labeler's --help."""
     from pipeline.config import StudentSettings
 
     for cls in (TrainSettings, StudentSettings, LabelOptions, *(type(v) for v in vars(RunConfig()).values())):
         if dataclasses.is_dataclass(cls):
             missing = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")]
-            assert not missing, f"{cls.__name__} fields without help (use labeler.settings.setting): {missing}"
+            assert not missing, f"{cls.__name__} fields without help (use core.settings.setting): {missing}"
 
 
 def _leaves(node, prefix=""):
@@ -280,7 +280,7 @@ def test_the_wheel_ships_the_configs(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(os.path.join(ROOT, name), src / name)
-    for package in ("labeler", "pipeline", "trainer"):
+    for package in ("core", "labeler", "pipeline", "trainer"):
         shutil.copytree(os.path.join(ROOT, package), src / package, ignore=skip)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), src],
@@ -350,7 +350,7 @@ def test_a_supplied_checkpoint_is_the_first_teachers_only():
 
 
 def test_a_later_layers_train_key_beats_an_earlier_sections_key():
-    """runlocal's teacher/student epochs used to outrank a command-line train.epochs (issue 14's trap, via train)."""
+    """runlocal's teacher/student epochs used to outrank a command-line train.epochs (a trap, via train)."""
     cfg = load_config("digits", ["runlocal=true", "train.epochs=10"])
     assert (cfg.teacher.epochs, cfg.student.epochs) == (10, 10)
     assert load_config("digits", ["train.epochs=7"]).teacher.epochs == 7  # the file sets teacher.epochs: 150

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from core.fingerprint import OutputMismatch
+from core.images import decode_batch, decode_image
+from core.phash import hamming, phash
 from labeler.api import LabelOptions, run_labeling
 from labeler.dedup import EVAL_REASON, collect_hashes, find_duplicates
-from labeler.fingerprint import OutputMismatch
 from labeler.hash_index import HashIndex
-from labeler.images import decode_batch, decode_image
-from labeler.phash import hamming, phash
 from pipeline.balance import balance_predictions
 from pipeline.config import ConfigError, as_config
 from pipeline.loop import preflight

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from labeler.model import ModelSpec, load_checkpoint
+from core.model import ModelSpec, load_checkpoint
 from pipeline.cli import main
 from pipeline.corruptions import CORRUPTIONS
 from pipeline.loop import _check_student_size

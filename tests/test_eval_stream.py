@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from labeler.model import load_checkpoint
+from core.model import load_checkpoint
 from pipeline.corruptions import CORRUPTIONS, PERTURBATIONS, SEVERITIES, corrupt, perturbation_frames
 from pipeline.model_eval import evaluate_model
 from tests.helpers import png_bytes, random_checkpoint

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from labeler.images import RejectedImage, decode_image, resize_center_crop
+from core.images import RejectedImage, decode_image, resize_center_crop
 from tests.helpers import png_bytes
 
 
@@ -37,8 +37,8 @@ def test_resize_center_crop_shape_and_content():
 
 
 def test_labeler_and_trainer_reject_each_bad_file_alike(tmp_path):
-    """One decode step (labeler.images.decode_into) for labeling and training: the same reject reason per file."""
-    from labeler.images import decode_batch
+    """One decode step (core.images.decode_into) for labeling and training: the same reject reason per file."""
+    from core.images import decode_batch
     from tests.helpers import write_bad_and_good_folder
     from trainer.data import _decode_many
 

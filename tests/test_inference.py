@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from core.model import ModelSpec, create_model
 from labeler.inference import optimize_for_inference
-from labeler.model import ModelSpec, create_model
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_bf16_predictor_on_cpu_is_close_to_fp32(tmp_path):
     """``precision=bf16`` autocasts on CPU too; soft labels stay within bf16 rounding of fp32."""
     import numpy as np
 
-    from labeler.images import decode_batch
+    from core.images import decode_batch
     from labeler.predict import Predictor
     from tests.helpers import png_bytes, random_checkpoint
 

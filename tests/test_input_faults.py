@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from labeler.images import RejectedImage, decode_batch, decode_image
+from core.images import RejectedImage, decode_batch, decode_image
 from labeler.sources import detect_format, plan_units
 from tests.helpers import png_bytes
 
@@ -317,7 +317,7 @@ resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 import numpy as np
 import timm.data.transforms  # the resize imports it: count it before the baseline
 from PIL import Image
-from labeler.images import decode_batch
+from core.images import decode_batch
 from tests.helpers import png_bytes
 
 def strip(width):

@@ -8,9 +8,9 @@ import pytest
 import ray
 import torch
 
+from core.fingerprint import OutputMismatch
+from core.model import ModelSpec, create_model, load_checkpoint
 from labeler.api import LabelOptions, label_images, run_labeling
-from labeler.fingerprint import OutputMismatch
-from labeler.model import ModelSpec, create_model, load_checkpoint
 from tests.helpers import random_checkpoint, write_bad_and_good_folder
 
 
@@ -34,7 +34,7 @@ def test_every_file_is_a_prediction_or_a_rejection(ray_local, tmp_path):
 
 def test_predictions_match_the_model_run_directly(ray_local, tmp_path):
     """The Ray path must give the same numbers as the checkpoint's model on the same pixels."""
-    from labeler.images import decode_image, normalize, resize_center_crop
+    from core.images import decode_image, normalize, resize_center_crop
 
     write_bad_and_good_folder(str(tmp_path / "corpus"))
     random_checkpoint(str(tmp_path / "ckpt"))
@@ -243,8 +243,8 @@ def test_one_gpu_probe_asks_for_whole_gpus_only():
 
 def test_parameters_are_counted_without_building_weights(monkeypatch):
     """A spec's parameters are counted on the meta device: the same number as a real model's, no weights."""
-    import labeler.model as model_module
-    from labeler.model import count_parameters
+    import core.model as model_module
+    from core.model import count_parameters
 
     spec = ModelSpec("test_efficientnet", [str(i) for i in range(7)], 32)
     expected = sum(p.numel() for p in create_model(spec).parameters())

@@ -8,10 +8,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from core.storage import filesystem_for, list_files
 from labeler.file_reader import read_files
 from labeler.listing import PATH_COLUMN, iter_files, listing_entries, read_listing_range, write_listing
 from labeler.sources import detect_format, plan_units
-from labeler.storage import filesystem_for, list_files
 from tests.helpers import png_bytes, random_checkpoint
 
 
@@ -104,8 +104,8 @@ def test_files_added_mid_corpus_are_refused_then_overwritten(ray_local, tmp_path
     """Resume after files were added in the middle of the listing: every unit whose range now holds other
     files is named and the job stops before labeling; with overwrite the corpus is labeled afresh, counts
     exact."""
+    from core.fingerprint import OutputMismatch
     from labeler.api import LabelOptions, run_labeling
-    from labeler.fingerprint import OutputMismatch
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -7,8 +7,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from core.fingerprint import OutputMismatch
 from labeler.api import LabelOptions, run_labeling
-from labeler.fingerprint import OutputMismatch
 from tests.helpers import png_bytes, random_checkpoint
 
 

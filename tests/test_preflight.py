@@ -14,9 +14,9 @@ import ray
 import timm
 import torch
 
-from labeler.checkpoint_import import import_checkpoint
-from labeler.fingerprint import OutputMismatch
-from labeler.model import ModelSpec, load_checkpoint, save_checkpoint
+from core.checkpoint_import import import_checkpoint
+from core.fingerprint import OutputMismatch
+from core.model import ModelSpec, load_checkpoint, save_checkpoint
 from pipeline.checks import InputError
 from pipeline.cli import main
 from pipeline.config import as_config
@@ -172,7 +172,7 @@ class Recorded(logging.Handler):
 def test_a_bare_state_dict_with_numbers_in_text_order_gets_a_loud_note(tmp_path):
     path = tmp_path / "teacher.pth"
     torch.save(numeric_head_model().state_dict(), path)
-    log, recorded = logging.getLogger("labeler.checkpoint_import"), Recorded()
+    log, recorded = logging.getLogger("core.checkpoint_import"), Recorded()
     log.addHandler(recorded)
     try:
         import_checkpoint(str(path), ModelSpec("test_resnet", TWELVE, 16), str(tmp_path / "out"))

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from labeler.progress import Progress, configure_console, merge, ray_init_kwargs
+from core.progress import Progress, configure_console, merge, ray_init_kwargs
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Real corpora are messy: each input here is built to match a problem people meet (issue 15).
+"""Real corpora are messy: each input here is built to match a problem people meet.
 
 Decoding must give the pixels an image viewer shows (EXIF orientation, transparency), shards are
 read by the webdataset format's rules, and every failure is a named row: rows in = predictions
@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from core.images import BACKGROUND, decode_image
+from core.storage import list_files, local_path, read_bytes
 from labeler.api import label_images, run_labeling
-from labeler.images import BACKGROUND, decode_image
-from labeler.storage import list_files, local_path, read_bytes
 from tests.helpers import png_bytes, random_checkpoint
 
 ORIENTATION = 0x0112

@@ -9,8 +9,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from labeler.model import load_checkpoint
-from labeler.storage import filesystem_for, read_json
+from core.model import load_checkpoint
+from core.storage import filesystem_for, read_json
 from pipeline.cli import main
 
 BUCKET = "noisy-student-e2e"

@@ -1,5 +1,5 @@
 """The JFT-shaped path: unlabeled corpora as WebDataset shards or Parquet, through the loop and
-both training feeds (issue 12). Before, a student failed in every worker: pseudo-labeled rows
+both training feeds. Before, a student failed in every worker: pseudo-labeled rows
 carried the shard's path, which the trainer read as one image.
 
 The teacher here is a random-weight checkpoint (training one adds nothing to these checks), so
@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from labeler.model import load_spec
+from core.model import load_spec
 from pipeline.config import load_config
 from pipeline.digits import write_digits_corpus
 from pipeline.loop import run_loop

@@ -63,8 +63,8 @@ def test_folder_units_keep_order_and_a_vanished_file_is_an_unreadable_row(ray_lo
 
     import pyarrow.fs as pafs
 
+    from core.images import decode_batch
     from labeler.file_reader import read_files
-    from labeler.images import decode_batch
     from labeler.units import UnitsDatasource, make_units
 
     root = tmp_path / "imgs"

@@ -1,9 +1,9 @@
-"""labeler.storage: one S3 filesystem per process and setting; stored paths are URIs."""
+"""core.storage: one S3 filesystem per process and setting; stored paths are URIs."""
 
 import pyarrow as pa
 
+from core.storage import filesystem_for, join, read_bytes, uri_of
 from labeler.sources import plan_units
-from labeler.storage import filesystem_for, join, read_bytes, uri_of
 from labeler.units import _read_unit
 from tests.helpers import png_bytes
 

@@ -19,8 +19,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from labeler.listing import iter_files
-from labeler.storage import (
+from core.storage import (
     S3_MAX_ATTEMPTS,
     S3RequestFailed,
     filesystem_for,
@@ -30,6 +29,7 @@ from labeler.storage import (
     write_bytes,
     write_json,
 )
+from labeler.listing import iter_files
 from pipeline.cli import main
 from tests.fault_proxy import FaultProxy, request_kind
 from tests.s3_server import free_port
@@ -38,7 +38,7 @@ BUCKET = "noisy-student-faults"
 
 # Every kind of fault, often enough to hit the tiny loop several times each, bounded so it stays quick.
 # Not on CompleteMultipartUpload: pyarrow 26 reports one the AWS SDK retried after a 503 as failed even when
-# the retry succeeded (the whole-object writes of labeler.storage survive it; Ray Data's Parquet writes would not).
+# the retry succeeded (the whole-object writes of core.storage survive it; Ray Data's Parquet writes would not).
 SCHEDULE = [
     {"fault": "503", "kind": "put_part", "every": 7, "limit": 12},
     {"fault": "reset_part", "kind": "put_part", "every": 9, "limit": 12},

@@ -7,8 +7,8 @@ import pytest
 import timm
 import torch
 
-from labeler.model import load_checkpoint
-from labeler.storage import write_bytes
+from core.model import load_checkpoint
+from core.storage import write_bytes
 from pipeline.cli import main
 
 BUCKET = "noisy-student-supplied"

@@ -1,4 +1,4 @@
-"""Bring your own teacher (labeler.checkpoint_import) and pretrained initialisation (labeler.model)."""
+"""Bring your own teacher (core.checkpoint_import) and pretrained initialisation (core.model)."""
 
 import math
 
@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from labeler.checkpoint_import import ClassCountMismatch, import_checkpoint
-from labeler.images import resize_center_crop
-from labeler.model import ModelSpec, create_model, load_checkpoint, load_spec, model_preprocessing
+from core.checkpoint_import import ClassCountMismatch, import_checkpoint
+from core.images import resize_center_crop
+from core.model import ModelSpec, create_model, load_checkpoint, load_spec, model_preprocessing
 from tests.helpers import random_checkpoint
 
 CLASSES = [str(i) for i in range(10)]

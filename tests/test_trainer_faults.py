@@ -14,7 +14,7 @@ import pytest
 import ray
 import torch
 
-from labeler.model import ModelSpec
+from core.model import ModelSpec
 from pipeline.digits import write_digits_corpus
 from trainer.api import train_model
 from trainer.settings import TrainSettings
@@ -152,7 +152,7 @@ def test_second_invocation_resumes_the_interrupted_run(ray_local, digits, tmp_pa
 def test_init_from_is_read_by_the_workers_from_its_path(ray_local, digits, tmp_path):
     """``init_from`` travels as a path (not a state dict in the config); with lr 0 the trained
     model's parameters are exactly the initial checkpoint's."""
-    from labeler.model import load_checkpoint
+    from core.model import load_checkpoint
     from tests.helpers import random_checkpoint
 
     spec = random_checkpoint(str(tmp_path / "init"), seed=3)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from labeler.model import ModelSpec
+from core.model import ModelSpec
 from pipeline.digits import write_digits_corpus
 from trainer.api import streaming_datasets, train_model
 from trainer.data_check import counts_by_reason, reason_histogram

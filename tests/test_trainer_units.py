@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from labeler.model import ModelSpec, create_model
+from core.model import ModelSpec, create_model
 from trainer.evaluate import evaluate, recalibrate_batchnorm
 from trainer.loop import Cycler, lr_factor
 from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
@@ -47,7 +47,7 @@ def test_randaugment_changes_images_and_can_be_switched_off():
 
 
 def test_bn_recalibration_matches_clean_statistics():
-    from labeler.images import normalize
+    from core.images import normalize
 
     spec = ModelSpec("test_resnet", ["a", "b"], 16, mean=(0.5,) * 3, std=(0.5,) * 3)
     model = create_model(spec).eval()

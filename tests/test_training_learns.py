@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from labeler.model import ModelSpec, create_model
+from core.model import ModelSpec, create_model
 from pipeline.digits import write_digits_corpus
 from trainer.data import LabeledBatches, labeled_classes
 from trainer.evaluate import evaluate

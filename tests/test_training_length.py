@@ -15,7 +15,7 @@ def test_labeled_images_seen_counts_epochs_steps_and_batch():
 
 
 def test_a_short_student_epoch_grows_to_the_teachers_labeled_images():
-    # issue 13's case: 250 labeled images (7 teacher steps an epoch for 150 epochs), 1,200 pseudo rows
+    # a reported case: 250 labeled images (7 teacher steps an epoch for 150 epochs), 1,200 pseudo rows
     teacher = TrainSettings(epochs=150, batch_size=32)
     seen = labeled_images_seen(teacher, {"steps": steps_per_epoch(250, None, teacher)})
     student = TrainSettings(epochs=40, batch_size=32, ratio=3)

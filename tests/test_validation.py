@@ -1,4 +1,4 @@
-"""The validation split and model selection (issue 13, item 3).
+"""The validation split and model selection.
 
 Checkpoints are selected on a validation split (``data.val``, or ``data.val_fraction`` carved per
 class from the labeled set, or the digits corpus's ``val/``); the exported model is the best
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from labeler.model import WEIGHTS_FILE, ModelSpec, load_checkpoint
+from core.model import WEIGHTS_FILE, ModelSpec, load_checkpoint
 from pipeline.config import as_config
 from pipeline.digits import write_digits_corpus
 from pipeline.loop import format_table, prepare_data

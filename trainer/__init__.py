@@ -1,13 +1,13 @@
 """Ray Train (TorchTrainer) training of noised teachers and students.
 
-Checkpoints are written in the labeler's format (``labeler.model``). ``train_model`` and
+Checkpoints are written in the labeler's format (``core.model``). ``train_model`` and
 ``TrainingDataError`` are imported on first use (PEP 562 ``__getattr__``), so reading
 ``TrainSettings`` does not import Ray Train.
 """
 
 from __future__ import annotations
 
-from labeler.lazy import lazy_exports
+from core.lazy import lazy_exports
 from trainer.settings import TrainSettings
 
 # defining module -> its public names (besides TrainSettings, imported above)

@@ -23,7 +23,7 @@ import tempfile
 import numpy as np
 import torch
 
-from labeler.storage import is_s3, join, write_bytes
+from core.storage import is_s3, join, write_bytes
 
 METRIC_TAGS = ("epoch/val_top1", "epoch/val_top5", "epoch/val_loss", "epoch/train_loss")
 

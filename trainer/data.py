@@ -19,9 +19,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from labeler.images import RejectedImage, decode_into, is_container
+from core.images import RejectedImage, decode_into, is_container
+from core.storage import filesystem_for, is_s3, iter_tables, list_dirs, list_files, read_bytes, uri_of
 from labeler.sources import image_bytes
-from labeler.storage import filesystem_for, is_s3, iter_tables, list_dirs, list_files, read_bytes, uri_of
 
 EVAL_BATCH = 256  # images per evaluation batch: all an evaluation holds decoded at once
 REMOTE_READS = 16  # S3 objects fetched at a time by LabeledBatches (each GET is latency-bound)
@@ -344,7 +344,7 @@ class LabeledBatches:
     (local or ``s3://``) or Parquet files with ``image`` (bytes, or a struct with ``bytes``; or
     ``path``, image URIs, in a manifest) and ``label`` (class names, or integer indices) columns;
     every class must be one of ``classes``.
-    Images are decoded by :func:`labeler.images.decode_into` (decode, then resize and centre crop),
+    Images are decoded by :func:`core.images.decode_into` (decode, then resize and centre crop),
     as everywhere else.
 
     Iterating yields ``(images, labels)``: ``images`` uint8 ``(n, image_size, image_size,

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from labeler.storage import delete_file, exists, list_files, read_bytes, write_bytes
+from core.storage import delete_file, exists, list_files, read_bytes, write_bytes
 
 # stop when more than this share of a set's rows cannot be read or decoded
 MAX_UNREADABLE_FRACTION = 0.5
@@ -126,7 +126,7 @@ def clear_recorded_error(path: str) -> None:
 
 def reason_codes() -> tuple[str, ...]:
     """Reject reasons as small integers, for tensors that carry them out of Ray Data tasks."""
-    from labeler.images import READ_REASONS
+    from core.images import READ_REASONS
 
     return ("", *READ_REASONS, "empty", "too_large", "not_an_image", "truncated", "undecodable", "unsupported_mode")
 

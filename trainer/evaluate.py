@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import torch
 
-from labeler.images import normalize
-from labeler.model import ModelSpec
+from core.images import normalize
+from core.model import ModelSpec
 from trainer.data import EVAL_BATCH, ImageSet, LabeledBatches
 
 

@@ -24,8 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from labeler.images import decode_into, normalize
-from labeler.storage import filesystem_for, iter_tables, list_files
+from core.images import decode_into, normalize
+from core.storage import filesystem_for, iter_tables, list_files
 from trainer.data import (
     LABEL_COLUMN,
     class_indices,

@@ -21,7 +21,7 @@ import ray.train.torch
 import torch
 from timm.utils import ModelEmaV3
 
-from labeler.model import ModelSpec, create_model, load_checkpoint, save_checkpoint
+from core.model import ModelSpec, create_model, load_checkpoint, save_checkpoint
 from trainer.board import Board
 from trainer.data import EVAL_BATCH, LABEL_COLUMN, LabeledBatches, load_labeled, load_pseudo
 from trainer.data_check import (
@@ -316,7 +316,7 @@ class _Worker:
     val: LabeledBatches | None  # rank 0 streams the validation split at each evaluation; never held decoded
     eval_batch: int
     board: Board | None  # rank 0's TensorBoard writer
-    channel: Any  # rank 0's labeler.progress.ProgressChannel, or None
+    channel: Any  # rank 0's core.progress.ProgressChannel, or None
 
 
 def _setup(config: dict) -> _Worker:

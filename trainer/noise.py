@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from labeler.images import normalize
+from core.images import normalize
 
 
 def randaugment(ops: int, magnitude: int, image_size: int):

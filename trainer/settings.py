@@ -2,7 +2,7 @@
 ``noisy-student`` config and the trainer's Python API.
 
 Every field's default lives here and only here; a config file holds what differs. Help texts are
-in the field metadata (``labeler.settings.setting``), which the README's config table is generated from.
+in the field metadata (``core.settings.setting``), which the README's config table is generated from.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from labeler.settings import check_choices, setting
+from core.settings import check_choices, setting
 
 
 @dataclass
@@ -73,7 +73,7 @@ class TrainSettings:
     cpus_per_worker: float = setting(1.0, help="Ray CPUs per training worker; on CPU also its torch threads")
     use_gpu: bool = setting(False, help="train on GPUs (one per worker)")
     seed: int = setting(0, help="set by the loop from the top-level seed (teacher: seed, round i: seed + i)")
-    # bring your own model (labeler.checkpoint_import); read for the first teacher only
+    # bring your own model (core.checkpoint_import); read for the first teacher only
     checkpoint: str | None = setting(
         None,
         help="teacher only: start from this model, skipping its training: a checkpoint folder, or a "

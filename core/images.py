@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from labeler.phash import SIDE, hash_input, phash_many
-from labeler.storage import read_bytes
+from core.phash import SIDE, hash_input, phash_many
+from core.storage import read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def decode_into(
     geometry (:func:`decode_image`, then :func:`resize_center_crop`); the one decode step of the
     labeler and of both training feeds, so an image is rejected for the same reasons everywhere.
     ``hash_out``: uint8 ``(32, 32)`` to fill with the decoded image's perceptual-hash input
-    (:func:`labeler.phash.hash_input`, from the whole image, not the crop).
+    (:func:`core.phash.hash_input`, from the whole image, not the crop).
 
     Returns the reject reason (``out`` then untouched), or None when it decoded. An image whose
     resize would exceed ``max_pixels`` is ``too_large`` before it is decoded, and running out of memory
@@ -245,7 +245,7 @@ def decode_batch(
     rejected with the reason that ``read_error`` starts with (one of :data:`READ_REASONS`).
     With ``keep_bytes`` the encoded bytes ride along as ``encoded`` (for ``LabelOptions.keep_image_bytes``);
     with ``phash``, ``phash`` holds each image's 64-bit perceptual hash (uint64; 0 where rejected:
-    :mod:`labeler.phash`).
+    :mod:`core.phash`).
     """
     n = len(batch["path"])
     images = np.zeros((n, image_size, image_size, in_chans), dtype=np.uint8)

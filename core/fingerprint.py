@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 
 import pyarrow.fs as pafs
 
-from labeler.storage import _walk_local, filesystem_for, is_hidden, local_path
+from core.storage import _walk_local, filesystem_for, is_hidden, local_path
 
 __all__ = ["OutputMismatch", "differences", "file_sha256", "stamp", "tree_fingerprint", "record_digest"]
 

@@ -23,13 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from labeler.storage import join, read_bytes, write_bytes
+from core.storage import join, read_bytes, write_bytes
 
 if TYPE_CHECKING:  # torch is imported on use: drivers that only read specs start faster
     import torch
 
 WEIGHTS_FILE = "model.safetensors"
-STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # a bare state dict (labeler.checkpoint_import)
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")  # a bare state dict (core.checkpoint_import)
 SPEC_FILE = "model.json"
 FORMAT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -227,7 +227,7 @@ def check_weights_file(uri: str) -> None:
     Raises:
         FileNotFoundError: nothing at ``uri``. ValueError: naming the file, what it holds and what to do.
     """
-    from labeler.storage import filesystem_for
+    from core.storage import filesystem_for
 
     fs, path = filesystem_for(uri)
     info = fs.get_file_info(path)
@@ -286,11 +286,11 @@ def load_checkpoint(
     """Load a model for inference (eval mode, no noise).
 
     ``path`` is either a checkpoint directory (with model.json), or a state-dict file
-    (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``, read as :func:`labeler.checkpoint_import.read_state_dict`
+    (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``, read as :func:`core.checkpoint_import.read_state_dict`
     does: DDP prefixes and nested or EMA entries unwrapped) in which case ``spec`` must say the
     architecture, classes and preprocessing.
     """
-    from labeler.checkpoint_import import read_state_dict  # imports this module
+    from core.checkpoint_import import read_state_dict  # imports this module
 
     if path.endswith(STATE_DICT_SUFFIXES):
         if spec is None:

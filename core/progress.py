@@ -27,7 +27,7 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 # Loggers of this project; configure_console sends them to the console.
-PROJECT_LOGGERS = ("labeler", "pipeline", "trainer")
+PROJECT_LOGGERS = ("core", "labeler", "pipeline", "trainer")
 LOG_INTERVAL_S = 15.0
 
 

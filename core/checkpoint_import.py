@@ -2,7 +2,7 @@
 
 Accepted forms (local paths or ``s3://`` URIs):
 
-* this project's checkpoint folder (``model.json`` + ``model.safetensors``, :mod:`labeler.model`);
+* this project's checkpoint folder (``model.json`` + ``model.safetensors``, :mod:`core.model`);
 * a bare state dict of a timm architecture, ``.safetensors`` or ``.pth``/``.pt``/``.bin``: keys with a DDP
   ``module.`` prefix, or nested under ``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model``
   (EMA weights preferred, as timm does).
@@ -18,7 +18,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from labeler.model import (
+from core.model import (
     SPEC_FILE,
     STATE_DICT_SUFFIXES,
     WEIGHTS_FILE,
@@ -29,7 +29,7 @@ from labeler.model import (
     local_copy,
     save_checkpoint,
 )
-from labeler.storage import exists, join
+from core.storage import exists, join
 
 if TYPE_CHECKING:
     import torch
