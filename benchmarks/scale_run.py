@@ -420,7 +420,7 @@ def main() -> None:
     parser.add_argument("--student-only", nargs="+", metavar="RUN", help="time the student stage alone on earlier "
                         "runs' balanced sets (RUN: a run-* folder under --workdir/n<N>/)")  # fmt: skip
     parser.add_argument("--default-allocator", action="store_true", help="workers keep pyarrow's default memory "
-                        "pool (mimalloc) instead of core.progress.WORKER_ENV, for comparison")  # fmt: skip
+                        "pool (mimalloc) instead of core.ray_runtime.WORKER_ENV, for comparison")  # fmt: skip
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.makedirs(args.workdir, exist_ok=True)
@@ -436,7 +436,7 @@ def main() -> None:
     from pipeline.digits import write_digits_corpus
 
     labeled = write_digits_corpus(os.path.join(args.workdir, "digits"), 20, 0.1, 0)["labeled"]
-    from core.progress import worker_runtime_env
+    from core.ray_runtime import worker_runtime_env
 
     runtime_env = None if args.default_allocator else worker_runtime_env()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)

@@ -18,10 +18,11 @@ import ray
 
 from core.checkpoint_import import head_width
 from core.cluster import WAIT_NOTICE_S, WAIT_REPEAT_S, cluster_resources, fit_pool, waiting_for, whole_gpu
+from core.console import Progress, ProgressChannel
 from core.fingerprint import OutputMismatch, differences, file_sha256
 from core.images import DEFAULT_MAX_PIXELS, decode_batch
 from core.model import STATE_DICT_SUFFIXES, ModelSpec, check_weights_file, load_spec, weights_file
-from core.progress import Progress, ProgressChannel, started_here, stop_running_datasets
+from core.ray_runtime import started_here, stop_running_datasets
 from core.settings import check_choices, setting
 from core.storage import (
     canonical,
@@ -543,7 +544,7 @@ def _alive_nodes() -> set[str] | None:
 
 
 def _stop_running_datasets(writer: threading.Thread | None, timeout_s: float = 120.0) -> bool:
-    """Force-stop every Ray Data execution of this process (:func:`core.progress.stop_running_datasets`)
+    """Force-stop every Ray Data execution of this process (:func:`core.ray_runtime.stop_running_datasets`)
     and wait for ``writer`` (the stuck job's write thread) to end. Returns whether it did: only then may the
     job's unfinished units be deleted and redone, else two jobs would write the same units."""
     executors = stop_running_datasets(timeout_s)
@@ -602,7 +603,7 @@ def _write_watched(
     try:
         _watch(writer, predictions, stall_timeout_s, channel, display, poll_s, actor, start, before)
     except (KeyboardInterrupt, SystemExit):
-        # Ctrl-C or SIGTERM (core.progress.Stopped): stop Ray Data's threads before Ray shuts down at
+        # Ctrl-C or SIGTERM (core.ray_runtime.Stopped): stop Ray Data's threads before Ray shuts down at
         # exit, or one of them calls into the shut-down Ray and the process dies with status 1
         stop_running_datasets(15.0)
         raise

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
 
-    from core.progress import configure_console, start_or_join_ray
+    from core.console import configure_console
+    from core.ray_runtime import start_or_join_ray
 
     configure_console(args.verbose)
     try:

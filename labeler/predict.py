@@ -21,7 +21,7 @@ def _actor_logging() -> None:
     """In a Ray actor, the ``labeler`` loggers write INFO lines to the actor's stderr: its worker log
     (and the driver's console with ``log_to_driver``). Ray configures its own loggers there, not ours,
     so without this our INFO lines would be dropped. Outside an actor (a driver that called
-    ``core.progress.configure_console``, pytest) nothing changes."""
+    ``core.console.configure_console``, pytest) nothing changes."""
     import ray
 
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
@@ -136,7 +136,7 @@ class Predictor:
 
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
         dtype = str(self.autocast or torch.float32).replace("torch.", "")
-        self.progress = progress  # a core.progress.ProgressChannel, or None
+        self.progress = progress  # a core.console.ProgressChannel, or None
         _actor_logging()
         logger.info(f"labeler: predictor for {self.spec.model_id} on node {node}, device {self.device} {dtype}, {note}")
 

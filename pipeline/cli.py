@@ -63,7 +63,7 @@ def _ablate(args) -> int:
 def _balance(args) -> int:
     import ray
 
-    from core.progress import start_or_join_ray
+    from core.ray_runtime import start_or_join_ray
     from pipeline.balance import balance_predictions
 
     if not ray.is_initialized():
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     bal.set_defaults(func=_balance)
     args = parser.parse_args(argv)
-    from core.progress import configure_console
+    from core.console import configure_console
 
     configure_console(args.verbose)
     try:

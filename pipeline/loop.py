@@ -19,8 +19,9 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from core.checkpoint_import import import_checkpoint
+from core.console import Progress, ProgressChannel, log_file, quiet_ray, verbose
 from core.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, count_parameters, load_spec, model_preprocessing
-from core.progress import Progress, ProgressChannel, log_file, quiet_ray, start_or_join_ray, verbose
+from core.ray_runtime import start_or_join_ray
 from core.storage import (
     absolute,
     delete_tree,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from core.console import ProgressChannel
 from core.model import ModelSpec, load_checkpoint
-from core.progress import ProgressChannel
 from pipeline.corruptions import (
     CORRUPTIONS,
     FLIPS_AGAINST_FIRST,

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.cluster_utils import Cluster
 
-from core.progress import configure_console, worker_runtime_env
+from core.console import configure_console
+from core.ray_runtime import worker_runtime_env
 from labeler.api import LabelOptions, run_labeling
 from tests.helpers import png_bytes, random_checkpoint
 

@@ -6,7 +6,7 @@ import pytest
 import ray
 import torch
 
-from core.progress import worker_runtime_env
+from core.ray_runtime import worker_runtime_env
 from tests.s3_server import free_port, start_for_session
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -59,7 +59,7 @@ def ray_local(s3):
 
     Started after the S3 server so Ray's workers inherit its endpoint and test credentials.
     """
-    # as the project's own clusters (core.progress.start_or_join_ray): workers pinned to this cluster,
+    # as the project's own clusters (core.ray_runtime.start_or_join_ray): workers pinned to this cluster,
     # a dashboard port of its own, so the other clusters tests start cannot disturb its training runs
     env = worker_runtime_env()
     ray.init(address="local", num_cpus=2, include_dashboard=False, dashboard_port=free_port(), log_to_driver=False,
@@ -76,7 +76,7 @@ def project_caplog(caplog, monkeypatch):
     them propagating to the root logger, where ``caplog`` listens)."""
     import logging
 
-    from core.progress import PROJECT_LOGGERS
+    from core.console import PROJECT_LOGGERS
 
     for name in PROJECT_LOGGERS:
         monkeypatch.setattr(logging.getLogger(name), "propagate", True)

@@ -5,7 +5,8 @@ import logging
 
 import pytest
 
-from core.progress import Progress, configure_console, merge, ray_init_kwargs
+from core.console import Progress, configure_console, merge
+from core.ray_runtime import ray_init_kwargs
 
 
 @pytest.fixture

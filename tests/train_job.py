@@ -3,7 +3,7 @@
 import json
 import sys
 
-from core.progress import start_or_join_ray
+from core.ray_runtime import start_or_join_ray
 from tests.test_trainer_faults import long_run
 
 

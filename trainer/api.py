@@ -15,8 +15,9 @@ import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from core.cluster import WAIT_NOTICE_S, WAIT_REPEAT_S, waiting_for
+from core.console import Progress, ProgressChannel
 from core.model import SPEC_FILE, WEIGHTS_FILE, ModelSpec, create_model, load_spec, save_checkpoint
-from core.progress import Progress, ProgressChannel, started_here
+from core.ray_runtime import started_here
 from core.storage import exists, filesystem_for, is_s3, join, write_bytes
 from trainer.data import EVAL_BATCH, LABEL_COLUMN
 from trainer.data_check import clear_recorded_error, preflight, preflight_val, raise_recorded_error
@@ -61,7 +62,7 @@ def train_model(
 
     ``tensorboard``: a folder or ``s3://`` prefix for this run's TensorBoard event files
     (``trainer.board``). ``progress``: show epoch k of N, loss, val top-1, images/s and the ETA on the
-    console (``core.progress``). Returns the exported epoch's metrics (a dict of floats and ints:
+    console (``core.console``). Returns the exported epoch's metrics (a dict of floats and ints:
     ``epoch``, ``train_loss``, ``lr``, ``images_per_s``, ``val_top1`` ...) plus ``exported_epoch``,
     ``last_epoch`` (the epochs trained), ``export`` (``"best val_top1 (max)"`` or ``"last"``); each
     epoch's ``unreadable_labeled`` and ``unreadable_pseudo`` count the rows of that set the epoch

@@ -316,7 +316,7 @@ class _Worker:
     val: LabeledBatches | None  # rank 0 streams the validation split at each evaluation; never held decoded
     eval_batch: int
     board: Board | None  # rank 0's TensorBoard writer
-    channel: Any  # rank 0's core.progress.ProgressChannel, or None
+    channel: Any  # rank 0's core.console.ProgressChannel, or None
 
 
 def _setup(config: dict) -> _Worker:
