@@ -23,10 +23,9 @@ from core.model import (
     STATE_DICT_SUFFIXES,
     WEIGHTS_FILE,
     ModelSpec,
-    check_weights_file,
     create_model,
     load_spec,
-    local_copy,
+    read_state_dict,
     save_checkpoint,
 )
 from core.storage import exists, join
@@ -34,38 +33,13 @@ from core.storage import exists, join
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ClassCountMismatch", "import_checkpoint", "read_state_dict", "classifier_keys"]
+__all__ = ["ClassCountMismatch", "classifier_keys", "import_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 
 class ClassCountMismatch(ValueError):
     """The checkpoint's classifier has another number of classes than the labeled set."""
-
-
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` or ``.pth`` file (local or ``s3://``), unwrapped and unprefixed.
-
-    Raises:
-        ValueError: the file is missing or holds something other than a state dict (a pickled
-            module or code is refused by ``weights_only=True``).
-    """
-    from timm.models import load_state_dict
-
-    check_weights_file(uri)
-    with local_copy(uri) as path:
-        try:
-            # timm: safetensors or torch.load(weights_only=True); state_dict_ema > model_ema > state_dict > model;
-            # strips a DDP "module." prefix (clean_state_dict)
-            state = load_state_dict(path, use_ema=True, weights_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"could not read a state dict from {uri} ({type(err).__name__}: {str(err)[:300]}); give a "
-                ".safetensors file or a .pth saved with torch.save(model.state_dict(), ...) (tensors only)"
-            ) from err
-    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
-        raise ValueError(f"{uri} does not hold a state dict of tensors; save model.state_dict()")
-    return dict(state)
 
 
 def classifier_keys(model: torch.nn.Module) -> list[str]:

@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.phash import SIDE, hash_input, phash_many
@@ -287,3 +289,11 @@ def thumbnail(path: str, size: int = 48, data: bytes | None = None) -> str | Non
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_bytes(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An image column as plain bytes: binary as is, or the ``bytes`` field of a Hugging Face struct
+    (null where the struct itself is null)."""
+    if pa.types.is_struct(col.type):
+        return pa.chunked_array([pc.struct_field(c, "bytes") for c in col.chunks], type=col.type.field("bytes").type)
+    return col

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from core.storage import join, read_bytes, write_bytes
+from core.storage import filesystem_for, join, read_bytes, write_bytes
 
 if TYPE_CHECKING:  # torch is imported on use: drivers that only read specs start faster
     import torch
@@ -227,7 +227,6 @@ def check_weights_file(uri: str) -> None:
     Raises:
         FileNotFoundError: nothing at ``uri``. ValueError: naming the file, what it holds and what to do.
     """
-    from core.storage import filesystem_for
 
     fs, path = filesystem_for(uri)
     info = fs.get_file_info(path)
@@ -286,11 +285,10 @@ def load_checkpoint(
     """Load a model for inference (eval mode, no noise).
 
     ``path`` is either a checkpoint directory (with model.json), or a state-dict file
-    (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``, read as :func:`core.checkpoint_import.read_state_dict`
+    (``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin``, read as :func:`read_state_dict`
     does: DDP prefixes and nested or EMA entries unwrapped) in which case ``spec`` must say the
     architecture, classes and preprocessing.
     """
-    from core.checkpoint_import import read_state_dict  # imports this module
 
     if path.endswith(STATE_DICT_SUFFIXES):
         if spec is None:
@@ -315,3 +313,28 @@ def load_checkpoint(
             f"{spec.num_classes} classes: missing/mismatched {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.to(device).eval(), spec
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` or ``.pth`` file (local or ``s3://``), unwrapped and unprefixed.
+
+    Raises:
+        ValueError: the file is missing or holds something other than a state dict (a pickled
+            module or code is refused by ``weights_only=True``).
+    """
+    from timm.models import load_state_dict
+
+    check_weights_file(uri)
+    with local_copy(uri) as path:
+        try:
+            # timm: safetensors or torch.load(weights_only=True); state_dict_ema > model_ema > state_dict > model;
+            # strips a DDP "module." prefix (clean_state_dict)
+            state = load_state_dict(path, use_ema=True, weights_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"could not read a state dict from {uri} ({type(err).__name__}: {str(err)[:300]}); give a "
+                ".safetensors file or a .pth saved with torch.save(model.state_dict(), ...) (tensors only)"
+            ) from err
+    if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        raise ValueError(f"{uri} does not hold a state dict of tensors; save model.state_dict()")
+    return dict(state)

@@ -15,9 +15,12 @@ import sys
 import traceback
 
 from core.checkpoint_import import STATE_DICT_SUFFIXES
+from core.console import configure_console
 from core.model import ModelSpec
+from core.ray_runtime import start_or_join_ray
 from core.settings import add_arguments, from_args
 from labeler.api import LabelingStalled, LabelOptions, check_labeling_inputs, run_labeling
+from labeler.dedup_cli import main as dedup_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,14 +67,9 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["dedup"]:  # `labeler dedup ...`: near-duplicates of evaluation images (labeler.dedup_cli)
-        from labeler.dedup_cli import main as dedup_main
-
         return dedup_main(argv[1:])
     args = build_parser().parse_args(argv)
     import ray
-
-    from core.console import configure_console
-    from core.ray_runtime import start_or_join_ray
 
     configure_console(args.verbose)
     spec = None

@@ -38,11 +38,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from core.images import RejectedImage, decode_image, is_container
+from core.images import RejectedImage, decode_image, is_container, read_reason, thumbnail
 from core.phash import SIDE, hash_input, phash_many, stored, unsigned
 from core.settings import setting
 from core.storage import canonical, exists, filesystem_for, iter_tables, join, list_files, read_bytes, write_json
 from labeler.hash_index import HashIndex
+from labeler.manifest import parquet_column_range
+from labeler.options import LabelOptions
+from labeler.sources import read_source
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +104,6 @@ EXCLUDED_SCHEMA = pa.schema(
 
 def hash_batch(batch: dict, max_pixels: int) -> dict:
     """(id, path, bytes, read_error) rows -> (id, path, phash, reject_reason): decode, then the pHash."""
-    from core.images import read_reason
 
     n = len(batch["id"])
     inputs = np.zeros((n, SIDE, SIDE), np.uint8)
@@ -126,8 +128,6 @@ def hash_batch(batch: dict, max_pixels: int) -> dict:
 def hash_dataset(source: str, options=None) -> ray.data.Dataset:
     """A lazy dataset of (id, path, phash, reject_reason) rows, one per image of ``source`` (any corpus
     format the labeler reads: ``labeler.sources``; ``options``: its ``LabelOptions``). No model runs."""
-    from labeler.api import LabelOptions
-    from labeler.sources import read_source
 
     opts = options or LabelOptions()
     ds = read_source(source, opts)
@@ -516,7 +516,6 @@ def _stats(ref: Reference, eval_sets: dict, outs: list[dict], hashed: int, group
 def _with_images(pair: dict, ref: Reference, fs) -> dict:
     """A pair for the report: ids, distance and both images as inline thumbnails (None where unreadable);
     ``fs``: the filesystem of the pair's predictions file."""
-    from core.images import thumbnail
 
     eval_path = pair["eval_path"]
     corpus = _kept_bytes(fs, pair["file"], pair["id"]) or _file_image(pair["path"], pair["id"])
@@ -539,8 +538,6 @@ def _file_image(path: str, row_id: str) -> bytes | None:
     """An image's bytes from its own file, or from a Parquet file's row (``<file>#<row>`` ids)."""
     try:
         if path.lower().endswith(".parquet") and "#" in row_id:
-            from labeler.manifest import parquet_column_range
-
             fs, p = filesystem_for(path)
             row = int(row_id.rsplit("#", 1)[1])
             column = [c for c in ("image", "path") if c in pq.read_schema(p, filesystem=fs).names][0]

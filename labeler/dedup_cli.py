@@ -21,6 +21,8 @@ import json
 import sys
 import traceback
 
+from core.console import configure_console
+from core.ray_runtime import start_or_join_ray
 from core.settings import add_arguments, from_args
 from core.storage import absolute, delete_tree, exists, filesystem_for, join, list_files
 from labeler.api import LabelOptions
@@ -97,9 +99,6 @@ def _hashes(option: str, path: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import ray
-
-    from core.console import configure_console
-    from core.ray_runtime import start_or_join_ray
 
     configure_console(args.verbose)
     try:

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from core.fingerprint import stamp
-from core.storage import escape_name, join
+from core.storage import escape_name, filesystem_for, is_s3, join
 from labeler.file_reader import REMOTE_READ_THREADS, _read_one, blocks
 from labeler.units import Unit
 
@@ -121,7 +121,6 @@ def read_manifest_range(fs: pafs.FileSystem, manifest: str, start: int, stop: in
     from the manifest's folder on that filesystem. A file that cannot be read is a row with
     ``read_error`` set (an ``unreadable`` rejection), like in every reader.
     """
-    from core.storage import filesystem_for, is_s3
 
     entries = (_parquet_entries if manifest.endswith(".parquet") else _text_entries)(fs, manifest, start, stop)
     folder = manifest.rsplit("/", 1)[0]

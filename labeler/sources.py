@@ -39,17 +39,17 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
 from core.fingerprint import stamp
-from core.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, read_failure
+from core.images import IMAGE_EXTENSIONS, SHARD_SUFFIXES, image_bytes, read_failure
 from core.storage import absolute, filesystem_for, retried, uri_of
 from labeler.file_reader import SCHEMA, blocks, read_files, relative_id
 from labeler.listing import iter_entries, listing_reader, write_listing
 from labeler.manifest import is_manifest, parquet_units, read_manifest_range, text_units
+from labeler.options import LabelOptions
 from labeler.tar_reader import is_shard, read_shards
 from labeler.units import UNIT_COLUMN, Reader, Unit, UnitsDatasource, make_units
 
@@ -127,14 +127,6 @@ def scratch_listing(source: str, files_per_unit: int) -> str:
     ``listing`` (a shared or s3:// URI) to :func:`plan_units` instead."""
     name = hashlib.sha1(f"{absolute(source)}|{files_per_unit}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), "labeler-listings", f"{name}.parquet")
-
-
-def image_bytes(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    """An image column as plain bytes: binary as is, or the ``bytes`` field of a Hugging Face struct
-    (null where the struct itself is null)."""
-    if pa.types.is_struct(col.type):
-        return pa.chunked_array([pc.struct_field(c, "bytes") for c in col.chunks], type=col.type.field("bytes").type)
-    return col
 
 
 def _is_bytes(t: pa.DataType) -> bool:
@@ -415,7 +407,6 @@ def read_source(
     there. ``plan``: :func:`plan_units`'s result when the caller has it (the corpus is listed once).
     Row mappings reserve the same CPUs, so Ray Data fuses them into the read tasks.
     """
-    from labeler.api import LabelOptions
 
     opts = options or LabelOptions()
     _, units, reader = plan or plan_units(source, opts.format, opts.image_column, opts.id_column, opts.files_per_unit)

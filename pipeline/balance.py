@@ -29,6 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from core.storage import canonical, filesystem_for, iter_tables, join, list_files, read_json, write_bytes
+from labeler.dedup import Exclusions
+from labeler.units import UNIT_COLUMN, unit_of
 from pipeline.balance_core import (
     GATHER_LIMIT,
     KEY_BYTES,
@@ -152,7 +155,6 @@ def _stream_file(fs, path: str, fn, kwargs: dict, batch_rows: int, exclusions=No
     """``fn`` on each record batch of one predictions file's :data:`STAT_COLUMNS`
     (:func:`core.storage.iter_tables`: one batch in memory; an empty file gives one empty output),
     without the rows ``exclusions`` (a ``labeler.dedup.Exclusions``) names for the file."""
-    from core.storage import iter_tables
 
     excluded = exclusions.ids_for(path) if exclusions is not None else None
     for table in iter_tables(fs, path, batch_rows, STAT_COLUMNS):
@@ -163,7 +165,6 @@ def _stream_file(fs, path: str, fn, kwargs: dict, batch_rows: int, exclusions=No
 
 def _exclusions(folder: str | None, predictions: str):
     """The ``labeler.dedup.Exclusions`` of a dedup run at ``folder`` over ``predictions`` (None: none)."""
-    from labeler.dedup import Exclusions
 
     return Exclusions(folder, predictions) if folder else None
 
@@ -175,7 +176,6 @@ def parquet_runner(path: str, batch_rows: int = 1 << 18, exclusions: str | None 
     row group whatever the number of files. ``exclusions``: a ``labeler.dedup`` output folder whose
     excluded rows the passes skip.
     """
-    from core.storage import list_files
 
     fs, files = list_files(path, suffix=".parquet")
     excluded = _exclusions(exclusions, path)
@@ -189,7 +189,6 @@ def parquet_runner(path: str, batch_rows: int = 1 << 18, exclusions: str | None 
 
 def _pass_on_files(batch: dict, fn, kwargs: dict, predictions: str, batch_rows: int, exclusions=None) -> dict:
     """A :func:`files_runner` task: ``fn`` over each file in ``batch`` (one), its small outputs joined."""
-    from core.storage import filesystem_for
 
     fs, _ = filesystem_for(predictions)
     excluded = _exclusions(exclusions, predictions)
@@ -204,7 +203,6 @@ def files_runner(predictions: str, batch_rows: int = APPLY_BATCH_ROWS, exclusion
     the counting and refinement passes grew with the corpus: 165 MB at 100k images, 399 MB at 1M
     (``benchmarks/scale_run.py``'s predictions, balancing alone in one Ray session). ``exclusions``: a
     ``labeler.dedup`` output folder whose excluded rows the passes skip."""
-    from core.storage import list_files
 
     _, files = list_files(predictions, suffix=".parquet")
     if not files:
@@ -360,9 +358,6 @@ def _apply_files(
     per batch); nothing of a file is held beyond one batch. Returns the rows written per file."""
     import pyarrow.parquet as pq
 
-    from core.storage import filesystem_for, iter_tables
-    from labeler.units import UNIT_COLUMN, unit_of
-
     fs, _ = filesystem_for(predictions)
     ofs, opath = filesystem_for(balanced)
     excluded = _exclusions(exclusions, predictions)
@@ -407,7 +402,6 @@ def write_balanced(
     (``ParquetDatasink.write``: ``list(blocks)``), so its memory grew with the corpus. Returns the rows
     written (rows with copies > 0). ``exclusions``: a ``labeler.dedup`` output folder whose excluded rows
     are left out."""
-    from core.storage import filesystem_for, list_files
 
     _, files = list_files(predictions, suffix=".parquet")
     ofs, opath = filesystem_for(balanced)
@@ -509,7 +503,6 @@ def balance_predictions(
         FileNotFoundError: ``predictions`` holds no Parquet file.
         ValueError: ``dedup`` was made over other predictions.
     """
-    from core.storage import join, write_bytes
 
     found = _dedup_stats(dedup, predictions) if dedup else None
     runner = files_runner(predictions, exclusions=dedup)
@@ -530,7 +523,6 @@ def _dedup_stats(dedup: str, predictions: str) -> dict:
     Raises:
         FileNotFoundError: ``dedup`` holds no ``dedup_stats.json``. ValueError: it was made over other rows.
     """
-    from core.storage import canonical, join, read_json
 
     stats = read_json(join(dedup, "dedup_stats.json"))
     if stats.get("predictions") != canonical(predictions):

@@ -7,16 +7,24 @@ import logging
 import sys
 import traceback
 
+from core.console import configure_console
+from core.fingerprint import OutputMismatch
+from core.ray_runtime import start_or_join_ray
 from core.settings import add_arguments
 from core.storage import absolute
-from pipeline.config import BalanceConfig
+from pipeline.balance import balance_predictions
+from pipeline.checks import CheckReport, InputError
+from pipeline.config import BalanceConfig, load_config
 
 logger = logging.getLogger("pipeline.cli")
 CONFIG_HELP = "a shipped config's name (digits, imagenet_jft) or a YAML file, which may extend one with `base: digits`"
 
 
+# The commands' modules are imported on use: the loop, the report and ablations import torch and timm (seconds),
+# which `noisy-student --help`, a mistyped argument and `noisy-student balance` do not need.
+
+
 def _run(args) -> int:
-    from pipeline.config import load_config
     from pipeline.loop import run_loop
 
     cfg = load_config(args.config, args.overrides)
@@ -27,9 +35,6 @@ def _run(args) -> int:
 def _check(args) -> int:
     """Every check the loop makes before it starts, and nothing else: no Ray, no model built, nothing written
     (except the embedded digits corpus when the config uses it)."""
-    from core.fingerprint import OutputMismatch
-    from pipeline.checks import CheckReport, InputError
-    from pipeline.config import load_config
     from pipeline.loop import preflight
 
     cfg = load_config(args.config, args.overrides)
@@ -62,9 +67,6 @@ def _ablate(args) -> int:
 
 def _balance(args) -> int:
     import ray
-
-    from core.ray_runtime import start_or_join_ray
-    from pipeline.balance import balance_predictions
 
     if not ray.is_initialized():
         start_or_join_ray(None, args.verbose)
@@ -125,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     bal.set_defaults(func=_balance)
     args = parser.parse_args(argv)
-    from core.console import configure_console
 
     configure_console(args.verbose)
     try:

@@ -38,7 +38,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from core.settings import field_default, setting
+from core.model import SPEC_FILE, ModelSpec, count_parameters, create_model, load_spec
+from core.settings import choices_of, field_default, setting
+from core.storage import exists, join
 from labeler.api import LabelOptions
 from labeler.dedup import DedupOptions
 from trainer.settings import TrainSettings
@@ -546,8 +548,6 @@ def parameter_count(arch: str, num_classes: int, image_size: int, in_chans: int 
     """Parameters of a timm architecture, counted on the meta device (shapes only: no memory, even for 480M)."""
     import torch
 
-    from core.model import ModelSpec, count_parameters, create_model
-
     with torch.device("meta"):
         return count_parameters(create_model(ModelSpec(arch, [str(i) for i in range(num_classes)], image_size)))
 
@@ -559,8 +559,6 @@ def check_supplied_arch(cfg: DictConfig) -> None:
     Raises:
         ConfigError: naming both architectures and the setting to change.
     """
-    from core.model import SPEC_FILE, load_spec
-    from core.storage import exists, join
 
     folder = cfg.teacher.checkpoint
     if folder and exists(join(folder, SPEC_FILE)):
@@ -611,7 +609,6 @@ def _format_default(value: Any) -> str:
 
 def _type_name(tp: Any) -> str:
     """``int``, ``float or null``, ``sgd/rmsprop/adamw`` (a choice), ``list[str]``."""
-    from core.settings import choices_of
 
     choices = choices_of(tp)
     if choices:

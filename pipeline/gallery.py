@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core.storage import list_files
+from labeler.dedup import Exclusions
 from pipeline.balance_core import sort_keys
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ def sample_gallery(
     rows a near-duplicate run at ``dedup`` excluded (``labeler.dedup.Exclusions``): balancing never saw them.
     Each list is ordered from the highest confidence down.
     """
-    from labeler.dedup import Exclusions
 
     shown = min(num_classes, max_classes)
     cut = _threshold_key(threshold)

@@ -338,6 +338,7 @@ def streaming_datasets(
     labeled and pseudo are split over the workers; clean (un-augmented labeled images, for
     re-estimating BatchNorm statistics at the end) is read whole by rank 0.
     """
+    # imported on use: the streaming feed's module imports Ray Data's torch support, which feed: memory never needs
     from trainer.feed import augmented, labeled_dataset, pseudo_dataset, pseudo_row_count
 
     s, sp = settings, dataclasses.asdict(spec)

@@ -19,9 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from core.images import RejectedImage, decode_into, is_container
+from core.images import RejectedImage, decode_into, image_bytes, is_container
 from core.storage import filesystem_for, is_s3, iter_tables, list_dirs, list_files, read_bytes, uri_of
-from labeler.sources import image_bytes
 
 EVAL_BATCH = 256  # images per evaluation batch: all an evaluation holds decoded at once
 REMOTE_READS = 16  # S3 objects fetched at a time by LabeledBatches (each GET is latency-bound)

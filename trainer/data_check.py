@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.images import READ_REASONS
 from core.storage import delete_file, exists, list_files, read_bytes, write_bytes
+from trainer.data import LabeledBatches, _decode_many, _rejections, list_class_folders, parquet_files, pseudo_sources
 
 # stop when more than this share of a set's rows cannot be read or decoded
 MAX_UNREADABLE_FRACTION = 0.5
@@ -69,7 +71,6 @@ def _sample_pseudo(balanced: str) -> pa.Table:
 def preflight(labeled: str, pseudo: str | None, classes: list[str], image_size: int, in_chans: int) -> None:
     """Decode a sample of each training set in the driver; raise TrainingDataError before any
     worker starts when a sample is mostly unreadable (the first rows: files in sorted order)."""
-    from trainer.data import _decode_many, list_class_folders, parquet_files, pseudo_sources
 
     if not parquet_files(labeled):
         pairs = list_class_folders(labeled)[1][:SAMPLE_ROWS]
@@ -88,7 +89,6 @@ def preflight_val(val: str, classes: list[str], image_size: int, in_chans: int, 
     Raises:
         TrainingDataError: no image of the first SAMPLE_ROWS decodes (naming the reasons).
     """
-    from trainer.data import LabeledBatches
 
     data = LabeledBatches(val, classes, image_size, in_chans, SAMPLE_ROWS, label_column=label_column)
     _, labels = next(iter(data), (None, []))
@@ -101,7 +101,6 @@ def preflight_val(val: str, classes: list[str], image_size: int, in_chans: int, 
 
 
 def _counts(reasons: list, ids: list[str]) -> tuple[dict[str, int], int, str]:
-    from trainer.data import _rejections
 
     unreadable, first = _rejections(reasons, ids)
     return unreadable, len(reasons), first
@@ -126,7 +125,6 @@ def clear_recorded_error(path: str) -> None:
 
 def reason_codes() -> tuple[str, ...]:
     """Reject reasons as small integers, for tensors that carry them out of Ray Data tasks."""
-    from core.images import READ_REASONS
 
     return ("", *READ_REASONS, "empty", "too_large", "not_an_image", "truncated", "undecodable", "unsupported_mode")
 
