@@ -1,4 +1,4 @@
-"""Package attributes imported on first use (PEP 562), shared by the three packages' ``__init__``.
+"""Package attributes imported on first use (PEP 562), shared by the packages' ``__init__``.
 
 Our own ten lines rather than scientific-python's ``lazy_loader``: a dependency for this alone
 is not worth it, and ``lazy_loader``'s stub-file mode would add a ``.pyi`` per package.

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.storage import exists, join, read_json, write_bytes, write_json
-from trainer.data import LABEL_COLUMN, _parquet_columns, list_class_folders, parquet_files, parquet_source_column
+from trainer.data import LABEL_COLUMN, list_class_folders, parquet_columns, parquet_files, parquet_source_column
 
 SPLIT_FILE = "split.json"
 
@@ -81,7 +81,7 @@ def carve_validation(
         )
     if parquet_files(labeled):
         column = parquet_source_column(labeled)
-        cols = _parquet_columns(labeled, [column, "label"], label_column)
+        cols = parquet_columns(labeled, [column, "label"], label_column)
         source, names = cols[column], cols["label"]
     else:
         _, pairs = list_class_folders(labeled)

@@ -267,7 +267,7 @@ def read_class_set(root: str, label_column: str = LABEL_COLUMN) -> ClassSet:
     return ClassSet(root, "parquet", classes, dict(counts), missing, 0, bool(classes) and all(map(_is_index, classes)))
 
 
-def _parquet_columns(root: str, columns: list[str], label_column: str = LABEL_COLUMN) -> dict[str, list]:
+def parquet_columns(root: str, columns: list[str], label_column: str = LABEL_COLUMN) -> dict[str, list]:
     """Python lists of ``columns`` over every Parquet file under ``root`` (``image`` as plain bytes; the
     labels of ``label_column``, under the key ``label``, as class names: :func:`label_names`)."""
     fs, files = list_files(root, suffix=".parquet")
@@ -323,7 +323,7 @@ def load_labeled(
     """
     if parquet_files(root):
         source = parquet_source_column(root)
-        cols = _parquet_columns(root, [source, "label"], label_column)
+        cols = parquet_columns(root, [source, "label"], label_column)
         indices = class_indices(cols["label"], classes, root)
         if source == "path":  # a manifest: files named by URI, read as class-folder files are
             images, reasons = _decode_many(cols["path"], image_size, in_chans)
