@@ -28,6 +28,7 @@ from core.model import SPEC_FILE, WEIGHTS_FILE, check_weights_file, load_spec
 from core.storage import exists, join
 from labeler.sources import plan_units, scratch_listing, unit_rows
 from labeler.units import corpus_digest
+from pipeline.split import Splits
 from trainer.data import ClassSet, read_class_set
 
 __all__ = ["CheckReport", "InputError", "check_inputs"]
@@ -219,7 +220,7 @@ def _check_corpus(report: CheckReport, cfg: DictConfig, unlabeled: str, listing:
 
 
 def check_inputs(
-    cfg: DictConfig, data: dict, listing: str | None = None, report: CheckReport | None = None
+    cfg: DictConfig, data: Splits, listing: str | None = None, report: CheckReport | None = None
 ) -> CheckReport:
     """Every check of the module docstring on a run's splits (``pipeline.loop.split_paths``'s ``data``).
 
@@ -230,16 +231,16 @@ def check_inputs(
     """
     report = report if report is not None else CheckReport()
     column = cfg.data.label_column
-    labeled = _check_labeled(report, data["classes_from"], column)
+    labeled = _check_labeled(report, data.classes_from, column)
     report.classes = labeled
     if labeled is not None:
-        if data.get("val") and not data.get("carve"):
-            _check_split(report, "data.val", data["val"], labeled, column, subset=False)
-        if data.get("test"):
-            _check_split(report, "data.test", data["test"], labeled, column, subset=False)
+        if data.val and not data.carve:
+            _check_split(report, "data.val", data.val, labeled, column, subset=False)
+        if data.test:
+            _check_split(report, "data.test", data.test, labeled, column, subset=False)
         for name, root in cfg.eval.extra.items():
             _check_split(report, f"eval.extra.{name}", root, labeled, column, subset=True)
         _check_teacher(report, cfg, labeled)
     if cfg.iterations > 0:
-        _check_corpus(report, cfg, data["unlabeled"], listing)
+        _check_corpus(report, cfg, data.unlabeled, listing)
     return report

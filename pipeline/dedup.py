@@ -20,6 +20,7 @@ from core.fingerprint import record_digest, tree_fingerprint
 from core.storage import absolute, canonical, exists, filesystem_for, join, list_files, uri_of
 from labeler.api import LabelOptions
 from labeler.dedup import DedupOptions, collect_hashes, find_duplicates
+from pipeline.split import Splits
 from trainer.data import parquet_source_column
 
 logger = logging.getLogger(__name__)
@@ -27,10 +28,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["cached_hashes", "dedup_folder", "dedup_line", "eval_sets", "hash_labeled_set", "run_dedup"]
 
 
-def eval_sets(cfg: DictConfig, data: dict) -> dict[str, str]:
+def eval_sets(cfg: DictConfig, data: Splits) -> dict[str, str]:
     """The evaluation sets a round's predictions are compared with, by name: ``val``, ``test`` and
     ``extra/<name>`` (``data``: ``pipeline.loop.prepare_data``'s splits, the carved validation included)."""
-    sets = {name: data[name] for name in ("val", "test") if data.get(name)}
+    sets = {name: getattr(data, name) for name in ("val", "test") if getattr(data, name)}
     sets.update({f"extra/{name}": absolute(uri) for name, uri in cfg.eval.extra.items()})
     return sets
 
@@ -66,14 +67,14 @@ def cached_hashes(root: str, run_dir: str) -> pa.Table:
     return table
 
 
-def run_dedup(cfg: DictConfig, data: dict, predictions: str, folder: str) -> dict:
+def run_dedup(cfg: DictConfig, data: Splits, predictions: str, folder: str) -> dict:
     """Compare ``predictions`` with the evaluation sets and the labeled set (hashed once per run:
     :func:`cached_hashes`); write ``folder`` (the exclusions, ``dedup_stats.json``, ``pairs.json``) and return
     the stats (``labeler.dedup.find_duplicates``)."""
     sets = eval_sets(cfg, data)
     logger.info(f"dedup: hashing the evaluation sets ({', '.join(sets) or 'none'}) and the labeled set")
     hashed = {name: cached_hashes(uri, cfg.run_dir) for name, uri in sets.items()}
-    labeled = cached_hashes(data["labeled"], cfg.run_dir).select(["phash"])  # what models train on
+    labeled = cached_hashes(data.labeled, cfg.run_dir).select(["phash"])  # what models train on
     _, files = list_files(predictions, suffix=".parquet")
     logger.info(f"dedup: comparing {len(files)} predictions files with {sum(t.num_rows for t in hashed.values())} "
                 f"evaluation images (max distance {cfg.dedup.max_distance} bits)")  # fmt: skip

@@ -49,7 +49,7 @@ from pipeline.model_eval import (
     worse_than_teacher_warnings,
 )
 from pipeline.report import role_label, write_report
-from pipeline.split import carve_validation
+from pipeline.split import Splits, carve_validation
 from pipeline.stages import Stage, check_stages, label_options, plan_stages, recorded_floor, start_stage
 from trainer.api import train_model
 from trainer.loop import steps_per_epoch
@@ -115,12 +115,10 @@ def software_versions() -> dict:
     return out
 
 
-def split_paths(cfg: DictConfig) -> dict:
-    """The splits as configured, before any carving: ``labeled``, ``unlabeled``, ``test``, ``val`` (or
-    None), ``classes_from`` (the labeled set as given, whose classes the models predict) and ``carve``
-    (whether validation is carved from the labeled set: :func:`prepare_data`); local paths absolute (Ray
-    Train workers run in their own working directory). Writes the embedded digits corpus when none is
-    configured (``check_rules`` has made sure ``data.labeled`` and ``data.unlabeled`` are both set or both null).
+def split_paths(cfg: DictConfig) -> Splits:
+    """The splits as configured, before any carving (``carve`` says whether validation will be carved from the
+    labeled set: :func:`prepare_data`). Writes the embedded digits corpus when none is configured
+    (``check_rules`` has made sure ``data.labeled`` and ``data.unlabeled`` are both set or both null).
     """
     d = cfg.data
     if d.labeled and d.unlabeled:
@@ -130,14 +128,14 @@ def split_paths(cfg: DictConfig) -> dict:
         # before does not find it "made with other settings"
         paths = write_digits_corpus(d.root, d.labels_per_class, d.test_fraction, cfg.seed, d.val_per_class)
         paths["test"] = d.test or paths["test"]
-    paths["classes_from"] = paths["labeled"]
-    paths["val"] = d.val or paths.get("val")
-    paths = {k: absolute(v) if v else v for k, v in paths.items()}
-    paths["carve"] = bool(not d.val and d.val_fraction)
-    return paths
+    val = d.val or paths.get("val")
+    labeled, unlabeled, test, val = (
+        absolute(p) if p else p for p in (paths["labeled"], paths["unlabeled"], paths["test"], val)
+    )
+    return Splits(labeled, unlabeled, test, val, classes_from=labeled, carve=bool(not d.val and d.val_fraction))
 
 
-def prepare_data(cfg: DictConfig, paths: dict | None = None) -> dict:
+def prepare_data(cfg: DictConfig, paths: Splits | None = None) -> Splits:
     """The splits (:func:`split_paths`, or ``paths`` when given) with the validation split carved where
     configured: ``labeled`` (what models train on) and ``val`` then point at the carved parts.
 
@@ -145,11 +143,12 @@ def prepare_data(cfg: DictConfig, paths: dict | None = None) -> dict:
     carved per class from the labeled set into ``run_dir/splits/`` (:mod:`pipeline.split`; the carved
     images leave the training set); the digits corpus's own ``val/`` (``data.val_per_class``); none.
     """
-    paths = dict(paths or split_paths(cfg))
-    if paths["carve"]:
-        splits = join(cfg.run_dir, "splits")
-        paths.update(carve_validation(paths["labeled"], cfg.data.val_fraction, cfg.seed, splits, cfg.data.label_column))
-    return paths
+    paths = paths or split_paths(cfg)
+    if not paths.carve:
+        return paths
+    splits = join(cfg.run_dir, "splits")
+    carved = carve_validation(paths.labeled, cfg.data.val_fraction, cfg.seed, splits, cfg.data.label_column)
+    return dataclasses.replace(paths, labeled=carved["labeled"], val=carved["val"])
 
 
 def _model_spec(cfg: DictConfig, classes: list[str], settings: TrainSettings) -> ModelSpec:
@@ -170,7 +169,7 @@ def _finished(model_dir: str) -> dict | None:
 
 
 def _supplied_teacher(
-    cfg: DictConfig, settings: TrainSettings, spec: ModelSpec, data: dict, teacher_dir: str, stage: Stage
+    cfg: DictConfig, settings: TrainSettings, spec: ModelSpec, data: Splits, teacher_dir: str, stage: Stage
 ) -> dict:
     """Round 0 from ``teacher.checkpoint``: converted into ``teacher_dir`` (the project's checkpoint folder,
     its head in the labeled set's class order: ``teacher.classes``), not trained; with ``reset_classifier``
@@ -189,10 +188,10 @@ def _supplied_teacher(
         for name in (SPEC_FILE, WEIGHTS_FILE):
             write_bytes(join(teacher_dir, name), read_bytes(join(staged, name)))
         metrics = {"train_seconds": 0.0}
-        if data.get("val"):  # validated like a trained model, so a worse student is marked against it
+        if data.val:  # validated like a trained model, so a worse student is marked against it
             task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(validate_model)
             column = cfg.data.label_column
-            metrics.update(ray.get(task.remote(teacher_dir, data["val"], cfg.eval.batch_size, column)))
+            metrics.update(ray.get(task.remote(teacher_dir, data.val, cfg.eval.batch_size, column)))
     metrics.update(supplied=uri, classifier_reset=reset)
     write_json(join(teacher_dir, "final.json"), metrics)
     return metrics
@@ -225,8 +224,8 @@ def _train(cfg, settings, spec, data, out_dir, name, pseudo=None, init_from=None
     logger.info(f"training {name}: {spec.arch}, {settings.epochs} epochs, {settings.num_workers} workers")
     start = time.time()
     metrics = train_model(
-        settings, spec, data["labeled"], out_dir, join(cfg.run_dir, "ray_train"), name,
-        pseudo=pseudo, val=data.get("val"), hard=cfg.label.hard, init_from=init_from, label=name,
+        settings, spec, data.labeled, out_dir, join(cfg.run_dir, "ray_train"), name,
+        pseudo=pseudo, val=data.val, hard=cfg.label.hard, init_from=init_from, label=name,
         tensorboard=join(cfg.run_dir, "tensorboard", name),
         eval_batch=cfg.eval.batch_size, label_column=cfg.data.label_column,
     )  # fmt: skip
@@ -269,12 +268,12 @@ def at_least_as_long(s: TrainSettings, teacher_seen: int | None, pseudo_rows: in
     return dataclasses.replace(s, min_steps_per_epoch=max(s.min_steps_per_epoch, need))
 
 
-def _evaluate(cfg: DictConfig, model_dir: str, data: dict, stage: Stage) -> dict:
+def _evaluate(cfg: DictConfig, model_dir: str, data: Splits, stage: Stage) -> dict:
     """All metrics of one model (``model_dir/eval.json``, computed once); a Ray task, on a GPU if there is one."""
     path = join(model_dir, "eval.json")
     if exists(path):
         return read_json(path)
-    if not data["test"]:
+    if not data.test:
         return {}
     start_stage(stage)
     task = ray.remote(num_cpus=1, num_gpus=gpus_per_task())(evaluate_model)
@@ -285,7 +284,7 @@ def _evaluate(cfg: DictConfig, model_dir: str, data: dict, stage: Stage) -> dict
     )
     channel = ProgressChannel.create()
     try:
-        ref = task.remote(model_dir, data["test"], extra, cfg.seed, cfg.eval.batch_size, channel, cfg.data.label_column)
+        ref = task.remote(model_dir, data.test, extra, cfg.seed, cfg.eval.batch_size, channel, cfg.data.label_column)
         metrics = _wait_showing_progress(ref, channel, f"evaluating {_model_name(model_dir)} (test split)")
     finally:
         channel.shutdown()
@@ -318,7 +317,7 @@ def _model_name(model_dir: str) -> str:
 
 def _label_and_balance(
     cfg: DictConfig,
-    data: dict,
+    data: Splits,
     teacher_dir: str,
     round_dir: str,
     num_classes: int,
@@ -329,12 +328,12 @@ def _label_and_balance(
     stage = stages[f"round_{it}/labels"]
     start_stage(stage)
     if not exists(join(labels_dir, "manifest.json")):
-        logger.info(f"labeling {data['unlabeled']} with {teacher_dir}")
+        logger.info(f"labeling {data.unlabeled} with {teacher_dir}")
     # image bytes from the floor the stage was started with (a raised balance.threshold keeps the labels)
     opts = label_options(cfg, recorded_floor(stage))
     # always: a finished job is reused only when the corpus's units are the same files (labeler.units);
     # an interrupted one resumes
-    run_labeling(data["unlabeled"], teacher_dir, labels_dir, opts, plan=corpus)
+    run_labeling(data.unlabeled, teacher_dir, labels_dir, opts, plan=corpus)
     stats_path = join(round_dir, "balance_stats.json")
     if exists(stats_path):
         return read_json(stats_path)
@@ -417,7 +416,7 @@ def preflight(
     listing: str | None = None,
     report: CheckReport | None = None,
     dry_run: bool = False,
-) -> tuple[dict, CheckReport, list]:
+) -> tuple[Splits, CheckReport, list]:
     """Everything the loop checks before Ray starts: the inputs (``pipeline.checks``; a folder corpus is
     listed into ``listing``, default a scratch file), the model sizes, and which stages of ``run_dir`` are
     reused, resumed, run or redone (``pipeline.stages``). Returns the splits (:func:`split_paths`), the
@@ -454,7 +453,7 @@ def _run_loop(cfg: DictConfig, run_dir: str, overwrite: bool = False) -> list[di
     info = {"config": OmegaConf.to_container(cfg), "versions": software_versions(), "argv": sys.argv,
             "teacher_supplied": supplied}  # fmt: skip
     write_json(join(run_dir, RUN_INFO_FILE), info)
-    logger.info(f"validation split: {data['val']}" if data["val"] else
+    logger.info(f"validation split: {data.val}" if data.val else
                 "no validation split (data.val, data.val_fraction): every model exports its last epoch")  # fmt: skip
     teacher_dir = join(run_dir, "round_0", "teacher")
     settings = train_settings(cfg.teacher, cfg.seed)

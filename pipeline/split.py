@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,24 @@ from core.storage import exists, join, read_json, write_bytes, write_json
 from trainer.data import LABEL_COLUMN, list_class_folders, parquet_columns, parquet_files, parquet_source_column
 
 SPLIT_FILE = "split.json"
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A run's data sets, as the stages of the loop pass them on: local paths (absolute, since Ray Train's
+    workers run in a working directory of their own) or ``s3://`` URIs.
+
+    ``labeled``: what the models train on (after a carve, the training part); ``unlabeled``: the corpus;
+    ``test`` and ``val``: evaluation sets, or None; ``classes_from``: the labeled set as given, whose classes
+    the models predict; ``carve``: whether ``val`` is carved from the labeled set (``data.val_fraction``).
+    """
+
+    labeled: str
+    unlabeled: str
+    test: str | None
+    val: str | None
+    classes_from: str
+    carve: bool
 
 
 def carve_indices(labels: list[str], fraction: float, seed: int) -> np.ndarray:

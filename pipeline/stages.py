@@ -32,6 +32,7 @@ from core.model import SPEC_FILE, WEIGHTS_FILE
 from core.storage import absolute, canonical, delete_file, delete_tree, exists, join, read_json, write_json
 from labeler.api import ROW_SETTINGS
 from pipeline.config import student_archs, train_settings
+from pipeline.split import Splits
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +132,13 @@ def _supplied(cfg: DictConfig) -> dict | None:
     return {"uri": uri, **digest, "classes": list(cfg.teacher.classes), "reset": cfg.teacher.reset_classifier}
 
 
-def _set_prints(cfg: DictConfig, data: dict) -> dict:
+def _set_prints(cfg: DictConfig, data: Splits) -> dict:
     """The fingerprints of the labeled set, the validation split (None when carved), the test split and each
     ``eval.extra`` set: each set listed once per plan, whatever the number of records that hold it."""
     return {
-        "labeled": _fingerprint(data["classes_from"]),
-        "val": None if data.get("carve") else _fingerprint(data.get("val")),
-        "test": _fingerprint(data.get("test")),
+        "labeled": _fingerprint(data.classes_from),
+        "val": None if data.carve else _fingerprint(data.val),
+        "test": _fingerprint(data.test),
         "extra": {k: _fingerprint(absolute(v)) for k, v in cfg.eval.extra.items()},
     }
 
@@ -171,11 +172,11 @@ def _eval_stage(cfg: DictConfig, sets: dict, name: str, folder: str, model: Stag
     return Stage(f"{name} evaluation", record, record_file, [eval_file], eval_file, [model.name], resumable=False)
 
 
-def _dedup_record(cfg: DictConfig, data: dict, sets: dict) -> dict:
+def _dedup_record(cfg: DictConfig, data: Splits, sets: dict) -> dict:
     """What a round's near-duplicate step reads besides its predictions: its settings and the sets it compares
     with (the validation split as given or as carved, the test split, ``eval.extra``, the labeled set;
     ``sets``: :func:`_set_prints`)."""
-    carved = {"fraction": cfg.data.val_fraction, "seed": cfg.seed} if data.get("carve") else None
+    carved = {"fraction": cfg.data.val_fraction, "seed": cfg.seed} if data.carve else None
     return {
         **OmegaConf.to_container(cfg.dedup),
         "val": carved or sets["val"],
@@ -185,7 +186,9 @@ def _dedup_record(cfg: DictConfig, data: dict, sets: dict) -> dict:
     }
 
 
-def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, corpus: str | None = None) -> list[Stage]:
+def plan_stages(
+    cfg: DictConfig, data: Splits, classes: list[str], specs: dict, corpus: str | None = None
+) -> list[Stage]:
     """Every stage of the run ``cfg`` describes, in order, with the record it would have.
 
     ``data``: the splits before any carving (``pipeline.loop.split_paths``: ``classes_from`` the labeled
@@ -195,7 +198,7 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
     data's listings (paths, sizes, modification times), and the supplied teacher's bytes for its digest.
     """
     run_dir = cfg.run_dir
-    carve = data.get("carve")
+    carve = data.carve
     sets = _set_prints(cfg, data)
     data_record = {
         "labeled": sets["labeled"],
@@ -217,7 +220,7 @@ def plan_stages(cfg: DictConfig, data: dict, classes: list[str], specs: dict, co
     label_settings = {name: getattr(options, name) for name in ROW_SETTINGS if name != "image_bytes_min_confidence"}
     for it, arch in enumerate(student_archs(cfg), start=1):
         round_dir = join(run_dir, f"round_{it}")
-        labels_record = {"stage": "labels", "teacher": model.digest, "unlabeled": canonical(data["unlabeled"])}
+        labels_record = {"stage": "labels", "teacher": model.digest, "unlabeled": canonical(data.unlabeled)}
         labels_record.update(corpus=corpus, label=label_settings)
         labels_dir = join(round_dir, "labels")
         labels = Stage(

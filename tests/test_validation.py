@@ -103,18 +103,18 @@ def test_prepare_data_chooses_the_validation_split(tmp_path):
             "labels_per_class": 5, "test_fraction": 0.3, "val_per_class": 2}  # fmt: skip
     cfg = {"seed": 0, "run_dir": str(tmp_path / "run"), "data": base}
     digits = prepare_data(as_config(cfg))  # the digits corpus's own val/: 2 per class, from the unlabeled pool
-    assert digits["val"].endswith("val") and len(load_labeled(digits["val"], [str(i) for i in range(10)], 8)) == 20
+    assert digits.val.endswith("val") and len(load_labeled(digits.val, [str(i) for i in range(10)], 8)) == 20
     assert json.loads((tmp_path / "digits" / "corpus.json").read_text())["counts"]["val"] == 20
     folders = _folders(tmp_path / "given_val")
     given = prepare_data(
         as_config({**cfg, "data": {**base, "val": str(tmp_path / "given_val"), "root": str(tmp_path / "d2")}})
     )
-    assert given["val"] == str(tmp_path / "given_val")  # data.val, class folders, as given
-    assert len(LabeledBatches(given["val"], sorted(PER_CLASS), 8).__iter__().__next__()[1]) == len(folders)
+    assert given.val == str(tmp_path / "given_val")  # data.val, class folders, as given
+    assert len(LabeledBatches(given.val, sorted(PER_CLASS), 8).__iter__().__next__()[1]) == len(folders)
     carved = prepare_data(as_config({**cfg, "data": {**base, "val_fraction": 0.4, "root": str(tmp_path / "d3")}}))
-    assert carved["val"] == str(tmp_path / "run" / "splits" / "val")  # 2 of each class's 5 labels
-    assert carved["classes_from"].endswith("labeled") and labeled_classes(carved["labeled"]) == list("0123456789")
-    assert len(load_labeled(carved["labeled"], list("0123456789"), 8)) == 30
+    assert carved.val == str(tmp_path / "run" / "splits" / "val")  # 2 of each class's 5 labels
+    assert carved.classes_from.endswith("labeled") and labeled_classes(carved.labeled) == list("0123456789")
+    assert len(load_labeled(carved.labeled, list("0123456789"), 8)) == 30
 
 
 def test_every_checkpoint_of_a_best_export_is_validated():
@@ -228,7 +228,7 @@ def test_a_validation_setting_does_not_invalidate_the_digits_corpus(tmp_path):
     base = {"run_dir": str(tmp_path / "run"), "data": {"root": str(tmp_path / "digits"), "val_per_class": 2}}
     plain = prepare_data(as_config(base))
     carved = prepare_data(as_config({**base, "data": {**base["data"], "val_fraction": 0.4}}))
-    assert plain["unlabeled"] == carved["unlabeled"] and carved["val"].endswith(os.path.join("splits", "val"))
+    assert plain.unlabeled == carved.unlabeled and carved.val.endswith(os.path.join("splits", "val"))
 
 
 def test_a_validation_split_with_no_readable_image_stops_before_training(tmp_path):
