@@ -2,7 +2,7 @@
 
 A setting is a dataclass field made with :func:`setting`: its name, type, default and help text are
 written once, and the labeler's command-line options (:func:`add_arguments`), the loop's typed
-config (``pipeline.config``, OmegaConf structured configs) and the README's config table are all
+config (``pipeline.config``, OmegaConf structured configs) and docs/configuration.md's table are all
 generated from it. ``Literal[...]`` types are the allowed values of a choice (OmegaConf checks them
 when a config is loaded; :func:`check_choices` checks objects built in Python).
 
@@ -23,7 +23,7 @@ __all__ = ["setting", "add_arguments", "from_args", "check_choices", "choices_of
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its help text in ``metadata["help"]`` (shown by ``--help`` and the README table)."""
+    """A dataclass field with its help text in ``metadata["help"]`` (shown by ``--help`` and docs/configuration.md)."""
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})

@@ -132,7 +132,7 @@ def _bounded(ds: ray.data.Dataset, opts: LabelOptions) -> ray.data.Dataset:
     in ``benchmarks/scale_run.py`` the largest Ray process grew 1.41x (by USS) from 100k to 1M images
     without a limit and 1.14x with 512 MB. The limit is not the default because Ray Data throttles a
     pipeline whose limit holds few blocks: ``benchmarks/read_ahead_limit.py`` (3 MB read blocks) took
-    10.1 s without a limit, 8.9 s with 512 MB and 85.1 s with 64 MB (README, "scale run").
+    10.1 s without a limit, 8.9 s with 512 MB and 85.1 s with 64 MB (docs/benchmarks.md, "Sharded corpora at scale").
     """
     if opts.object_store_mb > 0:
         ctx = ds.context

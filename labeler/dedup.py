@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 EVAL_REASON = "near_duplicate_eval"
 CORPUS_REASON = "duplicate_in_corpus"
-# chosen from benchmarks/dedup_distance.py (README, "Near-duplicates of evaluation images")
+# chosen from benchmarks/dedup_distance.py (docs/near-duplicates.md, docs/benchmarks.md)
 DEFAULT_MAX_DISTANCE = 8
 BUCKET_ROWS = 2_000_000  # rows of the corpus one grouping task holds (about 0.1 GB: hash, file, Arrow id)
 PAIRS_SHOWN = 16
@@ -64,7 +64,7 @@ FILES_PER_TASK = 8
 class DedupOptions:
     """Near-duplicate settings: the ``labeler dedup`` command's options and a noisy-student config's
     ``dedup:`` section (same names). ``max_distance`` is in bits of the 64-bit pHash; its default, 8, comes
-    from ``benchmarks/dedup_distance.py`` (the README's "Near-duplicates of evaluation images": 91-97% of
+    from ``benchmarks/dedup_distance.py`` (docs/benchmarks.md, "Near-duplicate distance": 91-97% of
     altered photo copies found, no distinct photo pair within reach).
 
     Raises:

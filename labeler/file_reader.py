@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from core.images import read_failure
-from core.storage import local_path, retried, uri_of
+from core.storage import local_path, read_bytes, uri_of
 
 SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("bytes", pa.binary()), ("read_error", pa.string())])
 REMOTE_READ_THREADS = 16
@@ -32,18 +32,14 @@ def relative_id(path: str, root: str) -> str:
 
 def _read_one(fs: pafs.FileSystem, path: str) -> tuple[bytes | None, str | None]:
     """The file's bytes, or its ``unreadable`` reason. An S3 GET that fails for a moment (a 5xx, a connection
-    reset in the middle of the body, which the AWS SDK does not retry) is read again whole
-    (``core.storage.retried``): a storage fault that passes must not become an unreadable image."""
-
-    def read() -> bytes:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-
+    reset in the middle of the body, which the AWS SDK does not retry) is read again whole, at most
+    ``S3_MAX_ATTEMPTS`` times in all (``core.storage.read_bytes``): a storage fault that passes must not
+    become an unreadable image."""
     try:
         if isinstance(fs, pafs.LocalFileSystem):  # Python's open: names may be escaped non-UTF-8 bytes
             with open(local_path(path), "rb") as f:
                 return f.read(), None
-        return retried("GET", uri_of(fs, path), read), None
+        return read_bytes(uri_of(fs, path)), None
     except OSError as err:
         return None, read_failure("unreadable", f"{type(err).__name__}: {err}")
 

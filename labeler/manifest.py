@@ -1,6 +1,7 @@
 """Manifest inputs: a text file of image URIs (one per line) or a Parquet file with a ``uri``
 (or, without one, ``path``) column, for corpora whose files are too many to list (listing 100M
-loose files is slow, Ray issue #40686, and a listing held in the driver grows with the corpus).
+loose files takes hours, one request per 1,000 keys on S3, and a listing held in the driver grows with
+the corpus).
 
 The driver never holds the URIs: it reads the manifest once, streaming, to cut it into units of
 ``files_per_unit`` entries (text: the byte offset where each unit starts; Parquet: row ranges

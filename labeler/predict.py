@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 def _actor_logging() -> None:
-    """In a Ray actor, the ``labeler`` loggers write INFO lines to the actor's stderr: its worker log
+    """In a Ray actor, the ``core`` and ``labeler`` loggers write INFO lines to the actor's stderr: its worker log
     (and the driver's console with ``log_to_driver``). Ray configures its own loggers there, not ours,
     so without this our INFO lines would be dropped. Outside an actor (a driver that called
     ``core.console.configure_console``, pytest) nothing changes."""
@@ -26,15 +26,16 @@ def _actor_logging() -> None:
 
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return
-    package = logging.getLogger("labeler")
-    if any(getattr(h, "_labeler_actor", False) for h in package.handlers):
-        return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._labeler_actor = True
-    package.addHandler(handler)
-    package.setLevel(logging.INFO)
-    package.propagate = False  # once, even where Ray's set-up gave the root logger a handler too
+    for name in ("core", "labeler"):  # the labeler's own lines, and those of the storage and model code it runs
+        package = logging.getLogger(name)
+        if any(getattr(h, "_labeler_actor", False) for h in package.handlers):
+            continue
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False  # once, even where Ray's set-up gave the root logger a handler too
 
 
 BASE_FIELDS = [("id", pa.string()), ("path", pa.string()), ("label", pa.int64()), ("confidence", pa.float32())]

@@ -1,6 +1,6 @@
 """Confidence filtering and exact per-class balancing over a Ray Dataset of predictions.
 
-Semantics (the README's "Balancing" paragraph), for each pseudo-label class c among rows with
+Semantics (docs/outputs.md, "Balancing"), for each pseudo-label class c among rows with
 ``confidence >= threshold``:
 
 * count >= N: keep exactly the N highest ranked rows (1 copy each);

@@ -344,7 +344,7 @@ def _explain(err: OmegaConfBaseException) -> ConfigError:
         if key in _RENAMED:
             return ConfigError(f"unknown config key {key!r}; it is now {_RENAMED[key]}")
         close = difflib.get_close_matches(key, _schema_keys(), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; the README's config table lists every key"
+        hint = f"; did you mean {', '.join(close)}?" if close else "; docs/configuration.md lists every key"
         return ConfigError(f"unknown config key {key!r}{hint}")
     return ConfigError(f"config key {key}: {first}")
 
@@ -482,7 +482,7 @@ def check_rules(cfg: DictConfig) -> None:
     if not 0 <= cfg.dedup.max_distance <= 32:
         raise ConfigError(
             f"dedup.max_distance must be within 0..32 (bits of 64), not {cfg.dedup.max_distance}: 8 (the default) "
-            "suits photos, 2 images of about 8 px (README, near-duplicates of evaluation images)"
+            "suits photos, 2 images of about 8 px (docs/near-duplicates.md)"
         )
     if cfg.dedup.enabled and not cfg.label.phash:
         raise ConfigError(
@@ -594,7 +594,7 @@ def check_model_sizes(cfg: DictConfig, num_classes: int) -> None:
         teacher = (f"student.archs[{i}]", arch)
 
 
-# --- the README's table ---------------------------------------------------------------------------------
+# --- the configuration table (docs/configuration.md) ------------------------------------------------------
 
 
 def _format_default(value: Any) -> str:
@@ -620,7 +620,7 @@ def _type_name(tp: Any) -> str:
 
 
 def config_table() -> str:
-    """The README's config table (Markdown), generated from the dataclasses: every key, its type, default and help."""
+    """The table of docs/configuration.md (Markdown), from the dataclasses: every key, its type, default and help."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
@@ -649,5 +649,5 @@ def config_table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m pipeline.config: print the README's table
+if __name__ == "__main__":  # python -m pipeline.config: print docs/configuration.md's table
     print(config_table())

@@ -1,6 +1,6 @@
 """A pool that can never be scheduled fails loudly instead of hanging: on a 2-CPU cluster, inference actors
-that take every CPU leave the read tasks none, and Ray Data waits forever without an error (the README's
-"The labeler alone" section, on `stall_timeout_s`)."""
+that take every CPU leave the read tasks none, and Ray Data waits forever without an error (docs/labeler.md, on
+`stall_timeout_s`)."""
 
 import subprocess
 import sys

@@ -2,7 +2,7 @@
 ``noisy-student`` config and the trainer's Python API.
 
 Every field's default lives here and only here; a config file holds what differs. Help texts are
-in the field metadata (``core.settings.setting``), which the README's config table is generated from.
+in the field metadata (``core.settings.setting``), which docs/configuration.md's table is generated from.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class TrainSettings:
     ema_decay: float = setting(0.0, help="EMA of weights, exported when on (paper: 0.9999); 0 = off")
     grad_clip_norm: float = setting(0.0, help="clip the global gradient norm; 0 = off")
     eval_every: int = setting(1, help="epochs between validation-split evaluations (the last epoch always evaluates)")
-    # model selection (issue 13): which checkpoint becomes the model. Without a validation split there
+    # model selection: which checkpoint becomes the model. Without a validation split there
     # is nothing to select on, and the last epoch is exported.
     export: Literal["best", "last"] = setting(
         "best",
