@@ -109,7 +109,7 @@ def _stop_cleanly_on_sigterm() -> None:
         return
 
     def stop(signum, frame) -> None:
-        logging.getLogger(__name__).warning(
+        logger.warning(
             "stopped by SIGTERM: finished units and checkpoints are kept; run the same command again to resume"
         )
         raise Stopped(128 + signum)

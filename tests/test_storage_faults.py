@@ -153,14 +153,15 @@ def _loop(name: str, endpoint: str, cwd, *extra: str) -> dict:
     print(f"{name}: {len(notices)} restart or retry lines", *notices[:40], sep="\n")  # shown with -rP
     fs, path = filesystem_for(f"{run}/round_1/labels/predictions")
     predictions = pq.read_table(path, filesystem=fs).to_pandas()
+    summary = read_json(f"{run}/summary.json")
     return {
-        "pseudo_rows": [e["pseudo_rows"] for e in read_json(f"{run}/summary.json")],
+        "pseudo_rows": [e["pseudo_rows"] for e in summary],
         # the same text for both runs: the stats name the run's own paths
         "balance_stats": json.dumps(read_json(f"{run}/round_1/balance_stats.json")).replace(f"/{name}/", "/RUN/"),
         "predictions": predictions.drop(columns=["path"]).sort_values("id").reset_index(drop=True),
         "manifest": read_json(f"{run}/round_1/labels/manifest.json"),
         "log": read_bytes(f"{run}/run.log").decode(),
-        "summary": read_json(f"{run}/summary.json"),
+        "summary": summary,
     }
 
 
