@@ -37,6 +37,17 @@ def test_cycler_shards_are_disjoint_and_cover_everything():
     assert first.isdisjoint(second) and first | second == set(range(10))
 
 
+@pytest.mark.parametrize("n, batch, world", [(10, 3, 1), (10, 4, 3), (7, 16, 2), (5, 5, 5)])
+def test_a_cycler_seeks_to_where_an_unbroken_one_is(n, batch, world):
+    """A resumed run's feed starts where the unbroken run's feed would be, round ends included."""
+    for rank in range(world):
+        unbroken = Cycler(n, batch, rank, world, seed=3)
+        for k in range(12):
+            resumed = Cycler(n, batch, rank, world, seed=3)
+            resumed.seek(k * batch)
+            assert resumed.next().tolist() == unbroken.next().tolist(), (rank, k)
+
+
 def test_randaugment_changes_images_and_can_be_switched_off():
     imgs = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
     off = augment_batch(imgs, randaugment(0, 9, 16), (0.5,) * 3, (0.5,) * 3)

@@ -7,6 +7,7 @@ decoding, repetition by ``copies``, sorting by id, or augmentation), the model c
 far above chance on held-out digits, and this test fails.
 """
 
+import copy
 import io
 
 import numpy as np
@@ -19,7 +20,7 @@ from core.model import ModelSpec, create_model
 from pipeline.digits import write_digits_corpus
 from trainer.data import LabeledBatches, labeled_classes
 from trainer.evaluate import evaluate
-from trainer.loop import MemoryFeed, _Step, build_optimizer, lr_factor, seed_everything
+from trainer.loop import MemoryFeed, _Step, _train_epoch, _Worker, build_optimizer, lr_factor, seed_everything
 from trainer.settings import TrainSettings
 
 SIZE = 16
@@ -106,3 +107,41 @@ def test_pseudo_labeled_rows_carry_their_own_targets(digits):
     losses, _, after = _train_and_evaluate(digits, digits["balanced"], ratio=3, batch=8)
     assert len(losses) == 300
     assert after > 0.85, f"held-out top-1 {after:.3f} after 300 steps of 8 labeled + 24 pseudo (chance is 0.1)"
+
+
+def _worker(paths: dict, s: TrainSettings, spec: ModelSpec, start_epoch: int, state: dict | None) -> _Worker:
+    """What ``trainer.loop._setup`` builds for one worker, from ``state`` (a checkpoint's) when given."""
+    feed = MemoryFeed({"labeled": paths["labeled"], "pseudo": paths["balanced"], "hard": False}, s, spec, 0, 1,
+                      start_epoch)  # fmt: skip
+    torch.manual_seed(start_epoch + 7)  # a resumed worker's fresh model starts elsewhere; its state replaces it
+    model = create_model(spec, s.drop_rate, s.drop_path_rate)
+    opt = build_optimizer(model, s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, feed.steps, s))
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    step = _Step(model, opt, sched, None, s, torch.device("cpu"))
+    return _Worker(s, spec, 0, 1, torch.device("cpu"), "[t]", feed, model, model, None, opt, sched, step,
+                   start_epoch, [], [], False, None, 64, None, None)  # fmt: skip
+
+
+def test_a_resumed_run_trains_the_epochs_an_unbroken_run_trains(digits):
+    """Resumed from the state after epoch 2, epochs 3 and 4 draw the same batches, augmentation, dropout
+    and stochastic depth as in the unbroken run: the weights come out bit for bit the same, so a
+    training restart (a lost node, a storage fault) does not make another teacher."""
+    torch.set_num_threads(2)
+    spec = ModelSpec("test_resnet", labeled_classes(digits["labeled"]), SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
+    s = TrainSettings(batch_size=8, ratio=2, epochs=4, steps_per_epoch=5, lr=0.05, warmup_epochs=1,
+                      randaugment_ops=2, drop_rate=0.3, drop_path_rate=0.2, num_workers=1, seed=5)  # fmt: skip
+    unbroken = _worker(digits, s, spec, 0, None)
+    for epoch in range(4):
+        _train_epoch(unbroken, epoch)
+        if epoch == 1:
+            parts = {"model": unbroken.model, "optimizer": unbroken.opt, "scheduler": unbroken.sched}
+            state = {k: copy.deepcopy(v.state_dict()) for k, v in parts.items()}
+    resumed = _worker(digits, s, spec, 2, state)
+    for epoch in (2, 3):
+        _train_epoch(resumed, epoch)
+    for (name, a), b in zip(unbroken.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after the resume"

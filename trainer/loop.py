@@ -79,11 +79,26 @@ def build_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opt
 
 
 class Cycler:
-    """Endless shuffled batches of one worker's shard; the same order on every rerun."""
+    """Endless shuffled batches of one worker's shard; the same order on every rerun.
 
-    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int, start_round: int = 0):
+    Round ``r`` is the ``rank``-th of ``world`` strides through a permutation of ``range(n)`` drawn
+    from ``(seed, r)``; batches run across round ends. :meth:`seek` jumps to where a Cycler would be
+    after handing out ``items`` indices, so a resumed run goes on with the order an unbroken one has.
+    """
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
-        self.round, self.order, self.pos = start_round, np.empty(0, dtype=np.int64), 0
+        self.round, self.order, self.pos = 0, np.empty(0, dtype=np.int64), 0
+
+    def seek(self, items: int) -> None:
+        """Go to the state after ``items`` indices were handed out (``next`` called ``items / batch`` times)."""
+        shard = len(range(self.rank, self.n, self.world))  # every round gives this worker that many
+        if items == 0 or shard == 0:
+            self.round, self.order, self.pos = 0, np.empty(0, dtype=np.int64), 0
+            return
+        r, self.pos = divmod(items, shard)
+        self.order = np.random.default_rng((self.seed, r)).permutation(self.n)[self.rank :: self.world]
+        self.round = r + 1
 
     def next(self) -> np.ndarray:
         out = []
@@ -102,6 +117,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of worker ``rank``'s random streams in 0-based ``epoch`` (augmentation, dropout,
+    stochastic depth): a function of the three alone, so an epoch trained again after a resume draws
+    what it drew the first time, and no random state has to travel in checkpoints."""
+    return int(np.random.SeedSequence([seed % 2**63, rank, epoch]).generate_state(1, np.uint64)[0] % 2**63)
 
 
 def steps_per_epoch(labeled: int, pseudo: int | None, s: TrainSettings) -> int:
@@ -144,11 +166,13 @@ class MemoryFeed:
             s.randaugment_ops, s.randaugment_magnitude, spec.image_size, s.random_resized_crop, s.hflip
         )
         per_worker = s.batch_size // world
-        # after a resume the data order is deterministic, yet not a replay of the epochs already done
-        self.lab_iter = Cycler(len(self.labeled), per_worker, rank, world, s.seed, start_round=start_epoch * 1000)
+        # a resumed run goes on where the unbroken one would be: epochs before start_epoch are skipped
+        self.lab_iter = Cycler(len(self.labeled), per_worker, rank, world, s.seed)
+        self.lab_iter.seek(start_epoch * self.steps * per_worker)
         self.pse_iter = None
         if self.pseudo is not None and s.ratio > 0:
-            self.pse_iter = Cycler(len(self.pseudo), per_worker * s.ratio, rank, world, s.seed + 1, start_epoch)
+            self.pse_iter = Cycler(len(self.pseudo), per_worker * s.ratio, rank, world, s.seed + 1)
+            self.pse_iter.seek(start_epoch * self.steps * per_worker * s.ratio)
 
     def epoch(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         spec = self.spec
@@ -326,7 +350,7 @@ def _setup(config: dict) -> _Worker:
     spec = ModelSpec(**config["spec"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(s.seed * 1000 + rank)  # RandAugment draws from Python's and numpy's RNGs
+    seed_everything(s.seed * 1000 + rank)  # the initial weights; each epoch reseeds (epoch_seed)
     device = _device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(s.cpus_per_worker)))  # Ray pins OMP_NUM_THREADS to 1 otherwise
@@ -397,6 +421,7 @@ def epoch_plan(epoch: int, s: TrainSettings, has_val: bool) -> tuple[bool, bool,
 def _train_epoch(w: _Worker, epoch: int) -> dict:
     """One epoch of optimisation steps; its metrics (loss, lr, images/s, unreadable counts)."""
     s, steps = w.s, w.feed.steps
+    seed_everything(epoch_seed(s.seed, w.rank, epoch))  # an epoch redone after a resume draws the same
     w.model.train()
     total, seen, started = 0.0, 0, time.perf_counter()
     for i, (x, y) in enumerate(w.feed.epoch()):
