@@ -84,6 +84,7 @@ _EXPORTS = {
         "unsigned",
     ),
     "core.ray_runtime": (
+        "keeps_sigterm_status",
         "start_or_join_ray",
         "started_here",
         "stop_running_datasets",

@@ -17,7 +17,7 @@ import traceback
 from core.checkpoint_import import STATE_DICT_SUFFIXES
 from core.console import configure_console
 from core.model import ModelSpec
-from core.ray_runtime import start_or_join_ray
+from core.ray_runtime import keeps_sigterm_status, start_or_join_ray
 from core.settings import add_arguments, from_args
 from labeler.api import LabelingStalled, LabelOptions, check_labeling_inputs, run_labeling
 from labeler.dedup_cli import main as dedup_main
@@ -64,6 +64,7 @@ def options_from_args(args: argparse.Namespace) -> LabelOptions:
     return from_args(LabelOptions, args)
 
 
+@keeps_sigterm_status
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["dedup"]:  # `labeler dedup ...`: near-duplicates of evaluation images (labeler.dedup_cli)

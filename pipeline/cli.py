@@ -9,7 +9,7 @@ import traceback
 
 from core.console import configure_console
 from core.fingerprint import OutputMismatch
-from core.ray_runtime import start_or_join_ray
+from core.ray_runtime import keeps_sigterm_status, start_or_join_ray
 from core.settings import add_arguments
 from core.storage import absolute
 from pipeline.balance import balance_predictions
@@ -78,6 +78,7 @@ def _balance(args) -> int:
     return 0
 
 
+@keeps_sigterm_status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noisy-student", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
