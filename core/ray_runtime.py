@@ -109,10 +109,11 @@ def keeps_sigterm_status(command: Callable) -> Callable:
 
     @functools.wraps(command)
     def run(*args, **kwargs):
+        _stopped_by.clear()  # a signal that stopped an earlier call in this process is not this call's
         try:
             return command(*args, **kwargs)
         except SystemExit as err:
-            if _stopped_by and not isinstance(err, Stopped):
+            if _stopped_by and err.code not in (0, None) and not isinstance(err, Stopped):
                 raise Stopped(128 + _stopped_by[0]) from err
             raise
 

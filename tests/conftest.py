@@ -13,11 +13,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 # modules whose tests start Ray in a subprocess (no fixture to see it by)
-RAY_SUBPROCESS_MODULES = {"test_job_submission", "test_labeler_stall", "test_multinode"}
+RAY_SUBPROCESS_MODULES = {"test_labeler_stall", "test_multinode"}
 # fixtures that start Ray (directly, or by running a stage that calls ray.init)
-RAY_FIXTURES = {"ray_local"}
+RAY_FIXTURES = {"ray_local", "tiny_run"}  # tiny_run: the loop submitted to a job server it starts
 # modules whose fixtures run a whole Noisy Student loop, a simulated multi-node cluster or a job server
-SLOW_MODULES = {"test_ablate", "test_end_to_end", "test_job_submission", "test_multinode", "test_s3_end_to_end"}
+SLOW_MODULES = {"test_ablate", "test_end_to_end", "test_multinode", "test_s3_end_to_end"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

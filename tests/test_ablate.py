@@ -1,4 +1,4 @@
-"""`noisy-student ablate` on the shrunk digits config: one variant besides the baseline."""
+"""`noisy-student ablate` on the shrunk digits config: one variant besides the baseline, sharing its first teacher."""
 
 import json
 
@@ -8,14 +8,17 @@ import pytest
 from pipeline.ablate import variants
 from pipeline.cli import main
 from pipeline.config import load_config
+from tests.helpers import plant_teacher
 
 
 @pytest.fixture(scope="module")
 def ablation(ray_local, tmp_path_factory):
+    """The baseline and one variant, from a random first teacher planted where the baseline trains its own
+    (training one adds nothing here; threshold 0, as such a teacher is never 30% sure)."""
     tmp = tmp_path_factory.mktemp("ablate")
-    args = ["ablate", "digits", f"run_dir={tmp}/abl", "runlocal=true",
-            f"data.root={tmp}/data", "--only", "no_balancing"]  # fmt: skip
-    assert main(args) == 0
+    overrides = ["runlocal=true", f"data.root={tmp}/data", "balance.threshold=0.0"]
+    plant_teacher(load_config("digits", [*overrides, f"run_dir={tmp}/abl_ablation/baseline"]))
+    assert main(["ablate", "digits", f"run_dir={tmp}/abl", *overrides, "--only", "no_balancing"]) == 0
     return tmp / "abl_ablation"
 
 

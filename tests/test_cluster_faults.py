@@ -138,6 +138,7 @@ main()
 
 
 @pytest.mark.ray
+@pytest.mark.cluster
 def test_sigterm_inside_ray_get_exits_with_143(tmp_path):
     """Ray's ``ray.get`` turns the exception the SIGTERM handler raises into ``SystemExit(1)``; a command's
     entry point (``keeps_sigterm_status``) still exits with 143, so a stopped job does not look failed."""

@@ -1,10 +1,15 @@
-"""The whole loop on a shrunk digits config: real Ray Data, real TorchTrainer with 2 workers."""
+"""The whole loop on a shrunk digits config, submitted as a user submits it to a cluster: ``ray job submit``
+to a head these tests start (tests/job_server.py), with this checkout uploaded as the job's code. The job runs
+from the run's folder with relative paths, as users type them (Ray Data and Ray Train workers run elsewhere, so
+every path must reach them absolute). Real Ray Data, real TorchTrainer with 2 workers; the job's console output
+is checked as well as what it wrote."""
 
 import base64
 import io
 import json
 import os
 import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import pyarrow.parquet as pq
@@ -16,10 +21,21 @@ from pipeline.cli import main
 from pipeline.corruptions import CORRUPTIONS
 from pipeline.loop import _check_student_size
 from tests.helpers import random_checkpoint
+from tests.job_server import job_server
+
+# relative to the run's folder, from where the job and the in-process rerun both start
+ARGS = [
+    "run", "digits", "run_dir=run", "runlocal=true",  # a shipped config, by name
+    "data.labeled=data/labeled", "data.unlabeled=unlabeled", "data.test=data/test", "data.val_fraction=0.4",
+    "eval.extra={test_again: data/test}",
+]  # fmt: skip
+# the job's entry point: from the run's folder ($0), the uploaded checkout's code (where the job started)
+FROM_FOLDER = 'cd "$0" && PYTHONPATH="$OLDPWD" exec python -m pipeline "$@"'
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_local, tmp_path_factory):
+def tiny_run(tmp_path_factory):
+    """(run_dir, the command's arguments, the job's output)."""
     tmp = tmp_path_factory.mktemp("e2e")
     from pipeline.digits import write_digits_corpus
 
@@ -29,23 +45,17 @@ def tiny_run(ray_local, tmp_path_factory):
     (unlabeled / "corrupt.png").write_bytes(b"\x89PNG not really")
     test_image = sorted((tmp / "data" / "test" / "3").iterdir())[0]  # a test image leaked into the corpus
     shutil.copy(test_image, unlabeled / "copy_of_test.png")
-    config = "digits"  # a shipped config, by name
-    args = [
-        "run", config, "run_dir=run", "runlocal=true",  # relative paths, as users type them
-        "data.labeled=data/labeled", "data.unlabeled=unlabeled", "data.test=data/test", "data.val_fraction=0.4",
-        "eval.extra={test_again: data/test}",
-    ]  # fmt: skip
-    cwd = os.getcwd()
-    os.chdir(tmp)
-    try:
-        assert main(args) == 0
-    finally:
-        os.chdir(cwd)
-    return tmp / "run", args
+    with job_server() as (address, env):
+        cmd = ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
+               "bash", "-c", FROM_FOLDER, str(tmp), *ARGS]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in log, log[-3000:]
+    return tmp / "run", ARGS, log
 
 
 def test_summary_lists_every_model(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(e["iteration"], e["role"]) for e in summary] == [(0, "teacher"), (1, "student")]
     for e in summary:
@@ -55,7 +65,7 @@ def test_summary_lists_every_model(tiny_run):
 def test_the_student_trains_on_at_least_as_many_labeled_images_as_its_teacher(tiny_run):
     """student.as_long_as_teacher through the loop: the runlocal teacher takes 4 epochs of 1 step; one pass
     over the student's 160 pseudo rows is 1 step, so its 2 epochs must grow to 2 steps each."""
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     cfg = json.loads((run_dir / "run_config.json").read_text())["config"]
     teacher = json.loads((run_dir / "round_0" / "teacher" / "final.json").read_text())
     student = json.loads((run_dir / "round_1" / "student" / "final.json").read_text())
@@ -67,7 +77,7 @@ def test_the_student_trains_on_at_least_as_many_labeled_images_as_its_teacher(ti
 def test_models_are_selected_on_the_carved_validation_split(tiny_run):
     """data.val_fraction=0.4: 2 of each class's 5 labels validate, 3 train; each model's exported epoch
     has the best val_top1 of its run, and a student worse than its teacher is flagged either way."""
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     split = json.loads((run_dir / "splits" / "split.json").read_text())["images_per_class"]
     assert set(split["val"].values()) == {2} and set(split["labeled"].values()) == {3}
     teacher, student = json.loads((run_dir / "summary.json").read_text())
@@ -81,7 +91,7 @@ def test_models_are_selected_on_the_carved_validation_split(tiny_run):
 
 
 def test_summary_carries_the_robustness_metrics(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     teacher, student = json.loads((run_dir / "summary.json").read_text())
     assert teacher["mce"] == pytest.approx(1.0) and teacher["mfr"] == pytest.approx(1.0)
     for e in (teacher, student):
@@ -122,7 +132,7 @@ def _png(src: str) -> Image.Image:
 
 
 def test_report_shows_every_plot(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     parser = _Images()
     parser.feed((run_dir / "report.html").read_text())
     assert set(parser.images) == PLOTS
@@ -137,7 +147,7 @@ def test_report_shows_every_plot(tiny_run):
 
 
 def test_report_header_and_rejections(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     page = (run_dir / "report.html").read_text()
     info = json.loads((run_dir / "run_config.json").read_text())
     assert info["config"]["runlocal"] is True and info["config"]["student"]["epochs"] == 2  # resolved values
@@ -167,7 +177,7 @@ def test_tensorboard_lists_every_model(tiny_run):
     """What ``tensorboard --logdir RUN_DIR`` shows, read with TensorBoard's own event loader."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     runs = EventMultiplexer().AddRunsFromDirectory(str(run_dir))
     runs.Reload()
     teacher, student = "tensorboard/round_0_teacher", "tensorboard/round_1_student"
@@ -187,7 +197,7 @@ def test_tensorboard_lists_every_model(tiny_run):
 
 
 def test_checkpoints_load_through_the_labeler(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     for d in ("round_0/teacher", "round_1/student"):
         model, spec = load_checkpoint(str(run_dir / d))
         assert spec.classes == [str(i) for i in range(10)] and not model.training
@@ -195,7 +205,7 @@ def test_checkpoints_load_through_the_labeler(tiny_run):
 
 
 def test_every_unlabeled_image_is_accounted_for(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     manifest = json.loads((run_dir / "round_1" / "labels" / "manifest.json").read_text())
     n_files = len(os.listdir(run_dir.parent / "unlabeled"))
     assert manifest["rows"] == n_files and manifest["rejected"] == 1
@@ -203,7 +213,7 @@ def test_every_unlabeled_image_is_accounted_for(tiny_run):
 
 
 def test_balanced_set_has_exactly_per_class_rows(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     stats = json.loads((run_dir / "round_1" / "balance_stats.json").read_text())
     table = pq.read_table(run_dir / "round_1" / "balanced").to_pandas()
     per_label = table.groupby("label")["copies"].sum()
@@ -214,7 +224,7 @@ def test_balanced_set_has_exactly_per_class_rows(tiny_run):
 
 
 def test_a_copy_of_a_test_image_never_reaches_the_student(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run[0]
     stats = json.loads((run_dir / "round_1" / "balance_stats.json").read_text())["dedup"]
     excluded = {r["id"]: r for r in pq.read_table(run_dir / "round_1" / "dedup" / "excluded").to_pylist()}
     leaked = sorted((run_dir.parent / "data" / "test" / "3").iterdir())[0].name
@@ -235,8 +245,9 @@ def test_a_copy_of_a_test_image_never_reaches_the_student(tiny_run):
     assert "Near-duplicates of evaluation images, round_1" in page and "copy_of_test.png" in page
 
 
-def test_rerun_skips_finished_stages(tiny_run):
-    run_dir, args = tiny_run
+def test_rerun_skips_finished_stages(ray_local, tiny_run):
+    """The same command again, in-process, from the same folder: every stage is reused."""
+    run_dir, args, _ = tiny_run
     before = (run_dir / "summary.json").read_text()
     log_before = (run_dir / "run.log").read_text()
     cwd = os.getcwd()
@@ -261,3 +272,37 @@ def test_smaller_student_is_refused(tmp_path):
 def test_bad_override_is_a_clear_error(capsys):
     assert main(["run", "digits", "teacher.epoch=3"]) == 2
     assert "did you mean teacher.epochs" in capsys.readouterr().err
+
+
+def test_the_jobs_console_shows_every_stage_and_no_noise(tiny_run):
+    run_dir, _, log = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "test_top1" in log  # the job's own printout reached the submitter
+    assert (run_dir / "report.html").exists() and len(summary) == 2
+    _check_console(log)
+
+
+# Ray's own output that once drowned the progress: the PlacementGroupCleaner's failed State API
+# polls, Ray Train's worker-group chatter, Ray Data's execution logs, and the workers' epoch lines
+NOISE = (
+    "Failed to query Ray Train Controller actor state", "Reporting training result", "Checkpoint successfully created",
+    "Attempting to start training worker group", "Setting up process group", "logging_progress.py",
+    "Execution plan of Dataset", "Progress bars disabled", "RayTrainWorker", "epoch=",
+)  # fmt: skip
+
+
+def _check_console(log: str) -> None:
+    """The default console of the tiny loop, as a log: every stage's progress, no noise, no redraws."""
+    lines = log.splitlines()
+    assert "\r" not in log  # a log, not a terminal: no carriage-return redraws
+    for noise in NOISE:
+        assert noise not in log, f"{noise!r} in the default output:\n{log[-3000:]}"
+    for stage in ("training round_0_teacher", "round_0_teacher: 100% 4/4", "labeling: 100% 1110/1110",
+                  "balanced in", "round_1_student: 100% 2/2", "evaluated in", "pseudo_rows", "report: "):  # fmt: skip
+        assert stage in log, f"{stage!r} missing from the output:\n{log[-3000:]}"
+    job = [line for line in lines if line.strip() and not line.startswith(("20", "-", "Job ", "Next steps", "  "))]
+    assert len(set(job)) == len(job), "a line printed twice"
+    # the job's own lines; the submitter's CLI adds its own (packaging notes grow with the cache folders
+    # a checkout holds: .ruff_cache, .pytest_cache, .hypothesis), which are not the job's output
+    assert len(job) < 40, f"{len(job)} lines from the job:\n{log}"
+    assert len(lines) < 100, f"{len(lines)} lines:\n{log}"

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cluster  # a simulated multi-node cluster: with the fault tests, out of the default run
+
 
 @pytest.fixture(scope="module")
 def placement(tmp_path_factory):

@@ -62,17 +62,30 @@ def _loop(root, paths, unlabeled: str, name: str, extra=()) -> tuple:
     return run, spec, summary
 
 
+@pytest.fixture(scope="module")
+def sharded_run(ray_local, digits):
+    """``sharded_run(fmt)``: the loop on the corpus in that format, run once per module."""
+    root, paths, corpora, _ = digits
+    runs = {}
+
+    def run(fmt: str) -> tuple:
+        if fmt not in runs:
+            runs[fmt] = _loop(root, paths, corpora[fmt], f"run_{fmt}")
+        return runs[fmt]
+
+    return run
+
+
 @pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
-def test_students_train_from_shards_through_both_feeds(ray_local, digits, fmt):
-    root, paths, corpora, images = digits
-    run, _, summary = _loop(root, paths, corpora[fmt], f"run_{fmt}")
+def test_students_train_from_shards(digits, sharded_run, fmt):
+    images = digits[3]
+    run, _, summary = sharded_run(fmt)
     manifest = json.loads((run / "round_1" / "labels" / "manifest.json").read_text())
     assert manifest["rows"] == manifest["labeled"] == images and manifest["rejected"] == 0
     stats = json.loads((run / "round_1" / "balance_stats.json").read_text())
     total = stats["total_rows"]  # a random teacher predicts few classes; each is filled or trimmed exactly
     assert total == stats["per_class"] * (10 - len(stats["empty_classes"])) >= 16
-    balanced = str(run / "round_1" / "balanced")
-    table = pq.read_table(balanced)
+    table = pq.read_table(run / "round_1" / "balanced")
     assert pc.sum(table["copies"]).as_py() == total and table["image"].null_count == 0  # the images travel along
 
     # feed: memory, inside the loop: the student held exactly the balanced rows, none unreadable
@@ -80,7 +93,14 @@ def test_students_train_from_shards_through_both_feeds(ray_local, digits, fmt):
     assert student["pseudo_rows"] == total and student["unreadable_pseudo"] == 0 == student["unreadable_labeled"]
     assert summary[1]["pseudo_rows"] == total and summary[1]["unreadable_pseudo"] == 0
 
-    # feed: ray_data on the same balanced set: the stream yields exactly the balanced rows, all decoded
+
+def test_the_stream_feed_trains_on_a_balanced_set_from_shards(digits, sharded_run):
+    """feed: ray_data on the balanced set of the WebDataset run (either format's is the same shape): the
+    stream yields exactly the balanced rows, all decoded."""
+    paths = digits[1]
+    run, _, _ = sharded_run("webdataset")
+    total = json.loads((run / "round_1" / "balance_stats.json").read_text())["total_rows"]
+    balanced = str(run / "round_1" / "balanced")
     spec = load_spec(str(run / "round_1" / "student"))
     stream = augmented(pseudo_dataset(balanced, spec.num_classes, hard=False), vars(spec), 2, 9, 0.0)
     ok = np.concatenate([b["ok"] for b in stream.iter_batches(batch_format="numpy", batch_size=None)])

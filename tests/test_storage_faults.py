@@ -173,7 +173,9 @@ def test_the_tiny_loop_through_storage_faults_gives_the_same_results(s3, proxy, 
     the corpus's upload through the teacher's training to the student's evaluation. A fault that outlasts the
     AWS SDK's retries inside a training worker (a checkpoint upload) makes Ray Train restart the workers from
     the last checkpoint; a resumed run trains the epochs it redoes as the unbroken run did, so even then the
-    teacher, its labels and the balanced rows come out the same."""
+    teacher, its labels and the balanced rows come out the same. Whether a restart happens depends on where the
+    faults land (the run's output lists any); the replay itself is checked directly by
+    ``test_a_resumed_run_trains_the_epochs_an_unbroken_run_trains``."""
     s3.client().create_bucket(Bucket=BUCKET)
     clean = _loop("clean", s3.endpoint, tmp_path)
     proxy.set_schedule(SCHEDULE)

@@ -6,7 +6,7 @@ import torch
 
 from core.model import ModelSpec, create_model
 from trainer.evaluate import evaluate, recalibrate_batchnorm
-from trainer.loop import Cycler, lr_factor
+from trainer.loop import Cycler, epoch_seed, lr_factor
 from trainer.noise import augment_batch, randaugment, smooth, soft_cross_entropy
 from trainer.settings import TrainSettings
 
@@ -46,6 +46,17 @@ def test_a_cycler_seeks_to_where_an_unbroken_one_is(n, batch, world):
             resumed = Cycler(n, batch, rank, world, seed=3)
             resumed.seek(k * batch)
             assert resumed.next().tolist() == unbroken.next().tolist(), (rank, k)
+
+
+def test_epoch_seeds_differ_by_epoch_rank_and_seed_and_fit_every_rng():
+    seeds = {epoch_seed(seed, rank, epoch) for seed in (0, 1, -3) for rank in range(4) for epoch in range(50)}
+    assert len(seeds) == 3 * 4 * 50 and all(0 <= s < 2**63 for s in seeds)
+    assert epoch_seed(7, 1, 3) == epoch_seed(7, 1, 3)  # a function of the three alone
+
+
+def test_a_worker_without_images_is_refused():
+    with pytest.raises(ValueError, match="3 images cannot be shared by 4 training workers"):
+        Cycler(3, 2, rank=3, world=4, seed=0)
 
 
 def test_randaugment_changes_images_and_can_be_switched_off():

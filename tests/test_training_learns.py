@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from timm.utils import ModelEmaV3
 
 from core.model import ModelSpec, create_model
 from pipeline.digits import write_digits_corpus
@@ -121,27 +122,34 @@ def _worker(paths: dict, s: TrainSettings, spec: ModelSpec, start_epoch: int, st
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    step = _Step(model, opt, sched, None, s, torch.device("cpu"))
-    return _Worker(s, spec, 0, 1, torch.device("cpu"), "[t]", feed, model, model, None, opt, sched, step,
+    ema = ModelEmaV3(model, decay=s.ema_decay, use_warmup=True)
+    if state:
+        ema.load_state_dict(state["ema"])
+    step = _Step(model, opt, sched, ema, s, torch.device("cpu"))
+    return _Worker(s, spec, 0, 1, torch.device("cpu"), "[t]", feed, model, model, ema, opt, sched, step,
                    start_epoch, [], [], False, None, 64, None, None)  # fmt: skip
 
 
 def test_a_resumed_run_trains_the_epochs_an_unbroken_run_trains(digits):
-    """Resumed from the state after epoch 2, epochs 3 and 4 draw the same batches, augmentation, dropout
-    and stochastic depth as in the unbroken run: the weights come out bit for bit the same, so a
-    training restart (a lost node, a storage fault) does not make another teacher."""
+    """Resumed from the state after epoch 2 (weights, optimiser, schedule, EMA), epochs 3 and 4 draw the same
+    batches, augmentation, dropout and stochastic depth as in the unbroken run: on the CPU the weights and
+    the EMA weights come out bit for bit the same, so a training restart (a lost node, a storage fault) does
+    not make another teacher."""
     torch.set_num_threads(2)
     spec = ModelSpec("test_resnet", labeled_classes(digits["labeled"]), SIZE, mean=(0.5,) * 3, std=(0.5,) * 3)
-    s = TrainSettings(batch_size=8, ratio=2, epochs=4, steps_per_epoch=5, lr=0.05, warmup_epochs=1,
-                      randaugment_ops=2, drop_rate=0.3, drop_path_rate=0.2, num_workers=1, seed=5)  # fmt: skip
+    s = TrainSettings(batch_size=8, ratio=2, epochs=4, steps_per_epoch=5, lr=0.05, warmup_epochs=1, randaugment_ops=2,
+                      drop_rate=0.3, drop_path_rate=0.2, ema_decay=0.9, num_workers=1, seed=5)  # fmt: skip
     unbroken = _worker(digits, s, spec, 0, None)
     for epoch in range(4):
         _train_epoch(unbroken, epoch)
         if epoch == 1:
-            parts = {"model": unbroken.model, "optimizer": unbroken.opt, "scheduler": unbroken.sched}
+            parts = {"model": unbroken.model, "optimizer": unbroken.opt, "scheduler": unbroken.sched,
+                     "ema": unbroken.ema}  # fmt: skip
             state = {k: copy.deepcopy(v.state_dict()) for k, v in parts.items()}
     resumed = _worker(digits, s, spec, 2, state)
     for epoch in (2, 3):
         _train_epoch(resumed, epoch)
-    for (name, a), b in zip(unbroken.model.state_dict().items(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b), f"{name} differs after the resume"
+    for part in ("model", "ema"):
+        weights = getattr(unbroken, part).state_dict()
+        for (name, a), b in zip(weights.items(), getattr(resumed, part).state_dict().values(), strict=True):
+            assert torch.equal(a, b), f"{part} {name} differs after the resume"

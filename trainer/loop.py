@@ -87,15 +87,19 @@ class Cycler:
     """
 
     def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        """Raises:
+        ValueError: fewer than ``world`` items (worker ``rank`` would have none to hand out)."""
+        if n <= rank:
+            raise ValueError(f"{n} images cannot be shared by {world} training workers; use fewer workers")
         self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
         self.round, self.order, self.pos = 0, np.empty(0, dtype=np.int64), 0
 
     def seek(self, items: int) -> None:
         """Go to the state after ``items`` indices were handed out (``next`` called ``items / batch`` times)."""
-        shard = len(range(self.rank, self.n, self.world))  # every round gives this worker that many
-        if items == 0 or shard == 0:
+        if items == 0:
             self.round, self.order, self.pos = 0, np.empty(0, dtype=np.int64), 0
             return
+        shard = len(range(self.rank, self.n, self.world))  # every round gives this worker that many
         r, self.pos = divmod(items, shard)
         self.order = np.random.default_rng((self.seed, r)).permutation(self.n)[self.rank :: self.world]
         self.round = r + 1
