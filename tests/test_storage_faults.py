@@ -149,8 +149,10 @@ def _loop(name: str, endpoint: str, cwd, *extra: str) -> dict:
         output, _ = proc.communicate(timeout=60)
         pytest.fail(f"the {name} loop did not end within {LOOP_TIMEOUT_S} s; its threads:\n{output[-12000:]}")
     assert proc.returncode == 0, output[-4000:]
-    notices = [line for line in output.splitlines() if "restarted the training workers" in line or "retry" in line]
-    print(f"{name}: {len(notices)} restart or retry lines", *notices[:40], sep="\n")  # shown with -rP
+    restarts = [line for line in output.splitlines() if "restarted the training workers" in line]
+    retries = [line for line in output.splitlines() if "retry" in line]
+    print(f"{name}: {len(restarts)} training restarts, {len(retries)} retry lines", *restarts, *retries[:40],
+          sep="\n")  # shown with -rP  # fmt: skip
     fs, path = filesystem_for(f"{run}/round_1/labels/predictions")
     predictions = pq.read_table(path, filesystem=fs).to_pandas()
     summary = read_json(f"{run}/summary.json")
