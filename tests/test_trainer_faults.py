@@ -186,9 +186,9 @@ ray.shutdown()
 
 @pytest.mark.cluster
 def test_another_ray_cluster_on_the_machine_does_not_restart_training(ray_local, digits, tmp_path, project_caplog):
-    caplog = project_caplog
     """Another Ray cluster started on the same machine mid-run (the newest cluster is what Ray's State API
     finds without an address) must not look like the death of this run's Ray Train controller."""
+    caplog = project_caplog
     storage, out = str(tmp_path / "storage"), str(tmp_path / "model")
     caplog.set_level(logging.WARNING, logger="trainer.api")
     other = []
