@@ -94,22 +94,21 @@ class Cycler:
         self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
         self.round, self.order, self.pos = 0, np.empty(0, dtype=np.int64), 0
 
+    def _order(self, r: int) -> np.ndarray:
+        """This worker's indices in round ``r``."""
+        return np.random.default_rng((self.seed, r)).permutation(self.n)[self.rank :: self.world]
+
     def seek(self, items: int) -> None:
         """Go to the state after ``items`` indices were handed out (``next`` called ``items / batch`` times)."""
-        if items == 0:
-            self.round, self.order, self.pos = 0, np.empty(0, dtype=np.int64), 0
-            return
         shard = len(range(self.rank, self.n, self.world))  # every round gives this worker that many
         r, self.pos = divmod(items, shard)
-        self.order = np.random.default_rng((self.seed, r)).permutation(self.n)[self.rank :: self.world]
-        self.round = r + 1
+        self.order, self.round = self._order(r), r + 1
 
     def next(self) -> np.ndarray:
         out = []
         while len(out) < self.batch:
             if self.pos >= len(self.order):
-                perm = np.random.default_rng((self.seed, self.round)).permutation(self.n)
-                self.order, self.pos, self.round = perm[self.rank :: self.world], 0, self.round + 1
+                self.order, self.pos, self.round = self._order(self.round), 0, self.round + 1
             take = self.order[self.pos : self.pos + self.batch - len(out)]
             out.extend(take.tolist())
             self.pos += len(take)
